@@ -1,0 +1,180 @@
+# The WSSS DAG. Every (dataset, method) chain:
+#   [make_dataset] -> prepare_dataset -> train_cls -> export_seeds -> eval_seeds
+#   -> train_affinity -> refine_seeds -> make_pseudo_labels -> train_seg -> eval_seg
+# Each rule's `params:` is exactly the params.yaml sub-tree its stage reads
+# (pipeline.config.stage_params), so editing one value reruns only that rule and its
+# descendants. Stages are thin CLIs (`python -m stages.<name>`), runnable by hand and by DVC.
+import json
+import sys
+
+from pipeline.config import stage_params
+from pipeline.paths import artifacts, manifest
+
+configfile: "params.yaml"
+
+PY = sys.executable            # the interpreter running Snakemake (the project venv)
+DATASETS = sorted(config["datasets"])
+METHODS = sorted(config["methods"])
+GENERATED = [d for d in DATASETS if config["datasets"][d].get("generate")]
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    method="|".join(METHODS),
+
+
+def P(stage, with_method=True):
+    """The rule's params: the stage's merged sub-tree as canonical JSON."""
+    def f(w):
+        return json.dumps(stage_params(config, w.dataset, w.method if with_method else None, stage),
+                          sort_keys=True)
+    return f
+
+
+def A(key):
+    return lambda w: artifacts(w.dataset, w.method)[key]
+
+
+def dataset_inputs(w):
+    """Generated datasets depend on their generator rule; real ones are checked by prepare_dataset."""
+    return [config["datasets"][w.dataset]["root"]] if w.dataset in GENERATED else []
+
+
+def gpu(w):
+    return 0 if stage_params(config, w.dataset, None, "train_cls").get("device") == "cpu" else 1
+
+
+R = "results/{dataset}/{method}"
+L = "results/{dataset}/logs/{method}"
+B = "results/{dataset}/benchmarks/{method}"
+ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+
+rule all:
+    input:
+        expand("results/{dataset}/{method}/miou.json",
+               dataset=config["run"]["datasets"], method=config["run"]["methods"])
+
+
+rule download_voc:
+    """PASCAL VOC 2012 + SBD via torchvision downloaders (needs internet)."""
+    output: "data/VOCdevkit/VOC2012/ImageSets/SegmentationAug/train_aug.txt"
+    log: "results/voc/logs/download_voc.log"
+    benchmark: "results/voc/benchmarks/download_voc.tsv"
+    threads: 1
+    resources: mem_mb=4000, gpu=0
+    shell: "{PY} -m stages.download --dest data 2>&1 | tee {log}"
+
+
+rule make_dataset:
+    """Synthetic VOC-format dataset (datasets with a `generate` section, e.g. demo)."""
+    output: directory("data/{dataset}/VOC2012")
+    params: p=lambda w: json.dumps(config["datasets"][w.dataset], sort_keys=True)
+    log: "results/{dataset}/logs/make_dataset.log"
+    benchmark: "results/{dataset}/benchmarks/make_dataset.tsv"
+    wildcard_constraints: dataset="|".join(GENERATED) if GENERATED else "^$"
+    threads: 1
+    resources: mem_mb=2000, gpu=0
+    shell: "{PY} -m stages.make_dataset --dataset {wildcards.dataset} --params-json {params.p:q} --out {output} > {log} 2>&1"
+
+
+rule prepare_dataset:
+    """Layout check + manifest (split ids, image-level labels from masks). Its error message
+    (missing dataset, expected layout, how to get it) is shown on the console."""
+    input: dataset_inputs
+    output: "results/{dataset}/dataset.json"
+    params: p=P("prepare_dataset", with_method=False)
+    log: "results/{dataset}/logs/prepare_dataset.log"
+    benchmark: "results/{dataset}/benchmarks/prepare_dataset.tsv"
+    threads: 1
+    resources: mem_mb=2000, gpu=0
+    shell: "{PY} -m stages.prepare_dataset --dataset {wildcards.dataset} --params-json {params.p:q} --out {output} 2>&1 | tee {log}"
+
+
+rule train_cls:
+    input: manifest="results/{dataset}/dataset.json"
+    output: model=R + "/cls/model.pt", metrics=R + "/cls/metrics.json"
+    params: p=P("train_cls")
+    log: L + "/train_cls.log"
+    benchmark: B + "/train_cls.tsv"
+    threads: 2
+    resources: mem_mb=8000, gpu=gpu
+    shell: "{ENV} {PY} -m stages.train_cls --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule export_seeds:
+    input: manifest="results/{dataset}/dataset.json", model=R + "/cls/model.pt"
+    output: R + "/seeds.h5"
+    params: p=P("export_seeds")
+    log: L + "/export_seeds.log"
+    benchmark: B + "/export_seeds.tsv"
+    threads: 2
+    resources: mem_mb=4000, gpu=gpu
+    shell: "{ENV} {PY} -m stages.export_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --model {input.model} --out {output} > {log} 2>&1"
+
+
+rule eval_seeds:
+    input: manifest="results/{dataset}/dataset.json", seeds=R + "/seeds.h5"
+    output: R + "/seeds_miou.json"
+    params: p=P("eval_seeds")
+    log: L + "/eval_seeds.log"
+    benchmark: B + "/eval_seeds.tsv"
+    threads: 1
+    resources: mem_mb=2000, gpu=0
+    shell: "{ENV} {PY} -m stages.eval_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --out {output} > {log} 2>&1"
+
+
+rule train_affinity:
+    input: manifest="results/{dataset}/dataset.json", seeds=R + "/seeds.h5"
+    output: model=R + "/affinity/model.pt", metrics=R + "/affinity/metrics.json"
+    params: p=P("train_affinity")
+    log: L + "/train_affinity.log"
+    benchmark: B + "/train_affinity.tsv"
+    threads: 2
+    resources: mem_mb=8000, gpu=gpu
+    shell: "{ENV} {PY} -m stages.train_affinity --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule refine_seeds:
+    input: manifest="results/{dataset}/dataset.json", seeds=R + "/seeds.h5", model=R + "/affinity/model.pt"
+    output: maps=R + "/refined.h5", metrics=R + "/refined_miou.json"
+    params: p=P("refine_seeds")
+    log: L + "/refine_seeds.log"
+    benchmark: B + "/refine_seeds.tsv"
+    threads: 2
+    resources: mem_mb=4000, gpu=gpu
+    shell: "{ENV} {PY} -m stages.refine_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --model {input.model} --out {output.maps} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule make_pseudo_labels:
+    input: manifest="results/{dataset}/dataset.json", maps=R + "/refined.h5"
+    output: labels=directory(R + "/pseudo"), metrics=R + "/pseudo_miou.json"
+    params: p=P("make_pseudo_labels")
+    log: L + "/make_pseudo_labels.log"
+    benchmark: B + "/make_pseudo_labels.tsv"
+    threads: workflow.cores
+    resources: mem_mb=4000, gpu=0
+    shell: "OMP_NUM_THREADS=1 {PY} -m stages.make_pseudo_labels --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --maps {input.maps} --out {output.labels} --metrics {output.metrics} --workers {threads} > {log} 2>&1"
+
+
+rule train_seg:
+    input: manifest="results/{dataset}/dataset.json", labels=R + "/pseudo"
+    output: model=R + "/seg/model.pt", metrics=R + "/seg/metrics.json"
+    params: p=P("train_seg")
+    log: L + "/train_seg.log"
+    benchmark: B + "/train_seg.tsv"
+    threads: 2
+    resources: mem_mb=8000, gpu=gpu
+    shell: "{ENV} {PY} -m stages.train_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --pseudo {input.labels} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+
+
+rule eval_seg:
+    input:
+        manifest="results/{dataset}/dataset.json", model=R + "/seg/model.pt",
+        # the earlier stages' scores are gathered into miou.json, so one target builds all four
+        seeds=R + "/seeds_miou.json", refined=R + "/refined_miou.json", pseudo=R + "/pseudo_miou.json"
+    output: metrics=R + "/miou.json", predictions=directory(R + "/predictions")
+    params: p=P("eval_seg")
+    log: L + "/eval_seg.log"
+    benchmark: B + "/eval_seg.tsv"
+    threads: 2
+    resources: mem_mb=4000, gpu=gpu
+    shell: "{ENV} {PY} -m stages.eval_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --model {input.model} --out {output.metrics} --predictions {output.predictions} --stage-metrics {input.seeds} {input.refined} {input.pseudo} > {log} 2>&1"

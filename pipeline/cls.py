@@ -1,0 +1,107 @@
+"""Stage 1: classification training of a method's classifier on image-level labels."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .data.datasets import ClassificationDataset
+from .data.voc import NUM_CLASSES
+from .methods import get_method
+from .utils import atomic_torch_save, get_device, poly_lr, seed_everything
+
+
+def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
+                     labels: Mapping[str, Sequence[int]], p: dict, out_path: str | Path,
+                     log: Callable[[str], None] = print) -> dict:
+    """Train the method's classifier; save ``{"state_dict", "params", "method", "num_classes"}``.
+
+    Args:
+        method_name: plug-in name (``acr``, ``cam``...).
+        root: VOC-layout root; ids: training ids; labels: id -> foreground class ids (1..20).
+        p: merged ``train_cls`` params: ``backbone{name,pretrained,overrides}``, ``crop``,
+            ``scale_range``, ``batch_size``, ``iters``, ``lr``, ``weight_decay``,
+            ``warmup_iters``, ``poly_power``, ``num_workers``, ``log_every``, ``seed``,
+            ``device`` and the method's own keys.
+        out_path: checkpoint path (written atomically).
+    Returns:
+        metrics dict: ``curve`` (list of {iter, loss, ...}), ``final`` losses, ``seconds``.
+    Raises:
+        FloatingPointError: the loss became NaN/inf (names the iteration and image ids).
+    """
+    method = get_method(method_name)
+    gen = seed_everything(int(p.get("seed", 0)))
+    device = get_device(p.get("device", "auto"))
+    model = method.build_model(p, NUM_CLASSES - 1).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(p["lr"]),
+                            weight_decay=float(p.get("weight_decay", 0.01)))
+    ds = ClassificationDataset(root, ids, labels, crop=int(p["crop"]),
+                               scale_range=p.get("scale_range", (1.0, 1.0)),
+                               hflip=bool(p.get("hflip", True)), seed=int(p.get("seed", 0)))
+    bs = min(int(p["batch_size"]), len(ds))
+    iters, log_every = int(p["iters"]), int(p.get("log_every", 20))
+    curve, t0, it, epoch = [], time.time(), 0, 0
+    model.train()
+    bar = tqdm(total=iters, desc=f"train_cls[{method_name}]", unit="it", mininterval=2.0)
+    running: dict[str, float] = {}
+    while it < iters:
+        ds.set_epoch(epoch)
+        loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True,
+                            num_workers=int(p.get("num_workers", 0)),
+                            generator=torch.Generator().manual_seed(int(p.get("seed", 0)) + epoch))
+        for x, y, idx in loader:
+            if it >= iters:
+                break
+            lr = poly_lr(float(p["lr"]), it, iters, float(p.get("poly_power", 0.9)),
+                         int(p.get("warmup_iters", 0)), float(p.get("warmup_start_lr", 0.0)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss, parts = method.loss(model, x.to(device), y.to(device), p, gen)
+            if not torch.isfinite(loss):
+                bad = [ds.ids[i] for i in idx.tolist()]
+                raise FloatingPointError(f"train_cls: loss is {float(loss)} at iteration {it}; "
+                                         f"batch ids {bad}. Lower `lr` in params.yaml.")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in {"loss": loss.item(), **parts}.items():
+                running[k] = running.get(k, 0.0) + float(v)
+            it += 1
+            bar.update(1)
+            if it % log_every == 0 or it == iters:
+                n = log_every if it % log_every == 0 else it % log_every
+                row = {"iter": it, "lr": lr, **{k: v / n for k, v in running.items()}}
+                curve.append(row)
+                running = {}
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+                log(f"iter {it}/{iters} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                      if k != "iter"))
+        epoch += 1
+    bar.close()
+    atomic_torch_save({"state_dict": model.state_dict(), "params": p, "method": method_name,
+                       "num_classes": NUM_CLASSES - 1}, out_path)
+    secs = time.time() - t0
+    return {"method": method_name, "iters": iters, "images": len(ds), "seconds": round(secs, 1),
+            "final": curve[-1] if curve else {}, "curve": curve}
+
+
+def load_classifier(path: str | Path, device: torch.device | str = "cpu"):
+    """Rebuild a classifier saved by :func:`train_classifier`; returns ``(method, model, params)``.
+
+    Raises:
+        FileNotFoundError: the checkpoint is missing (names the stage that writes it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classifier checkpoint {path} not found; run the train_cls stage.")
+    ck = torch.load(path, map_location=device, weights_only=False)
+    method = get_method(ck["method"])
+    params = dict(ck["params"])
+    params["backbone"] = {**params["backbone"], "pretrained": None}  # weights come from ck
+    model = method.build_model(params, ck["num_classes"])
+    model.load_state_dict(ck["state_dict"])
+    return method, model.to(device).eval(), ck["params"]

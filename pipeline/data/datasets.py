@@ -1,0 +1,83 @@
+"""torch Datasets over a VOC-layout root with image-level labels."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import to_tensor
+from .voc import NUM_CLASSES, labels_to_multihot, load_image
+
+
+def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,
+                      scale_range: Sequence[float], hflip: bool = True,
+                      label: np.ndarray | None = None, ignore: int = 255):
+    """Random rescale, horizontal flip and ``crop x crop`` crop (pad where smaller).
+
+    The image is padded with the ImageNet mean colour (zero after normalisation); a label map
+    given alongside is transformed identically (nearest) and padded with ``ignore``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        rng: numpy Generator (determinism).
+        crop: output side in pixels.
+        scale_range: ``(lo, hi)`` factor applied to the image size.
+        label: optional ``(H, W)`` uint8.
+    Returns:
+        ``(image (crop, crop, 3) uint8, label (crop, crop) uint8 or None, valid (crop, crop) bool)``
+    """
+    h, w = image.shape[:2]
+    s = float(rng.uniform(scale_range[0], scale_range[1]))
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    img = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    lab = None if label is None else np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
+    if hflip and rng.random() < 0.5:
+        img = img[:, ::-1]
+        lab = None if lab is None else lab[:, ::-1]
+    ph, pw = max(crop, nh), max(crop, nw)
+    canvas = np.empty((ph, pw, 3), np.uint8)
+    canvas[:] = (np.array([0.485, 0.456, 0.406]) * 255).astype(np.uint8)
+    valid = np.zeros((ph, pw), bool)
+    lcanvas = np.full((ph, pw), ignore, np.uint8)
+    oy, ox = int(rng.integers(0, ph - nh + 1)), int(rng.integers(0, pw - nw + 1))
+    canvas[oy:oy + nh, ox:ox + nw] = img
+    valid[oy:oy + nh, ox:ox + nw] = True
+    if lab is not None:
+        lcanvas[oy:oy + nh, ox:ox + nw] = lab
+    cy, cx = int(rng.integers(0, ph - crop + 1)), int(rng.integers(0, pw - crop + 1))
+    sl = (slice(cy, cy + crop), slice(cx, cx + crop))
+    return canvas[sl].copy(), (lcanvas[sl].copy() if lab is not None else None), valid[sl].copy()
+
+
+class ClassificationDataset(Dataset):
+    """Images with multi-hot image-level labels for classifier training.
+
+    Item: ``(x float32 (3, crop, crop) normalised, y float32 (C-1,) multi-hot, index)``.
+    Randomness comes from ``np.random.default_rng((seed, epoch, index))`` so runs are
+    reproducible regardless of worker count; call :meth:`set_epoch` each epoch.
+    """
+
+    def __init__(self, root: str | Path, ids: Sequence[str], labels: Mapping[str, Sequence[int]],
+                 crop: int, scale_range: Sequence[float] = (1.0, 1.0), hflip: bool = True,
+                 seed: int = 0, num_classes: int = NUM_CLASSES):
+        self.root, self.ids, self.labels = Path(root), list(ids), labels
+        self.crop, self.scale_range, self.hflip = int(crop), tuple(scale_range), hflip
+        self.seed, self.epoch, self.num_classes = seed, 0, num_classes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        iid = self.ids[i]
+        img, _, _ = random_scale_crop(load_image(self.root, iid), rng, self.crop,
+                                      self.scale_range, self.hflip)
+        y = labels_to_multihot(self.labels[iid], self.num_classes)
+        return to_tensor(img), torch.from_numpy(y), i

@@ -1,0 +1,116 @@
+"""Dataset checks, the dataset manifest, and the VOC 2012 + SBD download.
+
+The manifest ``results/{dataset}/dataset.json`` lists the ids of each split and the
+image-level labels (classes present in the mask, 0 and 255 excluded) of every id, so later
+stages never rescan masks.
+"""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from .voc import DatasetError, image_labels, load_mask, read_ids, save_mask_png
+
+VOC_LAYOUT = """expected layout (VOC 2012 + SBD "SegmentationClassAug"):
+  {root}/JPEGImages/<id>.jpg
+  {root}/{label_dir}/<id>.png          palette PNGs, 0..20 and 255
+  {root}/ImageSets/SegmentationAug/train_aug.txt   (10,582 ids)
+  {root}/ImageSets/Segmentation/train.txt, val.txt (1,464 / 1,449 ids)
+Get it with `snakemake --cores 1 download_voc` (needs internet; torchvision's downloaders
+with MD5 checksums), or place an extracted copy there / point `datasets.voc.root` at it."""
+
+
+def check_layout(data: dict) -> Path:
+    """Verify that the dataset root and the split files of ``data`` exist.
+
+    Raises:
+        DatasetError: with the expected layout and how to obtain it.
+    """
+    root = Path(data["root"])
+    missing = [str(root / d) for d in ("JPEGImages", data.get("label_dir", "SegmentationClass"))
+               if not (root / d).is_dir()]
+    missing += [str(root / f) for f in data["splits"].values() if not (root / f).is_file()]
+    if missing:
+        hint = data.get("hint") or VOC_LAYOUT.format(root=root, label_dir=data.get("label_dir"))
+        raise DatasetError(f"dataset at {root} is missing or incomplete; missing: "
+                           f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}\n{hint}")
+    return root
+
+
+def build_manifest(data: dict, log: Callable[[str], None] = print) -> dict:
+    """Read every split of ``data`` and derive image-level labels from the masks.
+
+    Returns:
+        ``{"root", "label_dir", "splits": {name: [ids]}, "labels": {id: [class ids]},
+        "counts": {name: n}, "no_foreground": [ids]}``.
+    Raises:
+        DatasetError: layout problems, missing files, empty splits.
+    """
+    root = check_layout(data)
+    label_dir = data.get("label_dir", "SegmentationClass")
+    splits = {name: read_ids(root / f) for name, f in data["splits"].items()}
+    all_ids = sorted({i for ids in splits.values() for i in ids})
+    labels: dict[str, list[int]] = {}
+    for iid in tqdm(all_ids, desc="prepare_dataset", unit="img", mininterval=2.0):
+        if not (root / "JPEGImages" / f"{iid}.jpg").is_file():
+            raise DatasetError(f"{root / 'JPEGImages' / (iid + '.jpg')} listed in a split file "
+                               f"is missing: the dataset is partially extracted; re-extract it.")
+        labels[iid] = image_labels(load_mask(root, iid, label_dir)).tolist()
+    no_fg = [i for i, l in labels.items() if not l]
+    if no_fg:
+        log(f"prepare_dataset: {len(no_fg)} images without a foreground class (kept; "
+            f"they train the classifier as all-negative and get background pseudo labels)")
+    return {"root": str(root), "label_dir": label_dir, "splits": splits, "labels": labels,
+            "counts": {k: len(v) for k, v in splits.items()}, "no_foreground": no_fg}
+
+
+def _online(host: str = "host.robots.ox.ac.uk", port: int = 80, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def download_voc(dest: str | Path = "data", log: Callable[[str], None] = print) -> Path:
+    """Download PASCAL VOC 2012 and SBD with torchvision (MD5-checked) and build
+    ``SegmentationClassAug`` + ``ImageSets/SegmentationAug/train_aug.txt``.
+
+    ``train_aug`` = (SBD train ∪ SBD val ∪ VOC train) − VOC val, 10,582 ids (the list used by
+    PSA/IRN/AFA/ACR). SBD ``.mat`` boundaries are converted to palette PNGs; VOC's own masks
+    win where both exist.
+
+    Raises:
+        DatasetError: offline (fails within seconds, naming the expected layout).
+    """
+    dest = Path(dest)
+    root = dest / "VOCdevkit" / "VOC2012"
+    if not _online():
+        raise DatasetError("cannot reach host.robots.ox.ac.uk: no internet here, so VOC/SBD "
+                           "cannot be downloaded.\n" + VOC_LAYOUT.format(
+                               root=root, label_dir="SegmentationClassAug"))
+    from torchvision.datasets import SBDataset, VOCSegmentation  # heavy import, only here
+
+    VOCSegmentation(str(dest), year="2012", image_set="trainval", download=True)
+    aug = root / "SegmentationClassAug"
+    aug.mkdir(exist_ok=True)
+    voc_train = read_ids(root / "ImageSets/Segmentation/train.txt")
+    voc_val = set(read_ids(root / "ImageSets/Segmentation/val.txt"))
+    sbd_ids: list[str] = []
+    for i, split in enumerate(("train", "val")):
+        sbd = SBDataset(str(dest / "SBD"), image_set=split, mode="segmentation", download=(i == 0))
+        ids = [Path(p).stem for p in sbd.images]
+        sbd_ids += ids
+        for iid, (_, mask) in tqdm(zip(ids, sbd), total=len(ids), desc=f"SBD {split} -> PNG"):
+            save_mask_png(aug / f"{iid}.png", np.asarray(mask, np.uint8))
+    for iid in voc_train + sorted(voc_val):
+        save_mask_png(aug / f"{iid}.png", load_mask(root, iid, "SegmentationClass"))
+    train_aug = sorted((set(sbd_ids) | set(voc_train)) - voc_val)
+    (root / "ImageSets/SegmentationAug").mkdir(parents=True, exist_ok=True)
+    (root / "ImageSets/SegmentationAug/train_aug.txt").write_text("\n".join(train_aug) + "\n")
+    log(f"download_voc: {len(train_aug)} train_aug ids written under {root}")
+    return root

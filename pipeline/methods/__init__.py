@@ -1,0 +1,19 @@
+"""Method plug-in registry: ``get_method(name)`` for the ``{method}`` wildcard."""
+from __future__ import annotations
+
+from .acr import ACR
+from .base import Method
+from .cam import CAM
+
+METHODS: dict[str, type[Method]] = {"acr": ACR, "cam": CAM}
+
+
+def get_method(name: str) -> Method:
+    """Instantiate a method plug-in.
+
+    Raises:
+        KeyError: unknown name (message lists the known methods).
+    """
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name]()

@@ -1,0 +1,97 @@
+"""The method plug-in interface.
+
+A method is everything that differs between WSSS methods in the DAG's first stages: the
+classifier it trains, its training loss, and how it turns a trained classifier into class
+maps (seeds). Every later stage (affinity refinement, CRF pseudo labels, DeepLabV2) is
+shared, so ``{dataset}/{method}`` wildcards select everything.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.vit import create_vit, patch_tokens
+
+
+class Method(ABC):
+    """Base class of a WSSS method plug-in.
+
+    Attributes:
+        name: the ``{method}`` wildcard value.
+        seed_keys: map kinds written into ``seeds.h5`` (first one = the seeds evaluated).
+        affinity_key: map kind the AffinityNet is trained from.
+        refine_key: map kind the random walk refines.
+    """
+
+    name: str = ""
+    seed_keys: tuple[str, ...] = ("cams",)
+    affinity_key: str = "cams"
+    refine_key: str = "cams"
+
+    @abstractmethod
+    def build_model(self, p: dict, num_classes: int) -> nn.Module:
+        """Classifier for ``num_classes`` foreground classes from the ``train_cls`` params."""
+
+    @abstractmethod
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: dict,
+             generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Training loss of one batch.
+
+        Args:
+            x: ``(B, 3, S, S)`` float32 normalised images.
+            y: ``(B, C-1)`` float32 multi-hot foreground labels.
+            p: ``train_cls`` params (method section merged in).
+            generator: torch Generator for the method's own randomness (views, masks).
+        Returns:
+            ``(scalar loss, {name: float})`` — the dict is logged.
+        """
+
+    @abstractmethod
+    def maps(self, model: nn.Module, x: torch.Tensor, fg: torch.Tensor, p: dict) -> dict[str, torch.Tensor]:
+        """Class maps of one image for its present classes.
+
+        Args:
+            x: ``(1, 3, H, W)`` float32 normalised image (one scale/flip of the export).
+            fg: ``(k,)`` int64 0-based foreground class indices (VOC id - 1).
+            p: ``export_seeds`` params.
+        Returns:
+            ``{key: (k, h, w) float32 >= 0}`` at the model's token/feature resolution, one
+            entry per ``seed_keys``; not yet normalised.
+        """
+
+
+def multilabel_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Multi-label soft margin loss (BCE with logits averaged over classes), the standard
+    image-level classification loss of PSA/IRN/MCTformer. ``logits, y: (B, C-1)``."""
+    return F.multilabel_soft_margin_loss(logits, y)
+
+
+class ViTClassifier(nn.Module):
+    """timm ViT + a classification head.
+
+    ``head``: ``"cls_token"`` (timm's linear head on the class token; ACR), ``"gmp"`` /
+    ``"gap"`` (global max / average pooling of patch tokens, then a bias-free linear layer
+    acting as a 1x1 conv, so CAM = ``W^T F``; the CAM baseline).
+    """
+
+    def __init__(self, p: dict, num_classes: int):
+        super().__init__()
+        self.head_type = p.get("head", "cls_token")
+        if self.head_type not in ("cls_token", "gmp", "gap"):
+            raise ValueError(f"train_cls.head must be cls_token, gmp or gap, got {self.head_type!r}")
+        bb = p["backbone"]
+        n_vit = num_classes if self.head_type == "cls_token" else 0
+        self.vit = create_vit(bb["name"], n_vit, bb.get("pretrained"), bb.get("overrides"))
+        if self.head_type != "cls_token":
+            self.classifier = nn.Linear(self.vit.num_features, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> logits ``(B, num_classes)``."""
+        if self.head_type == "cls_token":
+            return self.vit(x)
+        _, f = patch_tokens(self.vit, x)
+        pooled = f.amax(1) if self.head_type == "gmp" else f.mean(1)
+        return self.classifier(pooled)

@@ -1,0 +1,112 @@
+"""timm Vision Transformers whose blocks expose their post-softmax attention.
+
+ACR (Eq. 1, 2, 7, 8) needs every block's attention matrix ``A = softmax(QK^T/sqrt(d))``
+*inside the autograd graph*. timm's ``Attention`` uses fused SDPA, which never materialises
+``A``; :class:`CapturingAttention` wraps a timm ``Attention`` module and recomputes its
+forward explicitly with the wrapped module's own weights, keeping ``A`` (all heads) in
+``self.last_attn``. Nothing of timm is copied or vendored: the wrapper only calls the
+submodules timm created (qkv, q/k norms, proj, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .backbones import create_backbone
+
+
+class CapturingAttention(nn.Module):
+    """Drop-in replacement for ``timm.layers.Attention`` that records ``A``.
+
+    After a forward, ``last_attn`` is the attention tensor ``(B, heads, N, N)``, float32,
+    rows summing to 1 (before attention dropout), with ``N = 1 + n_prefix_extra + h*w``
+    (class token first). It stays attached to the graph so losses and gradients can use it.
+    """
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.inner = attn
+        self.last_attn: torch.Tensor | None = None
+        self.capture = True
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        m = self.inner
+        B, N, _C = x.shape
+        gate = m.gate(x).sigmoid() if getattr(m, "gate", None) is not None else None
+        qkv = m.qkv(x).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = m.q_norm(q), m.k_norm(k)
+        logits = (q * m.scale) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        attn = logits.softmax(dim=-1)
+        self.last_attn = attn if self.capture else None
+        out = m.attn_drop(attn) @ v
+        out = out.transpose(1, 2).reshape(B, N, -1)
+        if getattr(m, "norm", None) is not None:
+            out = m.norm(out)
+        if gate is not None:
+            out = out * gate
+        return m.proj_drop(m.proj(out))
+
+
+def create_vit(name: str, num_classes: int, pretrained: str | None = None,
+               overrides: dict | None = None) -> nn.Module:
+    """Create a timm ViT with attention capture on every block.
+
+    Args:
+        name: timm model name, e.g. ``vit_base_r50_s16_384`` (ACR paper, ViT-hybrid-B),
+            ``deit_small_patch16_224`` (ACR Table 6), ``vit_tiny_patch16_224`` (CPU).
+        num_classes: foreground classes (20 for VOC); the class-token head predicts them.
+        pretrained: see :func:`pipeline.models.backbones.create_backbone`.
+        overrides: extra timm kwargs (``img_size``, ``patch_size``, ``embed_dim``, ``depth``,
+            ``num_heads``...). ``dynamic_img_size=True`` is always set so multi-scale inputs
+            interpolate the position embedding.
+    Returns:
+        The timm model; ``model.blocks[i].attn`` is a :class:`CapturingAttention`.
+    Raises:
+        ValueError: the model has no ``blocks[*].attn`` (not a ViT).
+    """
+    kw = dict(overrides or {})
+    kw.setdefault("dynamic_img_size", True)
+    model = create_backbone(name, pretrained, num_classes=num_classes, **kw)
+    if not hasattr(model, "blocks") or not all(hasattr(b, "attn") for b in model.blocks):
+        raise ValueError(f"timm model {name!r} is not a ViT with blocks[*].attn")
+    for b in model.blocks:
+        if not isinstance(b.attn, CapturingAttention):
+            b.attn = CapturingAttention(b.attn)
+    return model
+
+
+def attentions(model: nn.Module) -> list[torch.Tensor]:
+    """The attention tensors ``(B, heads, N, N)`` of the last forward, one per block."""
+    out = [b.attn.last_attn for b in model.blocks]
+    if any(a is None for a in out):
+        raise RuntimeError("no attention captured: run a forward pass first")
+    return out
+
+
+def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """Token grid ``(h, w)`` for an input of ``height x width`` pixels (dynamic size, no padding)."""
+    h, w = model.patch_embed.dynamic_feat_size((height, width))
+    return int(h), int(w)
+
+
+def token_stride(model: nn.Module) -> int:
+    """Pixels per token side (16 for ViT-B/16 and the R50 hybrid)."""
+    return int(model.patch_embed.feat_ratio())
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """Number of tokens before the patch tokens (class token, registers)."""
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+def patch_tokens(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the ViT trunk and return ``(class_token (B, D), patch_tokens (B, n, D))``.
+
+    Uses timm's ``forward_features`` (final norm applied).
+    """
+    feats = model.forward_features(x)
+    npre = num_prefix_tokens(model)
+    return feats[:, 0], feats[:, npre:]

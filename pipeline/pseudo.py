@@ -1,0 +1,94 @@
+"""Stage 5: dense-CRF pseudo labels from refined maps, written as VOC palette PNGs."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .data.voc import NUM_CLASSES, VOC_CLASSES, load_image, load_mask, save_mask_png
+from .metrics import confusion_matrix, scores_from_confusion
+from .seeds import maps_to_label
+from .storage import MapReader
+
+_STATE: dict = {}
+
+
+def _init(h5_path: str, root: str, key: str, crf: dict | None, out_dir: str) -> None:
+    _STATE.update(reader=MapReader(h5_path), root=root, key=key, crf=crf, out=out_dir)
+
+
+def pseudo_label(image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray,
+                 crf: dict | None) -> np.ndarray:
+    """One pseudo label: optional dense CRF on the per-class probabilities, then argmax.
+
+    Args:
+        image: ``(H, W, 3)`` uint8.
+        probs: ``(k+1, H, W)`` float in [0, 1], background channel included (``class_ids``
+            starts with 0).
+        crf: keyword arguments of :func:`pipeline.refine.crf.dense_crf` or None.
+    Returns:
+        ``(H, W)`` uint8 class ids.
+    """
+    if crf:
+        from .refine.crf import dense_crf
+        p = probs / np.maximum(probs.sum(0, keepdims=True), 1e-8)
+        probs = dense_crf(image, p.astype(np.float32), **crf)
+    return maps_to_label(probs, class_ids, None)
+
+
+def _one(iid: str) -> str:
+    s = _STATE
+    probs, cids, _ = s["reader"].read(iid, s["key"])
+    label = pseudo_label(load_image(s["root"], iid), probs, cids, s["crf"])
+    save_mask_png(Path(s["out"]) / f"{iid}.png", label)
+    return iid
+
+
+def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Sequence[str],
+                       p: dict, out_dir: str | Path, workers: int = 1,
+                       log: Callable[[str], None] = print) -> dict:
+    """Write ``out_dir/<id>.png`` for every id (dense CRF per ``p["crf"]``), in parallel.
+
+    The PNGs are written into ``<out_dir>.tmp`` and the folder is renamed when complete.
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.time()
+    args = (str(h5_path), str(root), key, p.get("crf"), str(tmp))
+    if workers > 1:
+        with get_context("spawn").Pool(workers, initializer=_init, initargs=args) as pool:
+            for _ in tqdm(pool.imap_unordered(_one, ids, chunksize=4), total=len(ids),
+                          desc="make_pseudo_labels", unit="img", mininterval=2.0):
+                pass
+    else:
+        _init(*args)
+        for iid in tqdm(ids, desc="make_pseudo_labels", unit="img", mininterval=2.0):
+            _one(iid)
+        _STATE["reader"].close()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    secs = time.time() - t0
+    log(f"make_pseudo_labels: {len(ids)} PNGs in {secs:.1f}s with {workers} worker(s)")
+    return {"images": len(ids), "seconds": round(secs, 1), "workers": workers}
+
+
+def evaluate_label_dir(pred_dir: str | Path, root: str | Path, ids: Sequence[str],
+                       label_dir: str) -> dict:
+    """mIoU of palette PNGs in ``pred_dir`` against ground truth (VOC definition)."""
+    from PIL import Image
+    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for iid in ids:
+        pred = np.asarray(Image.open(Path(pred_dir) / f"{iid}.png"))
+        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), NUM_CLASSES)
+    out = scores_from_confusion(conf, VOC_CLASSES)
+    out["num_images"] = len(ids)
+    return out

@@ -1,0 +1,852 @@
+"""PSA: AffinityNet training and random-walk refinement of CAM seeds.
+
+Ahn & Kwak, "Learning Pixel-level Semantic Affinity with Image-level Supervision for Weakly
+Supervised Semantic Segmentation", CVPR 2018 (below "PSA"), following the official PSA code
+where the paper is silent (see ``official-settings.md``, "PSA (AffinityNet) and IRN random
+walk").
+
+Pipeline
+--------
+1. **Affinity labels** (:func:`make_affinity_label`): two dense-CRF label maps from the seeds
+   with background ``(1 - max cam)^alpha`` at ``alpha_low`` (4, strong background -> only
+   confident foreground) and ``alpha_high`` (32, weak background -> only confident
+   background). Confident foreground comes from the ``alpha_low`` map, confident background
+   (0) from the ``alpha_high`` map, everything else is 255 (PSA Sec. 3.2 / official code).
+2. **Pairs** (:func:`pair_indices`): all pixel pairs of the stride-8 grid closer than
+   ``radius`` (PSA eq. 4), enumerated once with PSA's half-disk search offsets
+   (:func:`search_offsets`). Pair labels (:func:`pair_labels`): bg-bg and same-class fg-fg
+   positive, different labels negative, pairs touching 255 ignored.
+3. **AffinityNet** (:class:`AffinityNet`): timm backbone at output stride 8, 1x1 convs on the
+   last three feature maps, concatenated, 1x1 conv -> ``feature_dim`` channels.
+   Affinity ``a_ij = exp(-mean_d |f_i - f_j|)`` (PSA eq. 3; the code uses the channel mean
+   instead of the paper's L1 norm). Loss (:func:`affinity_loss`) PSA eqs. 5-8.
+4. **Random walk** (:func:`random_walk`, :func:`random_walk_dense`): ``W = a^beta``
+   (symmetric, diagonal 1, zero beyond ``radius``), ``T = W D^-1`` (column-normalised, PSA
+   eq. 9-10), refined maps ``vec(M) T^t`` with ``t = 2^logt`` (PSA eq. 11).
+5. :func:`refine_maps` / :func:`refine_seeds`: per image, background ``(1 - max)^bg_alpha``,
+   8x8 average pooling, random walk, bilinear upsampling, per-pixel normalisation.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.data.transforms import to_tensor
+from pipeline.data.voc import IGNORE_INDEX, VOC_CLASSES, load_image
+from pipeline.models.backbones import create_backbone
+from pipeline.refine.crf import PSA_CRF, background_from_cams, crf_label_from_cams
+from pipeline.storage import MapReader, MapWriter
+
+#: Stride of the affinity feature grid (PSA: 8).
+STRIDE = 8
+
+#: Paper-scale defaults (PSA with a ResNet-50 backbone instead of ResNet-38).
+DEFAULT_TRAIN_PARAMS: dict[str, Any] = dict(
+    backbone="resnet50", pretrained="hub", feature_dim=448, freeze_bn=True,
+    crop=448, resize_long=[448, 768], scale_range=None, color_jitter=[0.3, 0.3, 0.3, 0.1],
+    batch_size=8, iters=None, epochs=8, lr=0.1, head_lr_mult=10.0, weight_decay=5e-4,
+    momentum=0.9, poly_power=0.9, radius=5, alpha_low=4, alpha_high=32, crf=dict(PSA_CRF),
+    seed=0, num_workers=4, log_every=10,
+)
+
+#: Random-walk defaults (PSA / official code).
+DEFAULT_REFINE_PARAMS: dict[str, Any] = dict(radius=5, beta=8, logt=8, bg_alpha=16)
+
+
+# --------------------------------------------------------------------------------------
+# affinity labels
+# --------------------------------------------------------------------------------------
+def make_affinity_label(image: np.ndarray, cams: np.ndarray, class_ids: Sequence[int],
+                        alpha_low: float = 4, alpha_high: float = 32,
+                        crf: Mapping[str, float] | None = None) -> np.ndarray:
+    """PSA affinity training label at image resolution.
+
+    ``L_low = crf_label(alpha_low)`` has a strong background (``(1-max)^4``) so its
+    foreground is confident; ``L_high = crf_label(alpha_high)`` has a weak background so its
+    background is confident. Combination (official PSA code, ``VOC12AffDataset``)::
+
+        L = L_low;  L[L_low == 0] = 255;  L[L_high == 0] = 0
+
+    (Note: in threshold language, ``official-settings.md``'s "L_h at tau_high" is this
+    ``L_low``: a high background threshold is a low alpha.)
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        cams: ``(k, H, W)`` float in [0, 1], the seeds of the image's foreground classes.
+        class_ids: ``k`` foreground class ids (1..254) in channel order.
+        alpha_low, alpha_high: background powers, ``alpha_low < alpha_high`` (PSA: 4, 32).
+        crf: :func:`pipeline.refine.crf.dense_crf` keywords (PSA defaults when ``None``).
+
+    Returns:
+        ``(H, W)`` uint8 with values in ``{0, 255} ∪ class_ids``.
+
+    Raises:
+        ValueError: shape / class-id mismatch (from :func:`crf_label_from_cams`) or
+            ``alpha_low >= alpha_high``.
+    """
+    if alpha_low >= alpha_high:
+        raise ValueError(f"alpha_low ({alpha_low}) must be < alpha_high ({alpha_high})")
+    low = crf_label_from_cams(image, cams, class_ids, alpha_low, crf)
+    high = crf_label_from_cams(image, cams, class_ids, alpha_high, crf)
+    label = low.copy()
+    label[low == 0] = IGNORE_INDEX
+    label[high == 0] = 0
+    return label
+
+
+def downsample_label(label: np.ndarray | torch.Tensor, stride: int = STRIDE):
+    """Nearest downsampling of a label map to the stride grid by *centre-pixel sampling*.
+
+    Cell ``(i, j)`` covers pixels ``[stride*i, stride*(i+1))``; it takes the label of pixel
+    ``(min(stride*i + stride//2, H-1), min(stride*j + stride//2, W-1))``. The grid has
+    ``ceil(H/stride) x ceil(W/stride)`` cells, the size of :class:`AffinityNet`'s output.
+    (The official code uses an OpenCV nearest resize, i.e. the top-left pixel; the centre
+    is less biased.)
+
+    Args:
+        label: ``(..., H, W)`` integer array or tensor.
+        stride: grid stride (>= 1).
+
+    Returns:
+        ``(..., ceil(H/stride), ceil(W/stride))`` of the same type and dtype.
+    """
+    h, w = label.shape[-2:]
+    ys = np.minimum(np.arange(0, h, stride) + stride // 2, h - 1)
+    xs = np.minimum(np.arange(0, w, stride) + stride // 2, w - 1)
+    if isinstance(label, torch.Tensor):
+        ys_t = torch.as_tensor(ys, device=label.device)
+        xs_t = torch.as_tensor(xs, device=label.device)
+        return label.index_select(-2, ys_t).index_select(-1, xs_t)
+    return label[..., ys, :][..., xs]
+
+
+# --------------------------------------------------------------------------------------
+# pairs
+# --------------------------------------------------------------------------------------
+def search_offsets(radius: int) -> list[tuple[int, int]]:
+    """PSA half-disk search offsets ``(dy, dx)``.
+
+    ``dy == 0, 0 < dx < radius`` and ``0 < dy < radius, |dx| < radius`` with
+    ``dx^2 + dy^2 < radius^2``: every unordered pair of distinct pixels closer than
+    ``radius`` is visited exactly once. ``radius=5`` gives 34 offsets.
+
+    Raises:
+        ValueError: ``radius < 1``.
+
+    Source: official PSA code (``get_indices_of_pairs``); PSA eq. 4.
+    """
+    radius = int(radius)
+    if radius < 1:
+        raise ValueError(f"radius must be >= 1, got {radius}")
+    offs = [(0, dx) for dx in range(1, radius)]
+    for dy in range(1, radius):
+        for dx in range(-radius + 1, radius):
+            if dx * dx + dy * dy < radius * radius:
+                offs.append((dy, dx))
+    return offs
+
+
+@lru_cache(maxsize=64)
+def _pair_indices_np(h: int, w: int, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    idx = np.arange(h * w, dtype=np.int64).reshape(h, w)
+    froms, tos, oids = [], [], []
+    for k, (dy, dx) in enumerate(search_offsets(radius)):
+        x0, x1 = max(0, -dx), min(w, w - dx)
+        if dy >= h or x1 <= x0:
+            continue
+        f = idx[: h - dy, x0:x1].reshape(-1)
+        t = idx[dy:, x0 + dx: x1 + dx].reshape(-1)
+        froms.append(f)
+        tos.append(t)
+        oids.append(np.full(f.shape, k, dtype=np.int64))
+    if not froms:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z
+    out = tuple(np.concatenate(a) for a in (froms, tos, oids))
+    for a in out:
+        a.setflags(write=False)
+    return out  # type: ignore[return-value]
+
+
+def pair_indices(h: int, w: int, radius: int, device: torch.device | str = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All pixel pairs of an ``h x w`` grid closer than ``radius``, each once.
+
+    Vectorised per search offset (no loop over pixels). Pixel index = ``y * w + x``.
+
+    Returns:
+        ``(from_idx, to_idx, offset_id)``, int64 tensors of shape ``(P,)``: pair ``p`` joins
+        pixel ``from_idx[p]`` and ``to_idx[p] = from_idx[p] + (dy, dx)`` where
+        ``(dy, dx) = search_offsets(radius)[offset_id[p]]``.
+
+    Raises:
+        ValueError: ``radius < 1``.
+    """
+    f, t, o = _pair_indices_np(int(h), int(w), int(radius))
+    return (torch.from_numpy(f.copy()).to(device), torch.from_numpy(t.copy()).to(device),
+            torch.from_numpy(o.copy()).to(device))
+
+
+def pairwise_affinity(f: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]:
+    """Affinities ``a_ij = exp(-mean_d |f_i - f_j|)`` of all pairs within ``radius``.
+
+    Args:
+        f: ``(B, D, h, w)`` or ``(D, h, w)`` float affinity features.
+        radius: pair radius on the feature grid.
+
+    Returns:
+        ``(a, from_idx, to_idx)``: ``a`` of shape ``(B, P)`` (or ``(P,)`` for 3-D input),
+        values in (0, 1]; the pair indices as in :func:`pair_indices`.
+
+    Source: PSA eq. 3 with the official code's channel mean.
+    """
+    squeeze = f.dim() == 3
+    if squeeze:
+        f = f.unsqueeze(0)
+    if f.dim() != 4:
+        raise ValueError(f"f must have shape (B, D, h, w) or (D, h, w), got {tuple(f.shape)}")
+    b, d, h, w = f.shape
+    fr, to, _ = pair_indices(h, w, radius, f.device)
+    ff = f.reshape(b, d, h * w)
+    a = torch.exp(-(ff[:, :, fr] - ff[:, :, to]).abs().mean(dim=1))
+    return (a[0] if squeeze else a), fr, to
+
+
+def pair_labels(labels: torch.Tensor, radius: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pair labels from a stride-grid label map.
+
+    Args:
+        labels: ``(B, h, w)`` int tensor with class ids, 0 = background, 255 = uncertain.
+        radius: pair radius.
+
+    Returns:
+        ``(bg_pos, fg_pos, neg)`` bool ``(B, P)`` masks over :func:`pair_indices` pairs:
+        both background; same foreground class; different labels. Pairs with a 255 end are
+        in none of them.
+
+    Source: PSA Sec. 3.3 (eq. 4); official code ``ExtractAffinityLabelInRadius``.
+    """
+    if labels.dim() != 3:
+        raise ValueError(f"labels must have shape (B, h, w), got {tuple(labels.shape)}")
+    b, h, w = labels.shape
+    fr, to, _ = pair_indices(h, w, radius, labels.device)
+    flat = labels.reshape(b, h * w)
+    lf, lt = flat[:, fr], flat[:, to]
+    valid = (lf != IGNORE_INDEX) & (lt != IGNORE_INDEX)
+    eq = lf == lt
+    pos = eq & valid
+    return pos & (lf == 0), pos & (lf != 0), (~eq) & valid
+
+
+def affinity_loss(f: torch.Tensor, labels: torch.Tensor, radius: int = 5,
+                  return_parts: bool = False):
+    """PSA affinity loss ``L = L_bg+/4 + L_fg+/4 + L_neg/2``.
+
+    ``L_bg+ = mean_{bg-bg pairs} -log(a + 1e-5)``, ``L_fg+`` likewise over same-class
+    foreground pairs, ``L_neg = mean_{different-label pairs} -log(1 + 1e-5 - a)``; each mean
+    is over all pairs of the batch in that set; an empty set contributes 0.
+
+    Args:
+        f: ``(B, D, h, w)`` float affinity features (:class:`AffinityNet` output).
+        labels: ``(B, h, w)`` int labels on the same grid (0 bg, class ids, 255 ignored).
+        radius: pair radius (PSA: 5).
+        return_parts: also return a dict with the three terms and pair counts (floats).
+
+    Returns:
+        scalar loss tensor (differentiable w.r.t. ``f``), or ``(loss, parts)``.
+
+    Raises:
+        ValueError: ``labels`` shape is not ``(B, h, w)`` of ``f``.
+
+    Source: PSA eqs. 5-8; weights 1/4, 1/4, 1/2 and the 1e-5 from the official code.
+    """
+    if f.dim() != 4 or labels.shape != (f.shape[0],) + tuple(f.shape[2:]):
+        raise ValueError(f"labels must have shape (B, h, w) = {(f.shape[0],) + tuple(f.shape[2:])} "
+                         f"matching f {tuple(f.shape)}, got {tuple(labels.shape)}")
+    a, _, _ = pairwise_affinity(f, radius)
+    bg, fg, neg = (m.to(a.dtype) for m in pair_labels(labels.to(f.device).long(), radius))
+    pos_nll = -torch.log(a + 1e-5)
+    neg_nll = -torch.log(1.0 + 1e-5 - a)
+    nb, nf, nn_ = bg.sum(), fg.sum(), neg.sum()
+    l_bg = (pos_nll * bg).sum() / nb.clamp_min(1)
+    l_fg = (pos_nll * fg).sum() / nf.clamp_min(1)
+    l_neg = (neg_nll * neg).sum() / nn_.clamp_min(1)
+    loss = l_bg / 4 + l_fg / 4 + l_neg / 2
+    if return_parts:
+        return loss, dict(bg=float(l_bg), fg=float(l_fg), neg=float(l_neg),
+                          n_bg=float(nb), n_fg=float(nf), n_neg=float(nn_))
+    return loss
+
+
+# --------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------
+class AffinityNet(nn.Module):
+    """PSA AffinityNet on a timm backbone.
+
+    ``create_backbone(backbone, pretrained, features_only=True, output_stride=8)``; the last
+    three feature maps are each reduced by a bias-free 1x1 conv + ELU to
+    ``feature_dim * (1, 2, 4) / 7`` channels (PSA: 64, 128, 256 of 448), resized to the
+    stride-8 grid if needed, concatenated, and mixed by a bias-free 1x1 conv + ELU to
+    ``feature_dim`` channels (official PSA ``resnet38_aff``: f8_3, f8_4, f8_5, f9; same
+    initialisation: Kaiming normal, Xavier uniform with gain 4 for the last conv).
+
+    Args:
+        backbone: timm model name supporting ``features_only`` and ``output_stride``
+            (``resnet50``; CPU profiles ``resnet18`` / ``resnet10t``).
+        pretrained: see :func:`pipeline.models.backbones.create_backbone`.
+        feature_dim: affinity feature channels ``D`` (PSA: 448), >= 3.
+        freeze_bn: keep BatchNorm layers in eval mode with frozen affine parameters during
+            training (official PSA code; use with pretrained backbones).
+        **timm_kwargs: passed to timm.
+
+    ``forward(x (B, 3, H, W)) -> (B, D, ceil(H/8), ceil(W/8))`` float.
+
+    Raises:
+        ValueError: ``feature_dim < 3``.
+        pipeline.models.backbones.WeightsError: pretrained weights unavailable.
+    """
+
+    def __init__(self, backbone: str = "resnet50", pretrained: str | None = None,
+                 feature_dim: int = 448, freeze_bn: bool = False, **timm_kwargs: Any):
+        super().__init__()
+        feature_dim = int(feature_dim)
+        if feature_dim < 3:
+            raise ValueError(f"feature_dim must be >= 3, got {feature_dim}")
+        self.backbone = create_backbone(backbone, pretrained, features_only=True,
+                                        output_stride=STRIDE, **timm_kwargs)
+        chans = self.backbone.feature_info.channels()[-3:]
+        split = [feature_dim // 7, 2 * feature_dim // 7]
+        split.append(feature_dim - sum(split))
+        self.reduce = nn.ModuleList(nn.Conv2d(c, s, 1, bias=False) for c, s in zip(chans, split))
+        self.mix = nn.Conv2d(feature_dim, feature_dim, 1, bias=False)
+        for m in self.reduce:
+            nn.init.kaiming_normal_(m.weight)
+        nn.init.xavier_uniform_(self.mix.weight, gain=4)
+        self.feature_dim = feature_dim
+        self.freeze_bn = bool(freeze_bn)
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "AffinityNet":
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the new 1x1 convs (trained with ``head_lr_mult`` x lr)."""
+        return list(self.reduce.parameters()) + list(self.mix.parameters())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = math.ceil(x.shape[2] / STRIDE), math.ceil(x.shape[3] / STRIDE)
+        feats = self.backbone(x)[-3:]
+        outs = []
+        for conv, ft in zip(self.reduce, feats):
+            y = F.elu(conv(ft))
+            if y.shape[2:] != (h, w):
+                y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+            outs.append(y)
+        return F.elu(self.mix(torch.cat(outs, dim=1)))
+
+
+def build_affinity_net(params: Mapping[str, Any], pretrained: Any = "from_params") -> AffinityNet:
+    """:class:`AffinityNet` from a params dict (keys ``backbone``, ``pretrained``,
+    ``feature_dim``, ``freeze_bn``); ``pretrained=None`` overrides the params (used when a
+    checkpoint's state dict is loaded afterwards)."""
+    p = {**DEFAULT_TRAIN_PARAMS, **params}
+    return AffinityNet(p["backbone"], p["pretrained"] if pretrained == "from_params" else pretrained,
+                       feature_dim=p["feature_dim"], freeze_bn=p["freeze_bn"])
+
+
+def load_affinity_net(model_path: str | Path, device: str | torch.device = "cpu") -> AffinityNet:
+    """Load a checkpoint written by :func:`train_affinity_net` (``{"state_dict", "params"}``),
+    in eval mode on ``device``.
+
+    Raises:
+        FileNotFoundError: ``model_path`` does not exist.
+    """
+    p = Path(model_path)
+    if not p.is_file():
+        raise FileNotFoundError(f"affinity model {p} does not exist; run the train_affinity "
+                                f"stage first.")
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    model = build_affinity_net(ckpt["params"], pretrained=None)
+    model.load_state_dict(ckpt["state_dict"])
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------
+# random walk
+# --------------------------------------------------------------------------------------
+def _check_rw_inputs(f: torch.Tensor, maps: torch.Tensor, logt: int) -> None:
+    if f.dim() != 3 or maps.dim() != 3 or f.shape[1:] != maps.shape[1:]:
+        raise ValueError(f"f must be (D, h, w) and maps (C, h, w) on the same grid, got "
+                         f"{tuple(f.shape)} and {tuple(maps.shape)}")
+    if int(logt) < 0:
+        raise ValueError(f"logt must be >= 0, got {logt}")
+
+
+def affinity_matrix_dense(f: torch.Tensor, radius: int = 5, beta: float = 8) -> torch.Tensor:
+    """Dense ``W = a^beta``, ``(n, n)`` with ``n = h*w``: symmetric, diagonal 1, 0 for pairs
+    not closer than ``radius``. Memory O(n^2). Source: official PSA code
+    (``AffinityNet.forward(to_dense=True)``, then ``aff ** beta``)."""
+    d, h, w = f.shape
+    n = h * w
+    a, fr, to = pairwise_affinity(f, radius)
+    wmat = torch.zeros(n, n, dtype=f.dtype, device=f.device)
+    ab = a.pow(beta)
+    wmat[fr, to] = ab
+    wmat[to, fr] = ab
+    wmat.diagonal().fill_(1.0)
+    return wmat
+
+
+def random_walk_dense(f: torch.Tensor, maps: torch.Tensor, radius: int = 5, beta: float = 8,
+                      logt: int = 8) -> torch.Tensor:
+    """Reference PSA random walk with a dense transition matrix (O(n^2) memory, O(n^3 logt)).
+
+    ``W = a^beta`` (:func:`affinity_matrix_dense`), ``T = W / colsum(W)``, ``T <- T @ T``
+    ``logt`` times, ``out = maps.reshape(C, n) @ T``.
+
+    Args:
+        f: ``(D, h, w)`` float affinity features.
+        maps: ``(C, h, w)`` float non-negative maps on the same grid (with background).
+        radius, beta, logt: PSA 5, 8, 8.
+
+    Returns:
+        ``(C, h, w)`` tensor (dtype of ``f``). Not normalised per pixel (column-stochastic
+        ``T`` preserves each channel's total mass).
+
+    Raises:
+        ValueError: shape mismatch or ``logt < 0``.
+
+    Source: PSA eqs. 9-11; official code ``infer_aff.py``.
+    """
+    _check_rw_inputs(f, maps, logt)
+    c, h, w = maps.shape
+    wmat = affinity_matrix_dense(f, radius, beta)
+    t = wmat / wmat.sum(dim=0, keepdim=True)
+    for _ in range(int(logt)):
+        t = t @ t
+    return (maps.to(t.dtype).reshape(c, h * w) @ t).reshape(c, h, w)
+
+
+def affinity_neighbours(f: torch.Tensor, radius: int = 5, beta: float = 8
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse local form of ``W = a^beta``: per pixel its neighbours in the full disk.
+
+    Returns:
+        ``(nbr, weight)`` of shape ``(n, K)``, ``K = 1 + 2 * len(search_offsets(radius))``:
+        column 0 is the pixel itself (weight 1); columns ``1..m`` the half-disk offsets,
+        ``m+1..2m`` their mirrors. Out-of-grid neighbours have ``nbr`` = the pixel itself and
+        weight 0. ``weight[i, k] = W[i, nbr[i, k]]`` exactly (symmetric by construction).
+    """
+    d, h, w = f.shape
+    n = h * w
+    m = len(search_offsets(radius))
+    a, fr, to = pairwise_affinity(f, radius)
+    _, _, oid = pair_indices(h, w, radius, f.device)
+    ab = a.pow(beta)
+    self_idx = torch.arange(n, device=f.device)
+    nbr = self_idx[:, None].repeat(1, 1 + 2 * m)
+    weight = torch.zeros(n, 1 + 2 * m, dtype=f.dtype, device=f.device)
+    weight[:, 0] = 1.0
+    nbr[fr, 1 + oid] = to
+    weight[fr, 1 + oid] = ab
+    nbr[to, 1 + m + oid] = fr
+    weight[to, 1 + m + oid] = ab
+    return nbr, weight
+
+
+def random_walk(f: torch.Tensor, maps: torch.Tensor, radius: int = 5, beta: float = 8,
+                logt: int = 8) -> torch.Tensor:
+    """PSA random walk with a sparse local transition matrix (memory O(n * K)).
+
+    Same result as :func:`random_walk_dense`: with ``W`` symmetric, column ``j`` of
+    ``T = W / colsum`` holds ``W[i, j] / d_j`` for the ``K`` neighbours ``i`` of ``j``, so one
+    step ``M <- M T`` is ``M[:, j] <- sum_k M[:, nbr[j, k]] * weight[j, k] / d_j``; it is
+    applied ``2^logt`` times (cost ``2^logt * C * n * K``; no n x n matrix).
+
+    Args:
+        f: ``(D, h, w)`` float affinity features.
+        maps: ``(C, h, w)`` float non-negative maps on the same grid (with background).
+        radius, beta, logt: PSA 5, 8, 8.
+
+    Returns:
+        ``(C, h, w)`` tensor (dtype of ``f``), not normalised per pixel.
+
+    Raises:
+        ValueError: shape mismatch or ``logt < 0``.
+
+    Source: PSA eqs. 9-11 (official code ``infer_aff.py`` uses the dense form).
+    """
+    _check_rw_inputs(f, maps, logt)
+    c, h, w = maps.shape
+    nbr, weight = affinity_neighbours(f, radius, beta)
+    tn = weight / weight.sum(dim=1, keepdim=True)        # (n, K), rows = columns of T
+    x = maps.to(f.dtype).reshape(c, h * w)
+    for _ in range(2 ** int(logt)):
+        x = (x[:, nbr] * tn).sum(dim=-1)
+    return x.reshape(c, h, w)
+
+
+# --------------------------------------------------------------------------------------
+# refinement
+# --------------------------------------------------------------------------------------
+def _resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if maps.shape[1:] == tuple(size) or maps.shape[0] == 0:
+        return np.zeros((0,) + tuple(size), np.float32) if maps.shape[0] == 0 else maps
+    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0].numpy()
+
+
+@torch.no_grad()
+def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
+                params: Mapping[str, Any] | None = None) -> np.ndarray:
+    """PSA refinement of one image's CAMs.
+
+    1. ``background_from_cams(cams, bg_alpha)`` at full resolution -> ``(k+1, H, W)``;
+    2. 8x8 average pooling (``ceil_mode``, partial border cells averaged over their valid
+       pixels) to the ``ceil(H/8) x ceil(W/8)`` grid of ``model(image)``;
+    3. :func:`random_walk` with ``radius``, ``beta``, ``logt``;
+    4. bilinear upsampling to ``(8h, 8w)`` (``align_corners=False``) cropped to ``(H, W)``;
+    5. per-pixel normalisation: negatives clipped to 0, each pixel divided by its channel sum
+       (the random walk preserves per-channel mass, not per-pixel sums; the official code
+       takes the argmax, which normalisation does not change).
+
+    Args:
+        model: trained :class:`AffinityNet` (its device is used).
+        image: ``(H, W, 3)`` uint8 RGB.
+        cams: ``(k, H, W)`` float in [0, 1] (other sizes are bilinearly resized to ``(H, W)``).
+        params: ``radius``, ``beta``, ``logt``, ``bg_alpha`` (defaults
+            :data:`DEFAULT_REFINE_PARAMS`).
+
+    Returns:
+        ``(k+1, H, W)`` float32 in [0, 1], channel 0 background, each pixel sums to 1.
+
+    Raises:
+        ValueError: bad image / cams shapes.
+
+    Source: PSA Sec. 3.4-3.5; official code ``infer_aff.py``.
+    """
+    p = {**DEFAULT_REFINE_PARAMS, **(params or {})}
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"cams must have shape (k, H, W), got {cams.shape}")
+    H, W = image.shape[:2]
+    cams = _resize_maps(cams, (H, W))
+    if cams.shape[0] == 0:
+        return np.ones((1, H, W), np.float32)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        f = model(to_tensor(image)[None].to(device))[0]
+    finally:
+        model.train(was_training)
+    h, w = f.shape[1:]
+    maps = torch.from_numpy(background_from_cams(cams, p["bg_alpha"]))[None].to(device)
+    maps = F.avg_pool2d(maps, STRIDE, STRIDE, ceil_mode=True)[0]
+    if maps.shape[1:] != (h, w):  # only for exotic backbones; keep the grids aligned
+        maps = F.interpolate(maps[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    rw = random_walk(f.float(), maps.float(), p["radius"], p["beta"], p["logt"])
+    up = F.interpolate(rw[None], size=(h * STRIDE, w * STRIDE), mode="bilinear",
+                       align_corners=False)[0, :, :H, :W].clamp_min(0)
+    up = up / up.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    return up.cpu().numpy().astype(np.float32)
+
+
+def refine_seeds(root: str | Path, ids: Sequence[str], seeds_path: str | Path, seed_key: str,
+                 model_path: str | Path, out_path: str | Path,
+                 params: Mapping[str, Any] | None = None, device: str = "cpu",
+                 log: Callable[[str], Any] = print) -> None:
+    """Refine the seeds of ``ids`` with a trained AffinityNet and write ``out_path``.
+
+    Output (:class:`pipeline.storage.MapWriter`, atomic): per image ``class_ids = [0] + fg
+    ids`` and key ``probs`` = :func:`refine_maps` output ``(k+1, H, W)``; file attributes
+    ``stage="refine_seeds"``, ``method="psa"``, ``params``.
+
+    Args:
+        root: dataset root (``JPEGImages``).
+        ids: image ids.
+        seeds_path: seeds HDF5 (:class:`MapReader`), maps ``seed_key`` of shape ``(k, h, w)``.
+        seed_key: map key, e.g. ``"cams"``.
+        model_path: checkpoint of :func:`train_affinity_net`.
+        out_path: output HDF5.
+        params: ``radius``, ``beta``, ``logt``, ``bg_alpha``.
+        device: torch device.
+        log: message sink.
+
+    Raises:
+        pipeline.storage.StorageError, pipeline.data.voc.DatasetError, FileNotFoundError:
+            missing inputs.
+    """
+    from tqdm import tqdm
+
+    p = {**DEFAULT_REFINE_PARAMS, **(params or {})}
+    model = load_affinity_net(model_path, device)
+    t0 = time.time()
+    with MapReader(seeds_path) as reader:
+        names = reader.class_names or list(VOC_CLASSES)
+        with MapWriter(out_path, names, {"stage": "refine_seeds", "method": "psa",
+                                         "params": dict(p)}) as writer:
+            for image_id in tqdm(list(ids), desc="psa random walk", leave=False):
+                cams, cids, _ = reader.read(image_id, seed_key)
+                image = load_image(root, image_id)
+                probs = refine_maps(model, image, cams, p)
+                writer.write(image_id, np.concatenate([[0], cids]).astype(np.int64),
+                             image.shape[:2], probs=probs)
+    log(f"refine_seeds: {len(ids)} images refined with PSA random walk in "
+        f"{time.time() - t0:.1f}s -> {out_path}")
+
+
+# --------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------
+def _encode_png(label: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label, mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+class _LabelSet(torch.utils.data.Dataset):
+    """Computes affinity labels (two CRFs per image) in DataLoader workers."""
+
+    def __init__(self, root, ids, seeds_path, seed_key, p):
+        self.root, self.ids, self.seeds_path, self.seed_key, self.p = root, list(ids), \
+            str(seeds_path), seed_key, p
+        self._reader = None  # opened lazily in each worker (h5py handles do not survive fork)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if self._reader is None:
+            self._reader = MapReader(self.seeds_path)
+        image_id = self.ids[i]
+        cams, cids, _ = self._reader.read(image_id, self.seed_key)
+        image = load_image(self.root, image_id)
+        cams = _resize_maps(cams, image.shape[:2])
+        label = make_affinity_label(image, cams, cids, self.p["alpha_low"], self.p["alpha_high"],
+                                    self.p["crf"])
+        counts = np.bincount(np.where(label == IGNORE_INDEX, 2, (label > 0).astype(np.int64))
+                             .reshape(-1), minlength=3)
+        return image_id, _encode_png(label), counts
+
+
+class _AffinityTrainSet(torch.utils.data.Dataset):
+    """Joint random rescale / colour jitter / flip / crop of image and affinity label."""
+
+    def __init__(self, root, ids, labels: dict[str, bytes], p):
+        self.root, self.ids, self.labels, self.p = root, list(ids), labels, p
+        cj = p.get("color_jitter")
+        self.jitter = None
+        if cj:
+            from torchvision.transforms import ColorJitter
+            self.jitter = ColorJitter(*cj)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        p = self.p
+        image_id = self.ids[i]
+        img = Image.fromarray(load_image(self.root, image_id))
+        lab = Image.fromarray(_decode_png(self.labels[image_id]), mode="L")
+        w, h = img.size
+        if p.get("resize_long"):
+            lo, hi = p["resize_long"]
+            s = float(torch.randint(int(lo), int(hi) + 1, ()).item()) / max(h, w)
+        elif p.get("scale_range"):
+            lo, hi = p["scale_range"]
+            s = lo + (hi - lo) * float(torch.rand(()).item())
+        else:
+            s = 1.0
+        if s != 1.0:
+            size = (max(1, round(w * s)), max(1, round(h * s)))
+            img = img.resize(size, Image.BILINEAR)
+            lab = lab.resize(size, Image.NEAREST)
+        if self.jitter is not None:
+            img = self.jitter(img)
+        x = to_tensor(np.asarray(img, dtype=np.uint8))
+        y = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
+        if torch.rand(()) < 0.5:
+            x, y = x.flip(-1), y.flip(-1)
+        crop = int(p["crop"])
+        h, w = y.shape
+        ph, pw = max(crop - h, 0), max(crop - w, 0)
+        if ph or pw:
+            top = int(torch.randint(0, ph + 1, ()))
+            left = int(torch.randint(0, pw + 1, ()))
+            x = F.pad(x, (left, pw - left, top, ph - top), value=0.0)
+            y = F.pad(y, (left, pw - left, top, ph - top), value=IGNORE_INDEX)
+        h, w = y.shape
+        top = int(torch.randint(0, h - crop + 1, ()))
+        left = int(torch.randint(0, w - crop + 1, ()))
+        x = x[:, top:top + crop, left:left + crop]
+        y = y[top:top + crop, left:left + crop]
+        return x.contiguous(), downsample_label(y).contiguous()
+
+
+def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | Path,
+                       seed_key: str, params: Mapping[str, Any], out_path: str | Path,
+                       device: str = "cpu", log: Callable[[str], Any] = print) -> dict:
+    """Train a PSA AffinityNet on affinity labels derived from seeds.
+
+    Steps: (1) affinity labels of every image (:func:`make_affinity_label`, two dense CRFs;
+    computed once, in ``num_workers`` DataLoader workers, kept PNG-compressed in memory);
+    (2) SGD with momentum, poly learning rate ``lr * (1 - it/iters)^poly_power``, backbone at
+    ``lr`` and the new 1x1 convs at ``head_lr_mult * lr``, loss :func:`affinity_loss`;
+    augmentation: random rescale (``resize_long`` = [lo, hi] long side as in PSA, else
+    ``scale_range`` = [lo, hi] factor), optional colour jitter, horizontal flip, random
+    ``crop`` (padding: image 0, label 255), label downsampled by :func:`downsample_label`;
+    (3) checkpoint ``{"state_dict", "params"}`` written to ``<out_path>.tmp`` and
+    ``os.replace``-d onto ``out_path``.
+
+    Args:
+        root: dataset root (``JPEGImages``).
+        ids: training image ids (must be in the seeds file).
+        seeds_path, seed_key: seeds HDF5 and its map key (``(k, H, W)`` in [0, 1]).
+        params: keys of :data:`DEFAULT_TRAIN_PARAMS` (missing keys take those defaults):
+            backbone, pretrained, feature_dim, freeze_bn, crop, resize_long, scale_range,
+            color_jitter, batch_size, iters (``None`` -> ``epochs * ceil(len(ids)/batch)``),
+            epochs, lr, head_lr_mult, weight_decay, momentum, poly_power, radius,
+            alpha_low, alpha_high, crf, seed, num_workers, log_every.
+        out_path: checkpoint path.
+        device: torch device string.
+        log: message sink.
+
+    Returns:
+        metrics dict: ``iters``, ``num_images``, ``final_loss`` (mean of the last logged
+        window), ``loss_curve`` (``[{"iter": i, "loss": mean loss since the previous entry,
+        "bg", "fg", "neg"}]`` every ``log_every`` iterations and at the last one),
+        ``label_fractions`` (pixel fractions bg / fg / ignored of the affinity labels),
+        ``seconds_labels``, ``seconds_train``.
+
+    Raises:
+        ValueError: empty ``ids`` or unknown param keys.
+        pipeline.storage.StorageError, pipeline.data.voc.DatasetError: missing inputs.
+    """
+    from tqdm import tqdm
+
+    unknown = set(params) - set(DEFAULT_TRAIN_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown train_affinity params {sorted(unknown)}; allowed: "
+                         f"{sorted(DEFAULT_TRAIN_PARAMS)}")
+    p = {**DEFAULT_TRAIN_PARAMS, **params}
+    p["crf"] = {**PSA_CRF, **(p.get("crf") or {})}
+    ids = list(ids)
+    if not ids:
+        raise ValueError("train_affinity_net: no training ids")
+    with MapReader(seeds_path) as r:  # fail early with a clear message; closed before fork
+        missing = [i for i in ids[:1] if i not in r.ids]
+        if missing:
+            r.read(missing[0], seed_key)
+    torch.manual_seed(int(p["seed"]))
+    nw = int(p["num_workers"])
+
+    # 1) affinity labels -----------------------------------------------------------------
+    t0 = time.time()
+    labels: dict[str, bytes] = {}
+    counts = np.zeros(3, np.int64)
+    lab_loader = torch.utils.data.DataLoader(
+        _LabelSet(root, ids, seeds_path, seed_key, p), batch_size=None, shuffle=False,
+        num_workers=nw)
+    for image_id, data, c in tqdm(lab_loader, total=len(ids), desc="affinity labels (CRF)",
+                                  leave=False):
+        labels[image_id] = data
+        counts += np.asarray(c)
+    t_labels = time.time() - t0
+    fr = counts / max(1, counts.sum())
+    log(f"train_affinity: labels of {len(ids)} images in {t_labels:.1f}s "
+        f"(bg {fr[0]:.2f}, fg {fr[1]:.2f}, ignored {fr[2]:.2f})")
+
+    # 2) training ------------------------------------------------------------------------
+    bs = int(p["batch_size"])
+    iters = int(p["iters"]) if p.get("iters") else int(p["epochs"]) * math.ceil(len(ids) / bs)
+    gen = torch.Generator().manual_seed(int(p["seed"]))
+    train_set = _AffinityTrainSet(root, ids, labels, p)
+    sampler = torch.utils.data.RandomSampler(train_set, replacement=False,
+                                             num_samples=iters * bs, generator=gen)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=bs, sampler=sampler,
+                                         num_workers=nw, drop_last=True,
+                                         generator=gen, persistent_workers=False)
+    model = build_affinity_net(p).to(device)
+    model.train()
+    head = {id(q) for q in model.head_parameters()}
+    body = [q for q in model.parameters() if id(q) not in head and q.requires_grad]
+    base_lr = float(p["lr"])
+    mults = [1.0, float(p["head_lr_mult"])]
+    opt = torch.optim.SGD([{"params": body, "lr": base_lr},
+                           {"params": model.head_parameters(), "lr": base_lr * mults[1]}],
+                          lr=base_lr, momentum=float(p["momentum"] or 0.0),
+                          weight_decay=float(p["weight_decay"]))
+    curve: list[dict] = []
+    window, parts_w = [], []
+    log_every = max(1, int(p["log_every"]))
+    t1 = time.time()
+    it = 0
+    bar = tqdm(total=iters, desc="train affinity", leave=False)
+    for x, y in loader:
+        scale = (1.0 - it / iters) ** float(p["poly_power"])
+        for g, m in zip(opt.param_groups, mults):
+            g["lr"] = base_lr * m * scale
+        f = model(x.to(device, non_blocking=True))
+        loss, parts = affinity_loss(f, y.to(device), int(p["radius"]), return_parts=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        it += 1
+        window.append(float(loss))
+        parts_w.append(parts)
+        if it % log_every == 0 or it == iters:
+            entry = {"iter": it, "loss": float(np.mean(window))}
+            for k in ("bg", "fg", "neg"):
+                entry[k] = float(np.mean([q[k] for q in parts_w]))
+            curve.append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            window, parts_w = [], []
+        bar.update(1)
+    bar.close()
+    t_train = time.time() - t1
+    final = curve[-1]["loss"] if curve else float("nan")
+    log(f"train_affinity: {iters} iterations in {t_train:.1f}s, final loss {final:.4f}")
+
+    # 3) checkpoint ----------------------------------------------------------------------
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "params": p}, tmp)
+    os.replace(tmp, out_path)
+    return {"iters": iters, "num_images": len(ids), "final_loss": final, "loss_curve": curve,
+            "label_fractions": {"bg": float(fr[0]), "fg": float(fr[1]),
+                                "ignored": float(fr[2])},
+            "seconds_labels": t_labels, "seconds_train": t_train}

@@ -1,0 +1,146 @@
+"""Stage 2: seed (class map) export to HDF5 and evaluation of stored maps."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .cls import load_classifier
+from .data.transforms import to_tensor
+from .data.voc import NUM_CLASSES, VOC_CLASSES, load_image, load_mask
+from .metrics import confusion_matrix, scores_from_confusion
+from .models.vit import token_stride
+from .storage import MapReader, MapWriter
+from .utils import get_device
+
+
+def normalise_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> torch.Tensor:
+    """Per-class normalisation of ``(k, H, W)`` non-negative maps to [0, 1].
+
+    ``max``: ``M / (max M + eps)`` (PSA/IRN); ``minmax``: ``(M - min) / (max - min + eps)``
+    (AFA/ToCo/MCC). Source: official-settings digest, "Normalising CAMs".
+    """
+    if maps.numel() == 0:
+        return maps
+    flat = maps.flatten(1)
+    mx = flat.amax(1).view(-1, 1, 1)
+    if mode == "max":
+        return maps / (mx + eps)
+    if mode == "minmax":
+        mn = flat.amin(1).view(-1, 1, 1)
+        return (maps - mn) / (mx - mn + eps)
+    raise ValueError(f"export_seeds.norm must be max or minmax, got {mode!r}")
+
+
+def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum a method's maps over ``p["scales"]`` and horizontal flips at image size.
+
+    Each scale resizes the image to a multiple of the token stride, the maps are bilinearly
+    upsampled to ``(H, W)``, flipped maps are flipped back, everything is summed, then
+    normalised per class (``p["norm"]``).
+
+    Returns:
+        ``{key: (k, H, W) float32 in [0, 1]}``.
+    """
+    H, W = image.shape[:2]
+    x0 = to_tensor(image).unsqueeze(0).to(device)
+    stride = token_stride(model.vit)
+    acc: dict[str, torch.Tensor] = {}
+    for s in p.get("scales", [1.0]):
+        h = max(stride, int(round(H * s / stride)) * stride)
+        w = max(stride, int(round(W * s / stride)) * stride)
+        xs = F.interpolate(x0, size=(h, w), mode="bilinear", align_corners=False)
+        for flip in ([False, True] if p.get("flip", True) else [False]):
+            xin = xs.flip(-1) if flip else xs
+            out = method.maps(model, xin, fg.to(device), p)
+            for k, m in out.items():
+                up = F.interpolate(m.unsqueeze(0).float(), size=(H, W), mode="bilinear",
+                                   align_corners=False)[0]
+                if flip:
+                    up = up.flip(-1)
+                acc[k] = acc.get(k, 0) + up.clamp_min(0)
+    return {k: normalise_maps(v, p.get("norm", "max")) for k, v in acc.items()}
+
+
+def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
+                 labels: Mapping[str, Sequence[int]], p: dict, out_path: str | Path,
+                 log: Callable[[str], None] = print) -> dict:
+    """Write ``seeds.h5`` (see :mod:`pipeline.storage`) for ``ids``.
+
+    Maps are stored for the image-label classes only (float16, chunked, gzip), under each of
+    the method's ``seed_keys``. Images with no foreground class get an empty entry.
+
+    Returns:
+        summary dict (images, seconds, keys).
+    """
+    device = get_device(p.get("device", "auto"))
+    method, model, _ = load_classifier(model_path, device)
+    t0 = time.time()
+    meta = {"method": method.name, "params": p, "num_images": len(ids)}
+    with MapWriter(out_path, VOC_CLASSES, meta) as wr:
+        for iid in tqdm(ids, desc=f"export_seeds[{method.name}]", unit="img", mininterval=2.0):
+            img = load_image(root, iid)
+            cids = np.asarray(labels[iid], dtype=np.int64)
+            fg = torch.as_tensor(cids - 1, dtype=torch.long)
+            if len(fg):
+                maps = multiscale_maps(method, model, img, fg, p, device)
+                arrays = {k: maps[k].cpu().numpy() for k in method.seed_keys}
+            else:
+                arrays = {k: np.zeros((0,) + img.shape[:2], np.float32) for k in method.seed_keys}
+            wr.write(iid, cids, img.shape[:2], **arrays)
+    secs = time.time() - t0
+    log(f"export_seeds: {len(ids)} images in {secs:.1f}s -> {out_path}")
+    return {"images": len(ids), "seconds": round(secs, 1), "keys": list(method.seed_keys)}
+
+
+def maps_to_label(maps: np.ndarray, class_ids: np.ndarray, bg_threshold: float | None) -> np.ndarray:
+    """Label map from class maps.
+
+    Args:
+        maps: ``(k, H, W)`` float in [0, 1].
+        class_ids: ``(k,)`` class ids of the channels.
+        bg_threshold: if given, the maps hold foreground classes only and a pixel is
+            background (0) where ``max_c maps <= bg_threshold`` (a constant background channel
+            at the threshold; ties go to background); if None, the channels already include
+            background and the label is the argmax.
+    Returns:
+        ``(H, W)`` uint8 class ids.
+    """
+    k, H, W = maps.shape
+    if bg_threshold is not None:
+        if k == 0:
+            return np.zeros((H, W), np.uint8)
+        full = np.concatenate([np.full((1, H, W), bg_threshold, maps.dtype), maps])
+        ids = np.concatenate([[0], class_ids])
+        return ids[np.argmax(full, 0)].astype(np.uint8)
+    return np.asarray(class_ids)[np.argmax(maps, 0)].astype(np.uint8)
+
+
+def evaluate_maps(h5_path: str | Path, root: str | Path, ids: Sequence[str], label_dir: str,
+                  key: str, bg_threshold: float | None,
+                  curve: Sequence[float] = ()) -> dict:
+    """mIoU of stored maps against ground truth (VOC definition).
+
+    ``bg_threshold`` is the fixed value from params.yaml; ``curve`` optionally reports the
+    mIoU at other thresholds for information only — it is never used to pick one.
+    """
+    thresholds = [bg_threshold] + [float(t) for t in curve if t != bg_threshold]
+    confs = {t: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for t in thresholds}
+    with MapReader(h5_path) as rd:
+        for iid in tqdm(ids, desc=f"eval[{Path(h5_path).name}:{key}]", unit="img", mininterval=2.0):
+            maps, cids, _ = rd.read(iid, key)
+            gt = load_mask(root, iid, label_dir)
+            for t in thresholds:
+                confs[t] += confusion_matrix(maps_to_label(maps, cids, t), gt, NUM_CLASSES)
+    out = scores_from_confusion(confs[bg_threshold], VOC_CLASSES)
+    out.update({"num_images": len(ids), "key": key, "bg_threshold": bg_threshold})
+    if bg_threshold is not None and len(thresholds) > 1:
+        out["threshold_curve"] = {f"{t:.2f}": scores_from_confusion(confs[t])["miou"]
+                                  for t in sorted(thresholds)}
+    return out

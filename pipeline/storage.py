@@ -1,0 +1,155 @@
+"""HDF5 storage of per-image class maps (seeds, refined maps).
+
+One file per (dataset, method, stage) instead of one ``.npy`` dict per image.
+
+Layout of ``seeds.h5`` / ``refined.h5``::
+
+    /attrs:  format="wsss-maps/1", class_names (json), plus any metadata given to the writer
+    /<image_id>/            one group per image id
+        class_ids   int16 (k,)        class ids of the stored maps (1..C-1; 0 = background)
+        image_size  int32 (2,)        original (H, W)
+        <key>       float16 (k, H, W) one dataset per map kind, e.g. ``cams``, ``cams_star``;
+                                      chunked per map, gzip-compressed
+
+Maps are stored only for the classes present in the image label (seeds) or present label +
+background (refined maps). Values are in [0, 1] (float16 keeps ~3 significant digits, plenty
+for thresholds at 0.01 steps).
+
+Files are written to ``<path>.tmp`` and renamed on ``close()``, so an interrupted stage never
+leaves a half-written artifact under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import h5py
+import numpy as np
+
+FORMAT = "wsss-maps/1"
+
+
+class StorageError(RuntimeError):
+    """The HDF5 file is missing, of the wrong format, or lacks an image/key."""
+
+
+class MapWriter:
+    """Write per-image maps into one HDF5 file, atomically.
+
+    Use as a context manager; on an exception the temporary file is removed and the final
+    path is left untouched.
+    """
+
+    def __init__(self, path: str | Path, class_names: Iterable[str], metadata: dict | None = None,
+                 compression: str | None = "gzip", compression_opts: int | None = 4):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = h5py.File(self.tmp, "w")
+        self._f.attrs["format"] = FORMAT
+        self._f.attrs["class_names"] = json.dumps(list(class_names))
+        for k, v in (metadata or {}).items():
+            self._f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v)
+        self._comp = compression
+        self._comp_opts = compression_opts if compression == "gzip" else None
+
+    def write(self, image_id: str, class_ids: np.ndarray, image_size: tuple[int, int],
+              **maps: np.ndarray) -> None:
+        """Store the maps of one image.
+
+        Args:
+            image_id: VOC id, e.g. ``2007_000032``.
+            class_ids: int ``(k,)`` class ids of the map channels.
+            image_size: original ``(H, W)``.
+            **maps: ``key=array`` of shape ``(k, h, w)``, float, values in [0, 1]; stored as
+                float16. ``(h, w)`` is usually the image size.
+        Raises:
+            ValueError: channel count differs from ``len(class_ids)`` or values are not finite.
+        """
+        class_ids = np.asarray(class_ids, dtype=np.int16).reshape(-1)
+        g = self._f.create_group(image_id)
+        g.create_dataset("class_ids", data=class_ids)
+        g.create_dataset("image_size", data=np.asarray(image_size, dtype=np.int32))
+        for key, arr in maps.items():
+            arr = np.asarray(arr, dtype=np.float32)
+            if arr.ndim != 3 or arr.shape[0] != len(class_ids):
+                raise ValueError(f"{image_id}/{key}: expected shape (k={len(class_ids)}, h, w), "
+                                 f"got {arr.shape}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{image_id}/{key}: maps contain NaN or inf")
+            chunks = (1,) + arr.shape[1:] if arr.shape[0] > 0 and arr.size > 0 else None
+            g.create_dataset(key, data=arr.astype(np.float16), chunks=chunks,
+                             compression=self._comp if chunks else None,
+                             compression_opts=self._comp_opts if chunks else None)
+
+    def close(self) -> None:
+        """Flush and atomically move the file to its final path."""
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Discard the temporary file."""
+        try:
+            self._f.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "MapWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class MapReader:
+    """Random access to the maps of a ``MapWriter`` file.
+
+    Raises:
+        StorageError: file missing or not of this format (message names the file and the
+            stage that produces it).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StorageError(f"{self.path} does not exist; run the stage that produces it "
+                               f"(e.g. `snakemake {self.path}`).")
+        self._f = h5py.File(self.path, "r")
+        if self._f.attrs.get("format") != FORMAT:
+            raise StorageError(f"{self.path} is not a {FORMAT} file; delete it and rerun its stage.")
+        self.class_names = json.loads(self._f.attrs["class_names"])
+        self.attrs = {k: self._f.attrs[k] for k in self._f.attrs}
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._f.keys())
+
+    def keys(self, image_id: str) -> list[str]:
+        return [k for k in self._f[image_id].keys() if k not in ("class_ids", "image_size")]
+
+    def read(self, image_id: str, key: str = "cams") -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+        """Return ``(maps float32 (k,h,w), class_ids int64 (k,), (H, W))`` of one image."""
+        if image_id not in self._f:
+            raise StorageError(f"{self.path} has no image {image_id!r}; it was produced for "
+                               f"another image list — rerun its stage.")
+        g = self._f[image_id]
+        if key not in g:
+            raise StorageError(f"{self.path}:{image_id} has no map {key!r} (has {self.keys(image_id)}).")
+        maps = g[key][()].astype(np.float32)
+        cids = g["class_ids"][()].astype(np.int64)
+        h, w = (int(v) for v in g["image_size"][()])
+        return maps, cids, (h, w)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "MapReader":
+        return self
+
+    def __exit__(self, *a) -> None:
+        self.close()

@@ -1,0 +1,82 @@
+"""Shared CLI plumbing of the stage modules (``python -m stages.<name>``).
+
+Every stage reads its parameters either from ``--params-json`` (what Snakemake passes: the
+exact ``params:`` of the rule) or from ``params.yaml`` via
+:func:`pipeline.config.stage_params`, so running a stage by hand and under Snakemake/DVC uses
+the same values. Known user errors are printed as one clear line (no traceback) with exit
+code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from typing import Callable
+
+from pipeline.config import ConfigError, load_params, stage_params
+from pipeline.paths import artifacts, manifest
+
+log = logging.getLogger("wsss")
+
+
+def parser(stage: str, doc: str, method: bool = True) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True, help="dataset name from params.yaml `datasets` "
+                    "(selects data location and compute profile), e.g. demo, vocsample, voc")
+    if method:
+        ap.add_argument("--method", required=True, help="method plug-in, e.g. acr, cam")
+    ap.add_argument("--params", default="params.yaml", help="parameter file (default params.yaml)")
+    ap.add_argument("--params-json", default=None,
+                    help="the stage's merged parameters as JSON (Snakemake passes this); "
+                         "overrides --params")
+    return ap
+
+
+def stage_config(args: argparse.Namespace, stage: str) -> dict:
+    if args.params_json:
+        return json.loads(args.params_json)
+    return stage_params(load_params(args.params), args.dataset, getattr(args, "method", None), stage)
+
+
+def default_paths(args: argparse.Namespace) -> dict[str, str]:
+    paths = {"manifest": manifest(args.dataset)}
+    if getattr(args, "method", None):
+        paths.update(artifacts(args.dataset, args.method))
+    return paths
+
+
+def load_manifest(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"dataset manifest {path} not found; run "
+                                f"`python -m stages.prepare_dataset --dataset <name>` or "
+                                f"`snakemake {path}` first") from None
+
+
+def run_cli(stage: str, main: Callable[[], str | None]) -> None:
+    """Run ``main`` with logging set up; turn known user errors into one-line messages."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from pipeline.data.voc import DatasetError
+    from pipeline.models.backbones import WeightsError
+    from pipeline.storage import StorageError
+    t0 = time.time()
+    try:
+        summary = main()
+    except (DatasetError, ConfigError, WeightsError, StorageError, FileNotFoundError,
+            FloatingPointError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"\nERROR [{stage}]: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as e:
+        if "CUDA" in str(e) or "cuda" in str(e):
+            print(f"\nERROR [{stage}]: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    print(f"[{stage}] done in {time.time() - t0:.1f}s" + (f": {summary}" if summary else ""),
+          file=sys.stderr)

@@ -1,0 +1,45 @@
+"""Evaluate DeepLabV2 on the validation split (multi-scale + flip, optional CRF) ->
+miou.json with per-class IoU, pixel accuracy, image count and the params; saves predictions."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+
+
+def main() -> str:
+    ap = parser("eval_seg", __doc__)
+    ap.add_argument("--manifest", default=None)
+    ap.add_argument("--model", default=None, help="DeepLabV2 checkpoint (default .../seg/model.pt)")
+    ap.add_argument("--out", default=None, help="metrics json (default .../miou.json)")
+    ap.add_argument("--predictions", default=None, help="PNG folder (default .../predictions)")
+    ap.add_argument("--stage-metrics", nargs="*", default=None,
+                    help="seeds/refined/pseudo mIoU files summarised into the output "
+                         "(default: the chain's own, where they exist)")
+    args = ap.parse_args()
+    d = default_paths(args)
+    p = stage_config(args, "eval_seg")
+    m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.segment import evaluate, load_model
+    from pipeline.utils import get_device, write_json
+    dev = get_device(p.get("device", "auto"))
+    ids = m["splits"][p.get("split", "val")]
+    res = evaluate(load_model(args.model or d["seg_model"], dev), m["root"], ids, m["label_dir"],
+                   args.predictions or d["predictions"], p, dev, log=logging.getLogger("wsss").info)
+    res.update(params=p, dataset=args.dataset, method=args.method)
+    stage_files = args.stage_metrics if args.stage_metrics is not None else [
+        d["seeds_miou"], d["refined_miou"], d["pseudo_miou"]]
+    res["stages"] = {}
+    for f in stage_files:
+        if os.path.isfile(f):
+            with open(f) as fh:
+                res["stages"][os.path.basename(f).replace("_miou.json", "")] = json.load(fh)["miou"]
+    res["stages"]["segmentation"] = res["miou"]
+    write_json(args.out or d["miou"], res)
+    return f"segmentation mIoU {res['miou']:.4f} on {res.get('num_images', len(ids))} images"
+
+
+if __name__ == "__main__":
+    run_cli("eval_seg", main)

@@ -1,0 +1,26 @@
+"""Export multi-scale + flip class maps (seeds) of the trained classifier to seeds.h5 (stage 2)."""
+from __future__ import annotations
+
+import logging
+
+from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+
+
+def main() -> str:
+    ap = parser("export_seeds", __doc__)
+    ap.add_argument("--manifest", default=None)
+    ap.add_argument("--model", default=None, help="classifier checkpoint (default .../cls/model.pt)")
+    ap.add_argument("--out", default=None, help="HDF5 output (default .../seeds.h5)")
+    args = ap.parse_args()
+    d = default_paths(args)
+    p = stage_config(args, "export_seeds")
+    m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.seeds import export_seeds
+    ids = m["splits"][p.get("split", "train")]
+    s = export_seeds(args.model or d["cls_model"], m["root"], ids, m["labels"], p,
+                     args.out or d["seeds"], log=logging.getLogger("wsss").info)
+    return str(s)
+
+
+if __name__ == "__main__":
+    run_cli("export_seeds", main)

@@ -1,0 +1,34 @@
+"""Dense-CRF pseudo labels (palette PNGs) from the refined maps, and their mIoU (stage 5)."""
+from __future__ import annotations
+
+import logging
+
+from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+
+
+def main() -> str:
+    ap = parser("make_pseudo_labels", __doc__)
+    ap.add_argument("--manifest", default=None)
+    ap.add_argument("--maps", default=None, help="refined HDF5 (default .../refined.h5)")
+    ap.add_argument("--out", default=None, help="PNG folder (default .../pseudo)")
+    ap.add_argument("--metrics", default=None, help="default .../pseudo_miou.json")
+    ap.add_argument("--workers", type=int, default=1, help="processes (Snakemake passes {threads})")
+    args = ap.parse_args()
+    d = default_paths(args)
+    p = stage_config(args, "make_pseudo_labels")
+    m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.pseudo import evaluate_label_dir, make_pseudo_labels
+    from pipeline.utils import write_json
+    ids = m["splits"][p.get("split", "train")]
+    out = args.out or d["pseudo"]
+    s = make_pseudo_labels(args.maps or d["refined"], p.get("key", "probs"), m["root"], ids, p,
+                           out, workers=args.workers, log=logging.getLogger("wsss").info)
+    eval_ids = m["splits"][p.get("eval_split", "eval_train")]
+    res = evaluate_label_dir(out, m["root"], eval_ids, m["label_dir"])
+    res.update(params=p, timing=s)
+    write_json(args.metrics or d["pseudo_miou"], res)
+    return f"pseudo-label mIoU {res['miou']:.4f} on {len(eval_ids)} images"
+
+
+if __name__ == "__main__":
+    run_cli("make_pseudo_labels", main)

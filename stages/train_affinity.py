@@ -1,0 +1,32 @@
+"""Train the PSA AffinityNet from confident foreground/background regions of the seeds (stage 3)."""
+from __future__ import annotations
+
+import logging
+
+from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+
+
+def main() -> str:
+    ap = parser("train_affinity", __doc__)
+    ap.add_argument("--manifest", default=None)
+    ap.add_argument("--seeds", default=None, help="seeds HDF5 (default .../seeds.h5)")
+    ap.add_argument("--out", default=None, help="checkpoint (default .../affinity/model.pt)")
+    ap.add_argument("--metrics", default=None, help="metrics json (default .../affinity/metrics.json)")
+    args = ap.parse_args()
+    d = default_paths(args)
+    p = stage_config(args, "train_affinity")
+    m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.methods import get_method
+    from pipeline.refine.psa import train_affinity_net
+    from pipeline.utils import get_device, write_json
+    ids = m["splits"][p.get("split", "train")]
+    met = train_affinity_net(m["root"], ids, args.seeds or d["seeds"],
+                             get_method(args.method).affinity_key, p, args.out or d["aff_model"],
+                             device=get_device(p.get("device", "auto")),
+                             log=logging.getLogger("wsss").info)
+    write_json(args.metrics or d["aff_metrics"], met)
+    return f"affinity net trained on {len(ids)} images"
+
+
+if __name__ == "__main__":
+    run_cli("train_affinity", main)

@@ -1,0 +1,28 @@
+"""Train a method's classifier on image-level labels (stage 1)."""
+from __future__ import annotations
+
+import logging
+
+from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+
+
+def main() -> str:
+    ap = parser("train_cls", __doc__)
+    ap.add_argument("--manifest", default=None, help="dataset manifest (default results/{dataset}/dataset.json)")
+    ap.add_argument("--out", default=None, help="checkpoint path (default results/{dataset}/{method}/cls/model.pt)")
+    ap.add_argument("--metrics", default=None, help="metrics json (default .../cls/metrics.json)")
+    args = ap.parse_args()
+    d = default_paths(args)
+    p = stage_config(args, "train_cls")
+    m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.cls import train_classifier
+    from pipeline.utils import write_json
+    ids = m["splits"][p.get("split", "train")]
+    met = train_classifier(args.method, m["root"], ids, m["labels"], p, args.out or d["cls_model"],
+                           log=logging.getLogger("wsss").info)
+    write_json(args.metrics or d["cls_metrics"], met)
+    return f"{met['iters']} iterations on {met['images']} images, final {met['final']}"
+
+
+if __name__ == "__main__":
+    run_cli("train_cls", main)

@@ -1,0 +1,29 @@
+"""Train DeepLabV2 (ResNet + ASPP) on the pseudo labels (stage 6)."""
+from __future__ import annotations
+
+import logging
+
+from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+
+
+def main() -> str:
+    ap = parser("train_seg", __doc__)
+    ap.add_argument("--manifest", default=None)
+    ap.add_argument("--pseudo", default=None, help="pseudo-label folder (default .../pseudo)")
+    ap.add_argument("--out", default=None, help="checkpoint (default .../seg/model.pt)")
+    ap.add_argument("--metrics", default=None, help="default .../seg/metrics.json")
+    args = ap.parse_args()
+    d = default_paths(args)
+    p = stage_config(args, "train_seg")
+    m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.segment import train_seg
+    from pipeline.utils import get_device, write_json
+    ids = m["splits"][p.get("split", "train")]
+    met = train_seg(m["root"], ids, args.pseudo or d["pseudo"], args.out or d["seg_model"], p,
+                    device=get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info)
+    write_json(args.metrics or d["seg_metrics"], met)
+    return f"DeepLabV2 trained on {len(ids)} pseudo labels"
+
+
+if __name__ == "__main__":
+    run_cli("train_seg", main)
