@@ -46,7 +46,7 @@ def gpu(w):
 R = "results/{dataset}/{method}"
 L = "results/{dataset}/logs/{method}"
 B = "results/{dataset}/benchmarks/{method}"
-ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
+ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
 
 rule all:
     input:
@@ -97,7 +97,7 @@ rule train_cls:
     benchmark: B + "/train_cls.tsv"
     threads: 2
     resources: mem_mb=8000, gpu=gpu
-    shell: "{ENV} {PY} -m stages.train_cls --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+    shell: ENV + "{PY} -m stages.train_cls --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule export_seeds:
@@ -108,7 +108,7 @@ rule export_seeds:
     benchmark: B + "/export_seeds.tsv"
     threads: 2
     resources: mem_mb=4000, gpu=gpu
-    shell: "{ENV} {PY} -m stages.export_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --model {input.model} --out {output} > {log} 2>&1"
+    shell: ENV + "{PY} -m stages.export_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --model {input.model} --out {output} > {log} 2>&1"
 
 
 rule eval_seeds:
@@ -119,7 +119,7 @@ rule eval_seeds:
     benchmark: B + "/eval_seeds.tsv"
     threads: 1
     resources: mem_mb=2000, gpu=0
-    shell: "{ENV} {PY} -m stages.eval_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --out {output} > {log} 2>&1"
+    shell: ENV + "{PY} -m stages.eval_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --out {output} > {log} 2>&1"
 
 
 rule train_affinity:
@@ -130,7 +130,7 @@ rule train_affinity:
     benchmark: B + "/train_affinity.tsv"
     threads: 2
     resources: mem_mb=8000, gpu=gpu
-    shell: "{ENV} {PY} -m stages.train_affinity --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+    shell: ENV + "{PY} -m stages.train_affinity --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule refine_seeds:
@@ -141,7 +141,7 @@ rule refine_seeds:
     benchmark: B + "/refine_seeds.tsv"
     threads: 2
     resources: mem_mb=4000, gpu=gpu
-    shell: "{ENV} {PY} -m stages.refine_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --model {input.model} --out {output.maps} --metrics {output.metrics} > {log} 2>&1"
+    shell: ENV + "{PY} -m stages.refine_seeds --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --seeds {input.seeds} --model {input.model} --out {output.maps} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule make_pseudo_labels:
@@ -163,7 +163,7 @@ rule train_seg:
     benchmark: B + "/train_seg.tsv"
     threads: 2
     resources: mem_mb=8000, gpu=gpu
-    shell: "{ENV} {PY} -m stages.train_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --pseudo {input.labels} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+    shell: ENV + "{PY} -m stages.train_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --pseudo {input.labels} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule eval_seg:
@@ -177,4 +177,4 @@ rule eval_seg:
     benchmark: B + "/eval_seg.tsv"
     threads: 2
     resources: mem_mb=4000, gpu=gpu
-    shell: "{ENV} {PY} -m stages.eval_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --model {input.model} --out {output.metrics} --predictions {output.predictions} --stage-metrics {input.seeds} {input.refined} {input.pseudo} > {log} 2>&1"
+    shell: ENV + "{PY} -m stages.eval_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --model {input.model} --out {output.metrics} --predictions {output.predictions} --stage-metrics {input.seeds} {input.refined} {input.pseudo} > {log} 2>&1"

@@ -84,7 +84,9 @@ def stage_params(cfg: dict, dataset: str, method: str | None, stage: str) -> dic
     """The merged parameters one stage reads, for one (dataset, method).
 
     Returns ``{"data": datasets[dataset], "seed": ..., **profiles[dataset][stage]}`` with
-    ``methods[method][stage]`` merged over it (if the method has that stage's section).
+    ``methods[method][stage]`` merged over it (if the method has that stage's section), and
+    finally ``profiles[dataset].method_overrides[method][stage]`` (dataset-specific method
+    settings, e.g. which seed kind to refine on a from-scratch CPU backbone).
 
     Raises:
         ConfigError: unknown dataset/method or missing section.
@@ -100,4 +102,8 @@ def stage_params(cfg: dict, dataset: str, method: str | None, stage: str) -> dic
         msec = (_get(cfg, "methods", method) or {}).get(stage)
         if msec:
             out = deep_merge(out, msec)
+        over = (((_get(cfg, "profiles", dataset).get("method_overrides") or {}).get(method) or {})
+                .get(stage))
+        if over:
+            out = deep_merge(out, over)
     return out

@@ -31,6 +31,7 @@ draws one seed per sample, so results do not depend on ``num_workers``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -70,12 +71,14 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "seed": 0,
     "num_workers": 4,
     "log_every": 100,
+    "num_threads": None,          # torch CPU threads during the call (None: leave as is)
 }
 
 DEFAULT_EVAL_PARAMS: dict[str, Any] = {
     "scales": [0.5, 0.75, 1.0],
     "flip": True,
     "crf": None,  # or a dict of dense_crf keyword arguments
+    "num_threads": None,
 }
 
 _MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # padding colour (-> ~0 input)
@@ -89,6 +92,20 @@ def _resolve(defaults: dict, params: dict | None, log: Callable[[str], Any], wha
             continue
         p[k] = v
     return p
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Temporarily ``torch.set_num_threads(n)`` (no-op for None). On a shared 2-core machine
+    one thread is several times faster than two oversubscribed ones for these small convs."""
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(old)
 
 
 def _pseudo_path(pseudo_dir: str | Path, image_id: str) -> Path:
@@ -177,8 +194,8 @@ class _SegTrainSet(Dataset):
         s = rng.uniform(*self.scale_range)
         nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
         if (nh, nw) != (h, w):
-            img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
-            lab = np.asarray(Image.fromarray(lab).resize((nw, nh), Image.NEAREST))
+            img = np.array(Image.fromarray(img).resize((nw, nh), Image.BILINEAR))
+            lab = np.array(Image.fromarray(lab).resize((nw, nh), Image.NEAREST))
         c = self.crop
         ph, pw = max(c - nh, 0), max(c - nw, 0)
         if ph or pw:
@@ -195,7 +212,7 @@ class _SegTrainSet(Dataset):
         lab = lab[y0:y0 + c, x0:x0 + c]
         if rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
-        return to_tensor(np.ascontiguousarray(img)), torch.from_numpy(lab.astype(np.int64))
+        return to_tensor(np.array(img)), torch.from_numpy(lab.astype(np.int64))
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -240,7 +257,8 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
             backbone, pretrained, num_classes, output_stride, rates, crop, batch_size, iters,
             lr (backbone; head 10x), momentum, weight_decay, poly_power, scale_range
             ``[lo, hi]``, freeze_bn (None = freeze iff pretrained), seed, num_workers,
-            log_every. Unknown keys are logged and ignored.
+            log_every, num_threads (torch CPU threads for this call, restored after; None =
+            unchanged). Unknown keys are logged and ignored.
         device: torch device string.
         log: called with progress lines.
     Returns:
@@ -251,15 +269,25 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
         DatasetError: no id, a missing image or pseudo label, size mismatch, or a label value
             outside ``[0, num_classes) ∪ {255}`` (message names the file).
         WeightsError: pretrained weights unavailable.
+        ValueError: iters, batch_size or crop out of range.
+        FloatingPointError: the loss became NaN/inf (lr too high).
     """
+    p = _resolve(DEFAULT_TRAIN_PARAMS, params, log, "train_seg")
+    with _torch_threads(p["num_threads"]):
+        return _train_seg(root, ids, pseudo_dir, out_path, p, device, log)
+
+
+def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
     from tqdm import tqdm
 
-    p = _resolve(DEFAULT_TRAIN_PARAMS, params, log, "train_seg")
     ids = list(ids)
     if not ids:
         raise DatasetError("train_seg got an empty id list; check the training split file.")
     _check_files(root, ids, pseudo_dir)
     seed, iters, bs = int(p["seed"]), int(p["iters"]), int(p["batch_size"])
+    if iters < 1 or bs < 1 or int(p["crop"]) < 8:
+        raise ValueError(f"train_seg needs iters >= 1, batch_size >= 1, crop >= 8 "
+                         f"(got {iters}, {bs}, {p['crop']})")
     log_every = max(1, int(p["log_every"]))
     freeze = p["freeze_bn"]
     if freeze is None:
@@ -394,7 +422,8 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
              log: Callable[[str], Any] = print) -> dict:
     """Predict, save and score every id.
 
-    For each id: :func:`predict` (``params`` scales, flip), optional dense CRF
+    ``params`` (:data:`DEFAULT_EVAL_PARAMS`): scales, flip, crf, num_threads (as in
+    :func:`train_seg`). For each id: :func:`predict` (scales, flip), optional dense CRF
     (``params["crf"]``: None, or the keyword arguments of
     ``pipeline.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
     class ids), confusion matrix against ``load_mask(root, id, label_dir)`` (255 ignored).
@@ -409,9 +438,14 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     Source: VOC mIoU (confusion matrix, nanmean over occurring classes); DeepLab-v2 test with
     multi-scale inputs and optional CRF post-processing.
     """
+    p = _resolve(DEFAULT_EVAL_PARAMS, params, log, "evaluate")
+    with _torch_threads(p["num_threads"]):
+        return _evaluate(model, root, ids, label_dir, pred_dir, p, device, log)
+
+
+def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log) -> dict:
     from tqdm import tqdm
 
-    p = _resolve(DEFAULT_EVAL_PARAMS, params, log, "evaluate")
     C = int(model.num_classes)
     names = VOC_CLASSES if C == len(VOC_CLASSES) else [str(i) for i in range(C)]
     crf = p["crf"]

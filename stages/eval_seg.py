@@ -26,8 +26,9 @@ def main() -> str:
     from pipeline.utils import get_device, write_json
     dev = get_device(p.get("device", "auto"))
     ids = m["splits"][p.get("split", "val")]
+    lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed")}
     res = evaluate(load_model(args.model or d["seg_model"], dev), m["root"], ids, m["label_dir"],
-                   args.predictions or d["predictions"], p, dev, log=logging.getLogger("wsss").info)
+                   args.predictions or d["predictions"], lib, dev, log=logging.getLogger("wsss").info)
     res.update(params=p, dataset=args.dataset, method=args.method)
     stage_files = args.stage_metrics if args.stage_metrics is not None else [
         d["seeds_miou"], d["refined_miou"], d["pseudo_miou"]]

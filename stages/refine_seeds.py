@@ -24,12 +24,13 @@ def main() -> str:
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
     out = args.out or d["refined"]
-    refine_seeds(m["root"], ids, args.seeds or d["seeds"], get_method(args.method).refine_key,
+    key = p.get("seed_key") or get_method(args.method).refine_key
+    refine_seeds(m["root"], ids, args.seeds or d["seeds"], key,
                  args.model or d["aff_model"], out, p, device=get_device(p.get("device", "auto")),
                  log=logging.getLogger("wsss").info)
     eval_ids = m["splits"][p.get("eval_split", "eval_train")]
     res = evaluate_maps(out, m["root"], eval_ids, m["label_dir"], "probs", None)
-    res["params"] = p
+    res.update(params=p, seed_key=key)
     write_json(args.metrics or d["refined_miou"], res)
     return f"refined mIoU {res['miou']:.4f} on {len(eval_ids)} images"
 

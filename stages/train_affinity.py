@@ -20,12 +20,15 @@ def main() -> str:
     from pipeline.refine.psa import train_affinity_net
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
-    met = train_affinity_net(m["root"], ids, args.seeds or d["seeds"],
-                             get_method(args.method).affinity_key, p, args.out or d["aff_model"],
+    lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed_key")}
+    key = p.get("seed_key") or get_method(args.method).affinity_key
+    met = train_affinity_net(m["root"], ids, args.seeds or d["seeds"], key, lib,
+                             args.out or d["aff_model"],
                              device=get_device(p.get("device", "auto")),
                              log=logging.getLogger("wsss").info)
+    met["seed_key"] = key
     write_json(args.metrics or d["aff_metrics"], met)
-    return f"affinity net trained on {len(ids)} images"
+    return f"affinity net trained on {len(ids)} images from `{key}` maps"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def main() -> str:
     from pipeline.segment import train_seg
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
-    met = train_seg(m["root"], ids, args.pseudo or d["pseudo"], args.out or d["seg_model"], p,
+    lib = {k: v for k, v in p.items() if k not in ("data", "device", "split")}
+    met = train_seg(m["root"], ids, args.pseudo or d["pseudo"], args.out or d["seg_model"], lib,
                     device=get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info)
     write_json(args.metrics or d["seg_metrics"], met)
     return f"DeepLabV2 trained on {len(ids)} pseudo labels"

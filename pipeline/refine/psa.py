@@ -56,7 +56,10 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = dict(
     backbone="resnet50", pretrained="hub", feature_dim=448, freeze_bn=True,
     crop=448, resize_long=[448, 768], scale_range=None, color_jitter=[0.3, 0.3, 0.3, 0.1],
     batch_size=8, iters=None, epochs=8, lr=0.1, head_lr_mult=10.0, weight_decay=5e-4,
-    momentum=0.9, poly_power=0.9, radius=5, alpha_low=4, alpha_high=32, crf=dict(PSA_CRF),
+    # official PSA ``PolyOptimizer`` calls ``SGD(params, lr, weight_decay)``: the positional
+    # third argument is SGD's *momentum* (= 5e-4), so the released code trains with
+    # (practically) no momentum; weight decay is set per parameter group.
+    momentum=0.0, poly_power=0.9, radius=5, alpha_low=4, alpha_high=32, crf=dict(PSA_CRF),
     seed=0, num_workers=4, log_every=10,
 )
 
@@ -286,7 +289,8 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, radius: int = 5,
     l_neg = (neg_nll * neg).sum() / nn_.clamp_min(1)
     loss = l_bg / 4 + l_fg / 4 + l_neg / 2
     if return_parts:
-        return loss, dict(bg=float(l_bg), fg=float(l_fg), neg=float(l_neg),
+        return loss, dict(bg=float(l_bg.detach()), fg=float(l_fg.detach()),
+                          neg=float(l_neg.detach()),
                           n_bg=float(nb), n_fg=float(nf), n_neg=float(nn_))
     return loss
 
@@ -433,8 +437,10 @@ def random_walk_dense(f: torch.Tensor, maps: torch.Tensor, radius: int = 5, beta
         radius, beta, logt: PSA 5, 8, 8.
 
     Returns:
-        ``(C, h, w)`` tensor (dtype of ``f``). Not normalised per pixel (column-stochastic
-        ``T`` preserves each channel's total mass).
+        ``(C, h, w)`` tensor (dtype of ``f``). Each step replaces a pixel's vector by an
+        affinity-weighted average of its neighbours' (columns of ``T`` sum to 1), so constant
+        maps are fixed points and per-pixel channel sums stay within the input's range; the
+        output is not normalised per pixel (PSA's input ``[bg; cams]`` is not).
 
     Raises:
         ValueError: shape mismatch or ``logt < 0``.
@@ -529,9 +535,10 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
        pixels) to the ``ceil(H/8) x ceil(W/8)`` grid of ``model(image)``;
     3. :func:`random_walk` with ``radius``, ``beta``, ``logt``;
     4. bilinear upsampling to ``(8h, 8w)`` (``align_corners=False``) cropped to ``(H, W)``;
-    5. per-pixel normalisation: negatives clipped to 0, each pixel divided by its channel sum
-       (the random walk preserves per-channel mass, not per-pixel sums; the official code
-       takes the argmax, which normalisation does not change).
+    5. per-pixel normalisation: negatives (none in exact arithmetic) clipped to 0, each pixel
+       divided by its channel sum. The input ``[(1-max)^bg_alpha; cams]`` does not sum to 1
+       per pixel and the walk only averages, so the raw result is not a distribution; the
+       official code takes the argmax, which this normalisation does not change.
 
     Args:
         model: trained :class:`AffinityNet` (its device is used).
@@ -695,7 +702,7 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
             lab = lab.resize(size, Image.NEAREST)
         if self.jitter is not None:
             img = self.jitter(img)
-        x = to_tensor(np.asarray(img, dtype=np.uint8))
+        x = to_tensor(np.array(img, dtype=np.uint8))
         y = torch.from_numpy(np.asarray(lab, dtype=np.uint8).astype(np.int64))
         if torch.rand(()) < 0.5:
             x, y = x.flip(-1), y.flip(-1)
@@ -722,7 +729,8 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
 
     Steps: (1) affinity labels of every image (:func:`make_affinity_label`, two dense CRFs;
     computed once, in ``num_workers`` DataLoader workers, kept PNG-compressed in memory);
-    (2) SGD with momentum, poly learning rate ``lr * (1 - it/iters)^poly_power``, backbone at
+    (2) SGD (``momentum``, default 0 as in the official code), poly learning rate
+    ``lr * (1 - it/iters)^poly_power``, backbone at
     ``lr`` and the new 1x1 convs at ``head_lr_mult * lr``, loss :func:`affinity_loss`;
     augmentation: random rescale (``resize_long`` = [lo, hi] long side as in PSA, else
     ``scale_range`` = [lo, hi] factor), optional colour jitter, horizontal flip, random
@@ -824,7 +832,7 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
         loss.backward()
         opt.step()
         it += 1
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         parts_w.append(parts)
         if it % log_every == 0 or it == iters:
             entry = {"iter": it, "loss": float(np.mean(window))}

@@ -1,0 +1,155 @@
+"""End-to-end runs of the Snakemake DAG on tiny settings (demo and the real VOC sample),
+rerun selectivity after a params edit, and the fail-fast message without VOC data."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline.config import deep_merge
+from tests.conftest import REPO
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+TINY_CLS = {"iters": 12, "batch_size": 4, "log_every": 4, "warmup_iters": 2}
+TINY = {
+    "datasets": {"demo": {"generate": {"num_train": 24, "num_val": 8, "size": 64}}},
+    "profiles": {
+        "demo": {
+            "train_cls": {**TINY_CLS, "crop": 64, "backbone": {"overrides": {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2}}},
+            "export_seeds": {"scales": [1.0]},
+            "train_affinity": {"iters": 4, "batch_size": 2, "crop": 64},
+            "train_seg": {"iters": 4, "batch_size": 2, "crop": 64, "log_every": 2},
+            "eval_seg": {"scales": [1.0], "flip": False},
+        },
+        "vocsample": {
+            "train_cls": {**TINY_CLS, "crop": 96, "backbone": {"overrides": {"img_size": 96, "embed_dim": 32, "depth": 2, "num_heads": 2}}},
+            "export_seeds": {"scales": [0.25]},
+            "train_affinity": {"iters": 3, "batch_size": 2, "crop": 96},
+            "train_seg": {"iters": 3, "batch_size": 2, "crop": 97, "log_every": 1},
+            "eval_seg": {"scales": [0.25], "flip": False},
+        },
+    },
+}
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run(SNAKEMAKE + ["--cores", "2", *args], cwd=workdir, capture_output=True,
+                       text=True, timeout=1500)
+    if check and r.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in workdir.glob("results/*/logs/**/*.log"))
+        raise AssertionError(f"snakemake {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{logs}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, vocsample_root):
+    d = tmp_path_factory.mktemp("dag")
+    shutil.copy(REPO / "Snakefile", d / "Snakefile")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = deep_merge(params, TINY)
+    params["datasets"]["vocsample"]["root"] = str(vocsample_root)
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (d / "stages").symlink_to(REPO / "stages")
+    return d
+
+
+def check_chain(d: Path, dataset: str, method: str):
+    r = d / "results" / dataset / method
+    man = json.loads((d / "results" / dataset / "dataset.json").read_text())
+    for name in ("seeds_miou", "refined_miou", "pseudo_miou", "miou"):
+        m = json.loads((r / f"{name}.json").read_text())
+        assert 0.0 <= m["miou"] <= 1.0 and m["num_images"] > 0
+    final = json.loads((r / "miou.json").read_text())
+    assert set(final["stages"]) == {"seeds", "refined", "pseudo", "segmentation"}
+    assert final["num_images"] == len(man["splits"]["val"])
+    assert "aeroplane" in final["iou"] and final["params"]["scales"]
+    with h5py.File(r / "seeds.h5") as f:
+        assert sorted(f.keys()) == sorted(set(man["splits"]["train"]))
+        iid = man["splits"]["train"][0]
+        g = f[iid]
+        assert g["cams"].dtype == np.float16
+        assert list(g["class_ids"][()]) == man["labels"][iid]
+        assert tuple(g["image_size"][()]) == g["cams"].shape[1:]
+    pngs = sorted((r / "pseudo").glob("*.png"))
+    assert len(pngs) == len(set(man["splits"]["train"]))
+    lab = np.asarray(Image.open(pngs[0]))
+    assert Image.open(pngs[0]).mode == "P" and set(np.unique(lab)) <= set(range(21))
+    assert len(list((r / "predictions").glob("*.png"))) == len(man["splits"]["val"])
+
+
+@pytest.mark.slow
+def test_demo_chain_acr_and_cam(workdir):
+    snakemake(workdir, "results/demo/acr/miou.json", "results/demo/cam/miou.json")
+    check_chain(workdir, "demo", "acr")
+    check_chain(workdir, "demo", "cam")
+    with h5py.File(workdir / "results/demo/acr/seeds.h5") as f:
+        assert {"cams", "cams_star"} <= set(f[next(iter(f.keys()))].keys())
+    # everything is up to date now
+    r = snakemake(workdir, "-n", "results/demo/acr/miou.json")
+    assert "Nothing to be done" in r.stdout + r.stderr
+
+
+def planned_jobs(out: str) -> set[str]:
+    jobs, in_table = set(), False
+    for line in out.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            parts = line.split()
+            if not parts or parts[0] == "total":
+                break
+            if not parts[0].startswith("-"):
+                jobs.add(parts[0])
+    return jobs
+
+
+@pytest.mark.slow
+def test_crf_edit_reruns_only_descendants(workdir):
+    if not (workdir / "results/demo/acr/miou.json").exists():
+        snakemake(workdir, "results/demo/acr/miou.json")
+    p = workdir / "params.yaml"
+    original = p.read_text()
+    params = yaml.safe_load(original)
+    params["profiles"]["demo"]["make_pseudo_labels"]["crf"]["bilateral_srgb"] += 1
+    p.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        r = snakemake(workdir, "-n", "results/demo/acr/miou.json")
+        assert planned_jobs(r.stdout + r.stderr) == {"make_pseudo_labels", "train_seg", "eval_seg"}
+        # an ACR-only edit does not touch the cam chain
+        params["methods"]["acr"]["train_cls"]["alpha"] = 0.5
+        p.write_text(yaml.safe_dump(params, sort_keys=False))
+        r = snakemake(workdir, "-n", "results/demo/cam/miou.json")
+        assert planned_jobs(r.stdout + r.stderr) == {"make_pseudo_labels", "train_seg", "eval_seg"}
+    finally:
+        p.write_text(original)
+
+
+@pytest.mark.slow
+def test_vocsample_chain_on_real_images(workdir):
+    snakemake(workdir, "results/vocsample/acr/miou.json")
+    check_chain(workdir, "vocsample", "acr")
+    man = json.loads((workdir / "results/vocsample/dataset.json").read_text())
+    assert man["counts"] == {"train": 46, "eval_train": 46, "val": 54}
+
+
+def test_voc_without_data_fails_fast_and_clearly(tmp_path):
+    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    t0 = time.time()
+    r = snakemake(tmp_path, "results/voc/acr/miou.json", check=False)
+    elapsed = time.time() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "expected layout" in out and "download_voc" in out and "data/VOCdevkit/VOC2012" in out
+    assert "Traceback" not in out
+    assert elapsed < 60
+    assert not (tmp_path / "results/voc/acr").exists()

@@ -1,0 +1,239 @@
+"""Tests of pipeline.refine.psa (PSA AffinityNet, pairs, loss, random walk, stages)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.refine import psa
+from pipeline.refine.psa import (AffinityNet, affinity_loss, downsample_label,
+                                 make_affinity_label, pair_indices, pair_labels,
+                                 random_walk, random_walk_dense, refine_maps, search_offsets)
+from pipeline.storage import MapReader, MapWriter
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """2 torch threads on 2 shared, busy cores are ~15x slower than 1 (oversubscription)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY_NET = dict(backbone="resnet10t", pretrained=None, feature_dim=14, freeze_bn=False)
+
+
+def test_search_offsets_half_disk():
+    offs = search_offsets(5)
+    assert len(offs) == 34 and len(set(offs)) == 34
+    for dy, dx in offs:
+        assert (dy > 0 or (dy == 0 and dx > 0)) and dx * dx + dy * dy < 25
+    full = set(offs) | {(-dy, -dx) for dy, dx in offs}
+    disk = {(dy, dx) for dy in range(-5, 6) for dx in range(-5, 6)
+            if 0 < dx * dx + dy * dy < 25}
+    assert full == disk
+    with pytest.raises(ValueError):
+        search_offsets(0)
+
+
+@pytest.mark.parametrize("h,w,r", [(7, 9, 3), (5, 4, 5), (1, 6, 2)])
+def test_pair_indices_match_naive(h, w, r):
+    fr, to, oid = pair_indices(h, w, r)
+    got = {(int(a), int(b)) for a, b in zip(fr, to)}
+    assert len(got) == len(fr)  # each pair once
+    naive = set()
+    for i in range(h * w):
+        for j in range(i + 1, h * w):
+            dy, dx = j // w - i // w, j % w - i % w
+            if dy * dy + dx * dx < r * r:
+                naive.add((i, j))
+    assert {tuple(sorted(p)) for p in got} == naive
+    offs = search_offsets(r)
+    for a, b, k in zip(fr.tolist(), to.tolist(), oid.tolist()):
+        assert (b // w - a // w, b % w - a % w) == offs[k]
+
+
+def test_downsample_label_centre_pixel():
+    lab = np.arange(20 * 13, dtype=np.int64).reshape(20, 13)
+    d = downsample_label(lab)
+    assert d.shape == (3, 2)
+    assert d[0, 0] == lab[4, 4] and d[2, 1] == lab[19, 12] and d[1, 0] == lab[12, 4]
+    t = downsample_label(torch.from_numpy(lab)[None])
+    assert t.shape == (1, 3, 2) and (t[0].numpy() == d).all()
+
+
+def test_pair_labels_and_loss_hand_computed():
+    # 1 x 3 grid, radius 2 -> pairs (0,1) and (1,2) only
+    labels = torch.tensor([[[0, 0, 7]]])
+    bg, fg, neg = pair_labels(labels, 2)
+    assert bg.tolist() == [[True, False]] and fg.tolist() == [[False, False]]
+    assert neg.tolist() == [[False, True]]
+    f = torch.tensor([[[[0.0, 0.5, 2.0]], [[1.0, 1.0, 1.0]]]], requires_grad=True)  # (1,2,1,3)
+    a01, a12 = math.exp(-0.25), math.exp(-0.75)
+    loss = affinity_loss(f, labels, radius=2)
+    ref = -math.log(a01 + 1e-5) / 4 + 0.0 / 4 - math.log(1 + 1e-5 - a12) / 2
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
+    # ignored pixels: pairs touching 255 vanish; all-ignored -> loss 0, no NaN
+    lab2 = torch.tensor([[[255, 3, 3]]])
+    bg, fg, neg = pair_labels(lab2, 2)
+    assert fg.tolist() == [[False, True]] and not bg.any() and not neg.any()
+    assert affinity_loss(f, torch.full((1, 1, 3), 255)).item() == 0.0
+    with pytest.raises(ValueError):
+        affinity_loss(f, torch.zeros(1, 1, 4, dtype=torch.long))
+
+
+def test_make_affinity_label_combination():
+    img = np.full((8, 30, 3), 128, np.uint8)
+    cams = np.zeros((1, 8, 30), np.float32)
+    cams[0, :, :10] = 0.9     # confident fg under both alphas -> class
+    cams[0, :, 10:20] = 0.1   # bg under alpha 4, fg under alpha 32 -> 255
+    lab = make_affinity_label(img, cams, [12], 4, 32, crf=dict(iters=0))
+    assert (lab[:, :10] == 12).all() and (lab[:, 10:20] == 255).all() and (lab[:, 20:] == 0).all()
+    with pytest.raises(ValueError):
+        make_affinity_label(img, cams, [12], 32, 4)
+
+
+def test_affinity_net_shapes():
+    torch.manual_seed(0)
+    net = AffinityNet("resnet10t", None, feature_dim=14).eval()
+    with torch.no_grad():
+        f = net(torch.randn(2, 3, 50, 37))
+    assert f.shape == (2, 14, 7, 5) and torch.isfinite(f).all() and f.min() >= -1
+
+
+def _naive_w(f, radius, beta):
+    d, h, w = f.shape
+    n = h * w
+    W = np.zeros((n, n))
+    fn = f.numpy().reshape(d, n)
+    for i in range(n):
+        for j in range(n):
+            dy, dx = j // w - i // w, j % w - i % w
+            if dy * dy + dx * dx < radius * radius:
+                W[i, j] = math.exp(-np.abs(fn[:, i] - fn[:, j]).mean()) ** beta
+    return W
+
+
+def test_dense_random_walk_matches_naive_loop():
+    torch.manual_seed(1)
+    f = torch.rand(5, 4, 5, dtype=torch.float64)
+    maps = torch.rand(3, 4, 5, dtype=torch.float64)
+    W = _naive_w(f, 3, 2.0)
+    np.testing.assert_allclose(psa.affinity_matrix_dense(f, 3, 2.0).numpy(), W, atol=1e-12)
+    T = W / W.sum(0, keepdims=True)
+    ref = maps.numpy().reshape(3, -1) @ np.linalg.matrix_power(T, 2 ** 3)
+    got = random_walk_dense(f, maps, radius=3, beta=2.0, logt=3)
+    np.testing.assert_allclose(got.numpy().reshape(3, -1), ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("radius,beta,logt", [(5, 8, 8), (3, 2, 4), (2, 1, 0), (4, 8, 6)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_random_walk_equals_dense(radius, beta, logt, dtype):
+    g = torch.Generator().manual_seed(radius * 100 + logt)
+    f = (torch.randn(8, 12, 15, generator=g) * 0.3).to(dtype)
+    maps = torch.rand(4, 12, 15, generator=g).to(dtype)
+    d = random_walk_dense(f, maps, radius, beta, logt)
+    s = random_walk(f, maps, radius, beta, logt)
+    assert s.shape == (4, 12, 15)
+    # columns of T sum to 1: constant maps are fixed points
+    const = random_walk(f, torch.full_like(maps, 0.3), radius, beta, logt)
+    assert (const - 0.3).abs().max().item() < 1e-5
+    dn, sn = d / d.sum(0), s / s.sum(0)
+    assert (dn - sn).abs().max().item() < 1e-5
+    assert ((d - s).abs() / d.abs().clamp_min(1e-6)).max().item() < 1e-4
+
+
+def test_random_walk_respects_affinity_boundary():
+    f = torch.zeros(4, 10, 10)
+    f[:, :, 5:] = 3.0                       # two regions with very different features
+    maps = torch.zeros(2, 10, 10)
+    maps[0, 4, 1] = 1.0                     # a single seed in the left region
+    maps[1] = 0.05                          # weak uniform competitor
+    out = random_walk(f, maps, radius=5, beta=8, logt=8)
+    left, right = out[0, :, :5], out[0, :, 5:]
+    assert left.min() > 10 * right.max()    # mass stays on its side of the boundary
+    assert left.std() / left.mean() < 0.05  # and diffuses ~uniformly within it
+    with pytest.raises(ValueError):
+        random_walk(f, maps[:, :9], radius=5)
+
+
+def test_refine_maps_is_distribution():
+    torch.manual_seed(0)
+    net = AffinityNet("resnet10t", None, feature_dim=14).eval()
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (45, 62, 3), dtype=np.uint8)
+    cams = rng.random((2, 45, 62)).astype(np.float32)
+    out = refine_maps(net, img, cams, dict(radius=3, beta=8, logt=4, bg_alpha=16))
+    assert out.shape == (3, 45, 62) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1 + 1e-6
+    np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
+    assert (refine_maps(net, img, cams[:0]) == 1).all()
+
+
+def _synthetic_dataset(root, n=4, h=48, w=64):
+    """Images with a bright square object; seeds = blurred square cams, class 5 or 9."""
+    (root / "JPEGImages").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"img{i}" for i in range(n)]
+    with MapWriter(root / "seeds.h5", ["bg"] + [f"c{i}" for i in range(1, 21)]) as wr:
+        for i, image_id in enumerate(ids):
+            img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+            y0, x0 = rng.integers(4, 16), rng.integers(4, 28)
+            img[y0:y0 + 24, x0:x0 + 24] = (220, 200, 30)
+            Image.fromarray(img).save(root / "JPEGImages" / f"{image_id}.jpg")
+            cam = np.zeros((1, h, w), np.float32)
+            cam[0, y0 + 4:y0 + 20, x0 + 4:x0 + 20] = 0.9
+            wr.write(image_id, [5 if i % 2 else 9], (h, w), cams=cam)
+    return ids
+
+
+def test_train_and_refine_end_to_end(tmp_path):
+    ids = _synthetic_dataset(tmp_path)
+    params = dict(TINY_NET, crop=48, resize_long=None, scale_range=[0.9, 1.1],
+                  color_jitter=None, batch_size=2, iters=3, lr=0.01, radius=5,
+                  crf=dict(iters=3), num_workers=0, log_every=2, seed=0)
+    out = tmp_path / "aff.pth"
+    logs = []
+    m = psa.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams", params, out,
+                               log=logs.append)
+    assert out.is_file() and not (tmp_path / "aff.pth.tmp").exists()
+    assert m["iters"] == 3 and [e["iter"] for e in m["loss_curve"]] == [2, 3]
+    assert all(np.isfinite(e["loss"]) for e in m["loss_curve"])
+    assert m["label_fractions"]["fg"] > 0 and m["label_fractions"]["bg"] > 0
+    ck = torch.load(out, weights_only=False)
+    assert set(ck) == {"state_dict", "params"} and ck["params"]["feature_dim"] == 14
+    with pytest.raises(ValueError, match="unknown"):
+        psa.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams",
+                               dict(params, bogus=1), out, log=logs.append)
+
+    psa.refine_seeds(tmp_path, ids, tmp_path / "seeds.h5", "cams", out, tmp_path / "ref.h5",
+                     dict(radius=5, beta=8, logt=4, bg_alpha=16), log=logs.append)
+    with MapReader(tmp_path / "ref.h5") as r:
+        assert sorted(r.ids) == sorted(ids)
+        probs, cids, size = r.read("img1", "probs")
+        assert cids.tolist() == [0, 5] and size == (48, 64) and probs.shape == (2, 48, 64)
+        np.testing.assert_allclose(probs.sum(0), 1.0, atol=2e-3)
+        assert r.read("img0", "probs")[1].tolist() == [0, 9]
+
+
+def test_affinity_net_learns_fixed_batch():
+    torch.manual_seed(0)
+    net = AffinityNet("resnet10t", None, feature_dim=14).train()
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, 4, 4, dtype=torch.long)
+    y[:, :, 2:] = 3
+    x[:, :, :, 16:] += 2.0
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(12):
+        loss = affinity_loss(net(x), y, radius=3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
