@@ -11,15 +11,6 @@ import torch.nn.functional as F
 from pipeline.models.deeplab import ASPPSum, DeepLabV2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU convolutions run far faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

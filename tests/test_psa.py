@@ -14,15 +14,6 @@ from pipeline.storage import MapReader, MapWriter
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 torch threads on 2 shared, busy cores are ~15x slower than 1 (oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY_NET = dict(backbone="resnet10t", pretrained=None, feature_dim=14, freeze_bn=False)
 
 

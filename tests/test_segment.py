@@ -52,15 +52,6 @@ def _read(path: Path, rgb: bool = False) -> np.ndarray:
         return np.array(im.convert("RGB") if rgb else im)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small CPU convolutions run far faster single-threaded on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("voc")
