@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -15,7 +13,8 @@ from tqdm import tqdm
 from .data.datasets import ClassificationDataset
 from .data.voc import NUM_CLASSES
 from .methods import get_method
-from .utils import atomic_torch_save, get_device, poly_lr, seed_everything
+from .utils import (ResumeFile, atomic_torch_save, get_device, poly_lr, rng_states,
+                    seed_everything, set_rng_states)
 
 
 def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
@@ -57,23 +56,16 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
     iters, log_every = int(p["iters"]), int(p.get("log_every", 20))
     curve, t0, it, epoch, skip = [], time.time(), 0, 0, 0
     running: dict[str, float] = {}
-    ck_every = int(p.get("checkpoint_every", 0) or 0)
-    ck_path = Path(str(out_path) + ".resume")
-    fingerprint = json.dumps(p, sort_keys=True, default=str)
-    if ck_every and ck_path.is_file():
-        st = torch.load(ck_path, map_location=device, weights_only=False)
-        if st.get("fingerprint") == fingerprint and st.get("method") == method_name:
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["opt"])
-            it, epoch, skip = st["it"], st["epoch"], st["skip"]
-            curve, running = st["curve"], st["running"]
-            gen.set_state(st["gen"])
-            torch.set_rng_state(st["torch_rng"])
-            np.random.set_state(st["np_rng"])
-            random.setstate(st["py_rng"])
-            log(f"train_cls: resumed from {ck_path} at iteration {it}")
-        else:
-            log(f"train_cls: ignoring {ck_path} (made with other params)")
+    resume = ResumeFile(out_path, {"method": method_name, "params": p},
+                        int(p.get("checkpoint_every", 0) or 0), "train_cls", log)
+    st = resume.load(map_location=device)
+    if st is not None:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        it, epoch, skip = st["it"], st["epoch"], st["skip"]
+        curve, running = st["curve"], st["running"]
+        gen.set_state(st["gen"])
+        set_rng_states(st)
     model.train()
     bar = tqdm(total=iters, initial=it, desc=f"train_cls[{method_name}]", unit="it", mininterval=2.0)
     while it < iters:
@@ -112,19 +104,16 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
                 log(f"iter {it}/{iters} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
                                                       if k != "iter"))
-            if ck_every and it % ck_every == 0 and it < iters:
-                atomic_torch_save({
-                    "fingerprint": fingerprint, "method": method_name, "model": model.state_dict(),
-                    "opt": opt.state_dict(), "it": it, "epoch": epoch, "skip": b_index + 1,
-                    "curve": curve, "running": running, "gen": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(), "np_rng": np.random.get_state(),
-                    "py_rng": random.getstate()}, ck_path)
+            if resume.due(it, iters):
+                resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it, epoch=epoch,
+                            skip=b_index + 1, curve=curve, running=running, gen=gen.get_state(),
+                            **rng_states())
         epoch += 1
         skip = 0
     bar.close()
     atomic_torch_save({"state_dict": model.state_dict(), "params": p, "method": method_name,
                        "num_classes": NUM_CLASSES - 1}, out_path)
-    ck_path.unlink(missing_ok=True)
+    resume.remove()
     secs = time.time() - t0
     return {"method": method_name, "iters": iters, "images": len(ds), "seconds": round(secs, 1),
             "final": curve[-1] if curve else {}, "curve": curve}

@@ -51,6 +51,7 @@ from .data.voc import (IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, DatasetError, loa
                        load_mask, save_mask_png)
 from .metrics import confusion_matrix, scores_from_confusion
 from .models.deeplab import DeepLabV2
+from .utils import ResumeFile, rng_states, set_rng_states
 
 # Paper-scale defaults (DeepLab-v2, VOC 2012 aug). CPU profiles override them in params.yaml.
 DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
@@ -72,6 +73,7 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "num_workers": 4,
     "log_every": 100,
     "num_threads": None,          # torch CPU threads during the call (None: leave as is)
+    "checkpoint_every": 0,        # N > 0: <out>.resume every N iterations (kill-safe resume)
 }
 
 DEFAULT_EVAL_PARAMS: dict[str, Any] = {
@@ -142,13 +144,14 @@ def _check_files(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path) -
 
 class _SeededSampler(Sampler):
     """Yields ``iters * batch`` items ``(index, sample_seed)``: epoch-wise permutations and one
-    augmentation seed per sample, all from ``np.random.default_rng(seed)``."""
+    augmentation seed per sample, all from ``np.random.default_rng(seed)``. ``start`` skips
+    the first ``start`` items (a resumed run sees exactly the rest of the same stream)."""
 
-    def __init__(self, n: int, total: int, seed: int):
-        self.n, self.total, self.seed = n, total, seed
+    def __init__(self, n: int, total: int, seed: int, start: int = 0):
+        self.n, self.total, self.seed, self.start = n, total, seed, start
 
     def __len__(self) -> int:
-        return self.total
+        return self.total - self.start
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng(self.seed)
@@ -157,7 +160,9 @@ class _SeededSampler(Sampler):
             for idx in rng.permutation(self.n):
                 if emitted >= self.total:
                     return
-                yield int(idx), int(rng.integers(0, 2**63 - 1))
+                sample_seed = int(rng.integers(0, 2**63 - 1))
+                if emitted >= self.start:
+                    yield int(idx), sample_seed
                 emitted += 1
 
 
@@ -258,7 +263,9 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
             lr (backbone; head 10x), momentum, weight_decay, poly_power, scale_range
             ``[lo, hi]``, freeze_bn (None = freeze iff pretrained), seed, num_workers,
             log_every, num_threads (torch CPU threads for this call, restored after; None =
-            unchanged). Unknown keys are logged and ignored.
+            unchanged), checkpoint_every (N > 0: ``<out_path>.resume`` every N iterations; a
+            rerun with the same params resumes from it to the same final weights as an
+            uninterrupted run; removed at the end). Unknown keys are logged and ignored.
         device: torch device string.
         log: called with progress lines.
     Returns:
@@ -304,20 +311,28 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
                           lr=float(p["lr"]), momentum=float(p["momentum"]),
                           weight_decay=float(p["weight_decay"]))
 
+    curve: list[dict] = []
+    window: list[float] = []
+    start = 0
+    resume = ResumeFile(out_path, p, int(p["checkpoint_every"] or 0), "train_seg", log)
+    st = resume.load(map_location=device)
+    if st is not None:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, curve, window = st["it"], st["curve"], st["window"]
+        set_rng_states(st)
     ds = _SegTrainSet(root, ids, pseudo_dir, p["crop"], p["scale_range"], p["num_classes"])
-    sampler = _SeededSampler(len(ds), iters * bs, seed)
+    sampler = _SeededSampler(len(ds), iters * bs, seed, start=start * bs)
     nw = int(p["num_workers"])
     loader = DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=nw, drop_last=True,
                         generator=torch.Generator().manual_seed(seed),
                         pin_memory=str(device).startswith("cuda"),
                         persistent_workers=False)
 
-    curve: list[dict] = []
-    window: list[float] = []
     t0 = time.time()
-    bar = tqdm(total=iters, desc="train_seg", file=sys.stderr,
+    bar = tqdm(total=iters, initial=start, desc="train_seg", file=sys.stderr,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
-    for it, (x, y) in enumerate(loader):
+    for it, (x, y) in enumerate(loader, start=start):
         factor = (1.0 - it / iters) ** float(p["poly_power"])
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * factor
@@ -338,6 +353,9 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
             window = []
             bar.set_postfix(loss=f"{m:.4f}")
             log(f"[train_seg] iter {it + 1}/{iters} loss {m:.4f} lr {opt.param_groups[0]['lr']:.3g}")
+        if resume.due(it + 1, iters):
+            resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it + 1, curve=curve,
+                        window=window, **rng_states())
     bar.close()
     wall = time.time() - t0
 
@@ -347,6 +365,7 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "params": p, "num_classes": int(p["num_classes"])}, tmp)
     os.replace(tmp, out_path)
+    resume.remove()
     return {"loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else math.nan,
             "wall_time_s": wall, "iters": iters, "num_images": len(ids), "params": p}
 

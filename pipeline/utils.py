@@ -72,3 +72,69 @@ def poly_lr(base_lr: float, it: int, max_it: int, power: float = 0.9, warmup: in
     if warmup > 0 and it < warmup:
         return warmup_start + (base_lr - warmup_start) * it / warmup
     return base_lr * (1.0 - min(it, max_it - 1) / max_it) ** power
+
+
+class ResumeFile:
+    """Periodic resume checkpoint ``<out_path>.resume`` of a training loop (kill-safe).
+
+    A training stage saves its whole state (model, optimiser, iteration, RNG states, loss
+    curve...) every ``every`` iterations with :meth:`save` (atomic: ``.tmp`` + rename, so a
+    kill mid-write leaves the previous resume file); a rerun calls :meth:`load`, which returns
+    that state only if it was written with the same ``params`` (a JSON fingerprint) by the
+    same ``stage``; after the final model is written the stage calls :meth:`remove`.
+    ``every`` = 0 disables it (no file is read or written).
+
+    Args:
+        out_path: the stage's final checkpoint path; the resume file sits beside it.
+        params: the stage's resolved params (JSON-serialisable; ``default=str`` otherwise).
+        every: checkpoint period in iterations (>= 0).
+        stage: name recorded in the file and used in log lines (``train_seg``...).
+        log: message sink.
+    Raises:
+        ValueError: ``every`` < 0.
+    """
+
+    def __init__(self, out_path: str | Path, params: Any, every: int, stage: str,
+                 log=print):
+        if int(every or 0) < 0:
+            raise ValueError(f"{stage}.checkpoint_every must be >= 0 (0 = off), got {every}")
+        self.path = Path(str(out_path) + ".resume")
+        self.every, self.stage, self.log = int(every or 0), stage, log
+        self.fingerprint = json.dumps(params, sort_keys=True, default=str)
+
+    def load(self, map_location: Any = "cpu") -> dict | None:
+        """The saved state dict, or None (off, no file, or written with other params)."""
+        if not self.every or not self.path.is_file():
+            return None
+        st = torch.load(self.path, map_location=map_location, weights_only=False)
+        if st.get("fingerprint") != self.fingerprint or st.get("stage") != self.stage:
+            self.log(f"{self.stage}: ignoring {self.path} (made with other params)")
+            return None
+        self.log(f"{self.stage}: resumed from {self.path} at iteration {st['it']}")
+        return st
+
+    def due(self, it: int, iters: int) -> bool:
+        """True when iteration count ``it`` (1-based, completed) should be checkpointed."""
+        return bool(self.every) and it % self.every == 0 and it < iters
+
+    def save(self, **state: Any) -> None:
+        """Write ``state`` (must hold ``it``) atomically, tagged with stage and fingerprint."""
+        atomic_torch_save({"fingerprint": self.fingerprint, "stage": self.stage, **state},
+                          self.path)
+
+    def remove(self) -> None:
+        """Delete the resume file (call after the final checkpoint is written)."""
+        self.path.unlink(missing_ok=True)
+
+
+def rng_states() -> dict:
+    """Global RNG states of python, numpy and torch (CPU), for :class:`ResumeFile`."""
+    return {"torch_rng": torch.get_rng_state(), "np_rng": np.random.get_state(),
+            "py_rng": random.getstate()}
+
+
+def set_rng_states(st: dict) -> None:
+    """Restore states saved by :func:`rng_states`."""
+    torch.set_rng_state(st["torch_rng"])
+    np.random.set_state(st["np_rng"])
+    random.setstate(st["py_rng"])

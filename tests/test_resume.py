@@ -1,4 +1,5 @@
-"""A killed classifier training resumes from its checkpoint to the same final weights."""
+"""A killed training stage (train_cls, train_affinity, train_seg) resumes from its
+``<model>.resume`` checkpoint to the same final weights as an uninterrupted run."""
 import pytest
 import torch
 
@@ -70,3 +71,80 @@ def test_checkpoint_of_other_params_is_ignored(tmp_path):
     logs = []
     cls.train_classifier("cam", tmp_path / "ds", ids, labels, dict(P, iters=2), out, log=logs.append)
     assert any("ignoring" in s for s in logs) and out.exists()
+
+
+def _same_weights(a_path, b_path):
+    a = torch.load(a_path, weights_only=False)["state_dict"]
+    b = torch.load(b_path, weights_only=False)["state_dict"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _dies_at(fn, call):
+    """``fn`` that raises Killed on its ``call``-th call (1-based)."""
+    n = {"calls": 0}
+
+    def wrapped(*a, **kw):
+        n["calls"] += 1
+        if n["calls"] == call:
+            raise Killed
+        return fn(*a, **kw)
+    return wrapped
+
+
+def test_train_seg_resumes_to_same_weights(tmp_path, monkeypatch):
+    import pipeline.segment as seg
+    from tests.test_segment import TINY, _make_dataset
+    root = tmp_path / "voc"
+    ids = _make_dataset(root, n=5)
+    p = dict(TINY, iters=7, batch_size=2, log_every=2, checkpoint_every=3)
+    full = tmp_path / "full.pth"
+    m_full = seg.train_seg(root, ids, root / "SegmentationClass", full, p, log=lambda s: None)
+    assert not (tmp_path / "full.pth.resume").exists()
+
+    out = tmp_path / "res.pth"
+    monkeypatch.setattr(seg, "seg_loss", _dies_at(seg.seg_loss, 5))   # iteration 5 of 7
+    with pytest.raises(Killed):
+        seg.train_seg(root, ids, root / "SegmentationClass", out, p, log=lambda s: None)
+    assert not out.exists()
+    assert torch.load(tmp_path / "res.pth.resume", weights_only=False)["it"] == 3
+    monkeypatch.undo()
+    logs = []
+    m_res = seg.train_seg(root, ids, root / "SegmentationClass", out, p, log=logs.append)
+    assert any("resumed" in s and "iteration 3" in s for s in logs)
+    assert _same_weights(full, out)
+    assert m_res["loss_curve"] == m_full["loss_curve"]
+    assert not (tmp_path / "res.pth.resume").exists()
+
+
+def test_train_affinity_resumes_to_same_weights(tmp_path, monkeypatch):
+    import pipeline.refine.psa as psa
+    from tests.test_psa import TINY_NET, _synthetic_dataset
+    ids = _synthetic_dataset(tmp_path, n=3)
+    p = dict(TINY_NET, crop=40, resize_long=None, scale_range=[0.8, 1.2],
+             color_jitter=[0.3, 0.3, 0.3, 0.1], batch_size=2, iters=5, lr=0.01, radius=3,
+             crf=dict(iters=2), num_workers=0, log_every=2, seed=0, checkpoint_every=2)
+    args = (tmp_path, ids, tmp_path / "seeds.h5", "cams", p)
+    full = tmp_path / "full.pth"
+    m_full = psa.train_affinity_net(*args, full, log=lambda s: None)
+    out = tmp_path / "res.pth"
+    monkeypatch.setattr(psa, "affinity_loss", _dies_at(psa.affinity_loss, 4))  # after the save at 2
+    with pytest.raises(Killed):
+        psa.train_affinity_net(*args, out, log=lambda s: None)
+    assert not out.exists()
+    assert torch.load(tmp_path / "res.pth.resume", weights_only=False)["it"] == 2
+    monkeypatch.undo()
+    logs = []
+    m_res = psa.train_affinity_net(*args, out, log=logs.append)
+    assert any("resumed" in s and "iteration 2" in s for s in logs)
+    assert _same_weights(full, out)
+    assert m_res["loss_curve"] == m_full["loss_curve"]
+    assert not (tmp_path / "res.pth.resume").exists()
+    # a resume file of other params is ignored, never mixed in
+    logs = []
+    psa.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams", dict(p, lr=0.02),
+                           tmp_path / "other.pth", log=logs.append)
+    torch.save({"fingerprint": "x", "stage": "train_affinity", "it": 1}, tmp_path / "other.pth.resume")
+    logs = []
+    psa.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams", dict(p, lr=0.02),
+                           tmp_path / "other.pth", log=logs.append)
+    assert any("ignoring" in s for s in logs)

@@ -49,6 +49,7 @@ from pipeline.data.voc import IGNORE_INDEX, VOC_CLASSES, load_image
 from pipeline.models.backbones import create_backbone
 from pipeline.refine.crf import PSA_CRF, background_from_cams, crf_label_from_cams
 from pipeline.storage import MapReader, MapWriter
+from pipeline.utils import ResumeFile
 
 #: Stride of the affinity feature grid (PSA: 8).
 STRIDE = 8
@@ -62,7 +63,7 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = dict(
     # third argument is SGD's *momentum* (= 5e-4), so the released code trains with
     # (practically) no momentum; weight decay is set per parameter group.
     momentum=0.0, poly_power=0.9, radius=5, alpha_low=4, alpha_high=32, crf=dict(PSA_CRF),
-    seed=0, num_workers=4, log_every=10,
+    seed=0, num_workers=4, log_every=10, checkpoint_every=0,
 )
 
 #: Random-walk defaults (PSA / official code).
@@ -758,7 +759,11 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
             backbone, pretrained, feature_dim, freeze_bn, crop, resize_long, scale_range,
             color_jitter, batch_size, iters (``None`` -> ``epochs * ceil(len(ids)/batch)``),
             epochs, lr, head_lr_mult, weight_decay, momentum, poly_power, radius,
-            alpha_low, alpha_high, crf, seed, num_workers, log_every.
+            alpha_low, alpha_high, crf, seed, num_workers, log_every, checkpoint_every (N > 0:
+            ``<out_path>.resume`` every N iterations; a rerun with the same params recomputes
+            the affinity labels, replays the data stream up to the saved iteration without
+            training (so every augmentation draw repeats) and continues to the same final
+            weights as an uninterrupted run; removed at the end).
         out_path: checkpoint path.
         device: torch device string.
         log: message sink.
@@ -830,10 +835,19 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     curve: list[dict] = []
     window, parts_w = [], []
     log_every = max(1, int(p["log_every"]))
-    t1 = time.time()
     it = 0
-    bar = tqdm(total=iters, desc="train affinity", leave=False)
-    for x, y in loader:
+    resume = ResumeFile(out_path, p, int(p["checkpoint_every"] or 0), "train_affinity", log)
+    st = resume.load(map_location=device)
+    if st is not None:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        it, curve, window, parts_w = st["it"], st["curve"], st["window"], st["parts"]
+    t1 = time.time()
+    batches = iter(loader)
+    for _ in range(it):      # replay: the same sampler / augmentation draws, no training
+        next(batches)
+    bar = tqdm(total=iters, initial=it, desc="train affinity", leave=False)
+    for x, y in batches:
         scale = (1.0 - it / iters) ** float(p["poly_power"])
         for g, m in zip(opt.param_groups, mults):
             g["lr"] = base_lr * m * scale
@@ -855,6 +869,9 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
             curve.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.4f}")
             window, parts_w = [], []
+        if resume.due(it, iters):
+            resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it, curve=curve,
+                        window=window, parts=parts_w)
         bar.update(1)
     bar.close()
     t_train = time.time() - t1
@@ -868,6 +885,7 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"state_dict": state, "params": p}, tmp)
     os.replace(tmp, out_path)
+    resume.remove()
     return {"iters": iters, "num_images": len(ids), "final_loss": final, "loss_curve": curve,
             "label_fractions": {"bg": float(fr[0]), "fg": float(fr[1]),
                                 "ignored": float(fr[2])},
