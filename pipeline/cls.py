@@ -1,7 +1,6 @@
 """Stage 1: classification training of a method's classifier on image-level labels."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence

@@ -1,8 +1,12 @@
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 VOCSAMPLE = Path(os.environ.get("WSSS_VOCSAMPLE",
@@ -24,3 +28,79 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------- tiny end-to-end DAG builds
+# Tiny settings of every stage, merged over params.yaml for the end-to-end DAG tests.
+TINY_CLS = {"iters": 12, "batch_size": 4, "log_every": 4, "warmup_iters": 2}
+TINY = {
+    "datasets": {"demo": {"generate": {"num_train": 24, "num_val": 8, "size": 64}}},
+    "profiles": {
+        "demo": {
+            "train_cls": {**TINY_CLS, "crop": 64, "backbone": {"overrides": {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+                          "by_method": {"mcc": {"iters": 12, "batch_size": 4, "n_local": 2, "seg_start_iter": 6},
+                                        "smaf": {"iters": 4, "batch_size": 4, "log_every": 2},
+                                        # afa: cls-only 4 its, refined-label seg 4 its, propagated 4 its
+                                        "afa": {"iters": 12, "batch_size": 4, "warmup_cls_iters": 4, "warmup_aff_iters": 4,
+                                                "decoder_dim": 16}}},
+            "export_seeds": {"scales": [1.0]},
+            "train_affinity": {"iters": 4, "batch_size": 2, "crop": 64},
+            "train_seg": {"iters": 4, "batch_size": 2, "crop": 64, "log_every": 2},
+            "eval_seg": {"scales": [1.0], "flip": False},
+        },
+        "vocsample": {
+            "train_cls": {**TINY_CLS, "crop": 96, "backbone": {"overrides": {"img_size": 96, "embed_dim": 32, "depth": 2, "num_heads": 2}}},
+            "export_seeds": {"scales": [0.25]},
+            "train_affinity": {"iters": 3, "batch_size": 2, "crop": 96},
+            "train_seg": {"iters": 3, "batch_size": 2, "crop": 97, "log_every": 1},
+            "eval_seg": {"scales": [0.25], "flip": False},
+        },
+    },
+}
+
+
+
+#: every chain the slow tests inspect, built by ONE Snakemake call (--cores 2 keeps both
+#: cores busy with independent jobs; each stage process spends ~5 s importing torch/timm).
+DAG_TARGETS = [f"results/demo/{m}/miou.json" for m in ("acr", "cam", "mcc", "afa", "vitpcm", "smaf")] \
+    + ["results/vocsample/acr/miou.json"]
+
+
+def make_workdir(d: Path, vocsample_root: Path | None = None) -> Path:
+    """A Snakemake working directory: the repo's Snakefile, params.yaml merged with TINY."""
+    from pipeline.config import deep_merge
+    d.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "Snakefile", d / "Snakefile")
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    if vocsample_root is not None:
+        params["datasets"]["vocsample"]["root"] = str(vocsample_root)
+    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if not (d / "stages").exists():
+        (d / "stages").symlink_to(REPO / "stages")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_dag(tmp_path_factory, vocsample_root) -> Path:
+    """Working directory where DAG_TARGETS were built (``--keep-going``: a failing chain
+    fails only the tests that ask for it)."""
+    d = make_workdir(tmp_path_factory.mktemp("dag"), vocsample_root)
+    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--keep-going",
+                    *DAG_TARGETS], cwd=d, capture_output=True, text=True, timeout=3000,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return d
+
+
+def copy_demo_cam(src: Path, dst: Path) -> Path:
+    """Copy the demo/cam chain of a tiny_dag build (data, manifest, artifacts, Snakefile,
+    params; mtimes kept, so Snakemake sees it up to date) into a fresh working directory."""
+    assert (src / "results/demo/cam/pseudo_miou.json").is_file(), "the tiny demo/cam chain failed"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("Snakefile", "params.yaml"):
+        shutil.copy2(src / f, dst / f)
+    (dst / "stages").symlink_to(REPO / "stages")
+    shutil.copytree(src / "data/demo", dst / "data/demo", symlinks=True)
+    (dst / "results/demo").mkdir(parents=True)
+    shutil.copy2(src / "results/demo/dataset.json", dst / "results/demo/dataset.json")
+    shutil.copytree(src / "results/demo/cam", dst / "results/demo/cam", symlinks=True)
+    return dst

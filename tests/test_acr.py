@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.methods.acr import (ACR, acr_maps, consistency_losses, invert_class_attention,
-                                  invert_patch_attention, inverse_token_permutation,
+                                  invert_patch_attention,
                                   transform_image)
 from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions

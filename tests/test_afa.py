@@ -3,7 +3,6 @@ logits, the GMP classifier / CAM (Eq. 2), the warm-up schedule of Eq. 12, the pr
 seeds (Eq. 6-7) and a smoke test of the plug-in on a tiny ViT."""
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

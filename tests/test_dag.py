@@ -13,36 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline.config import deep_merge
 from tests.conftest import REPO
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-TINY_CLS = {"iters": 12, "batch_size": 4, "log_every": 4, "warmup_iters": 2}
-TINY = {
-    "datasets": {"demo": {"generate": {"num_train": 24, "num_val": 8, "size": 64}}},
-    "profiles": {
-        "demo": {
-            "train_cls": {**TINY_CLS, "crop": 64, "backbone": {"overrides": {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2}},
-                          "by_method": {"mcc": {"iters": 12, "batch_size": 4, "n_local": 2, "seg_start_iter": 6},
-                                        "smaf": {"iters": 4, "batch_size": 4, "log_every": 2},
-                                        # afa: cls-only 4 its, refined-label seg 4 its, propagated 4 its
-                                        "afa": {"iters": 12, "batch_size": 4, "warmup_cls_iters": 4, "warmup_aff_iters": 4,
-                                                "decoder_dim": 16}}},
-            "export_seeds": {"scales": [1.0]},
-            "train_affinity": {"iters": 4, "batch_size": 2, "crop": 64},
-            "train_seg": {"iters": 4, "batch_size": 2, "crop": 64, "log_every": 2},
-            "eval_seg": {"scales": [1.0], "flip": False},
-        },
-        "vocsample": {
-            "train_cls": {**TINY_CLS, "crop": 96, "backbone": {"overrides": {"img_size": 96, "embed_dim": 32, "depth": 2, "num_heads": 2}}},
-            "export_seeds": {"scales": [0.25]},
-            "train_affinity": {"iters": 3, "batch_size": 2, "crop": 96},
-            "train_seg": {"iters": 3, "batch_size": 2, "crop": 97, "log_every": 1},
-            "eval_seg": {"scales": [0.25], "flip": False},
-        },
-    },
-}
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -55,15 +28,10 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, vocsample_root):
-    d = tmp_path_factory.mktemp("dag")
-    shutil.copy(REPO / "Snakefile", d / "Snakefile")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params = deep_merge(params, TINY)
-    params["datasets"]["vocsample"]["root"] = str(vocsample_root)
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (d / "stages").symlink_to(REPO / "stages")
-    return d
+def workdir(tiny_dag):
+    """The session's tiny build of every demo chain + vocsample/acr (tests/conftest.py); each
+    test below re-requests its targets (nothing to do, or the failing rule's log)."""
+    return tiny_dag
 
 
 def check_chain(d: Path, dataset: str, method: str):

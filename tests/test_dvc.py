@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.config import deep_merge
 from tests.conftest import REPO
-from tests.test_dag import TINY
+from tests.conftest import TINY
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",

@@ -2,8 +2,6 @@
 augmentation against a hand construction, null result for methods without a head, and the
 gathering into miou.json's stages."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.own_seg import evaluate_own_seg, predict_own
-from tests.conftest import REPO
 
 
 class _Vit(nn.Module):

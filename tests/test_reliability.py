@@ -2,7 +2,6 @@
 import hashlib
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +12,7 @@ import h5py
 import pytest
 import yaml
 
-from pipeline.config import deep_merge
-from tests.conftest import REPO
-from tests.test_dag import TINY
+from tests.conftest import copy_demo_cam, make_workdir
 from tests.test_shards import h5_content
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -27,20 +24,10 @@ def snakemake(d: Path, *targets: str) -> None:
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
-def workdir(d: Path, **over) -> Path:
-    d.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "Snakefile", d / "Snakefile")
-    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), deep_merge(TINY, over))
-    (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return d
-
-
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """A tiny demo/cam chain up to the pseudo labels (slower stages slowed down for kills)."""
-    d = workdir(tmp_path_factory.mktemp("rel") / "a")
-    snakemake(d, "results/demo/cam/pseudo_miou.json")
-    return d
+def built(tiny_dag, tmp_path_factory) -> Path:
+    """A copy of the session's tiny demo/cam chain (the kill tests below modify it)."""
+    return copy_demo_cam(tiny_dag, tmp_path_factory.mktemp("rel") / "a")
 
 
 def digest(p: Path) -> str:
@@ -58,7 +45,7 @@ def stage_cmd(stage: str, extra: list[str]) -> list[str]:
 def test_two_runs_give_identical_seeds_and_pseudo_labels(built, tmp_path):
     """Same seed and params, a second CPU run from scratch: identical seeds.h5 datasets and
     pseudo-label PNGs (runs before the kill tests below modify `built`)."""
-    other = workdir(tmp_path / "b")
+    other = make_workdir(tmp_path / "b")
     snakemake(other, "results/demo/cam/pseudo_miou.json")
     a, b = built / "results/demo/cam", other / "results/demo/cam"
     assert digest(a / "cls/model.pt") == digest(b / "cls/model.pt")

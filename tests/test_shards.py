@@ -1,6 +1,5 @@
 """Sharded per-image stages: N shard jobs + merge == one unsharded run."""
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +7,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import yaml
 
-from pipeline.config import deep_merge
 from pipeline.shards import merge_map_files, merge_png_dirs, parse_shard, shard_ids
 from pipeline.storage import MapWriter, StorageError
-from tests.conftest import REPO
-from tests.test_dag import TINY
+from tests.conftest import copy_demo_cam
 
 
 def h5_content(path: Path) -> tuple[dict, list]:
@@ -95,11 +91,9 @@ def snakemake(d: Path, *args: str) -> None:
 
 
 @pytest.mark.slow
-def test_sharded_snakemake_run_equals_unsharded(tmp_path):
-    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
-    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    snakemake(tmp_path, "results/demo/cam/pseudo_miou.json")
+def test_sharded_snakemake_run_equals_unsharded(tiny_dag, tmp_path):
+    # the unsharded reference: the session's tiny demo/cam chain (tests/conftest.py)
+    copy_demo_cam(tiny_dag, tmp_path)
     r = tmp_path / "results/demo/cam"
     ref = tmp_path / "ref"
     ref.mkdir()

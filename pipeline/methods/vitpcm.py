@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..models.vit import create_vit, patch_grid, patch_tokens
 from .acr import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
