@@ -57,10 +57,8 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
     running: dict[str, float] = {}
     resume = ResumeFile(out_path, {"method": method_name, "params": p},
                         int(p.get("checkpoint_every", 0) or 0), "train_cls", log)
-    st = resume.load(map_location=device)
+    st = resume.load(model, opt, map_location=device)
     if st is not None:
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
         it, epoch, skip = st["it"], st["epoch"], st["skip"]
         curve, running = st["curve"], st["running"]
         gen.set_state(st["gen"])

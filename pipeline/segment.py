@@ -315,10 +315,8 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
     window: list[float] = []
     start = 0
     resume = ResumeFile(out_path, p, int(p["checkpoint_every"] or 0), "train_seg", log)
-    st = resume.load(map_location=device)
+    st = resume.load(model, opt, map_location=device)
     if st is not None:
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
         start, curve, window = st["it"], st["curve"], st["window"]
         set_rng_states(st)
     ds = _SegTrainSet(root, ids, pseudo_dir, p["crop"], p["scale_range"], p["num_classes"])

@@ -102,14 +102,22 @@ class ResumeFile:
         self.every, self.stage, self.log = int(every or 0), stage, log
         self.fingerprint = json.dumps(params, sort_keys=True, default=str)
 
-    def load(self, map_location: Any = "cpu") -> dict | None:
-        """The saved state dict, or None (off, no file, or written with other params)."""
+    def load(self, model: torch.nn.Module | None = None, opt: torch.optim.Optimizer | None = None,
+             map_location: Any = "cpu") -> dict | None:
+        """The saved state dict, or None (off, no file, or written with other params).
+
+        When a state is returned, its ``model`` / ``opt`` entries have already been loaded
+        into ``model`` / ``opt`` (if given)."""
         if not self.every or not self.path.is_file():
             return None
         st = torch.load(self.path, map_location=map_location, weights_only=False)
         if st.get("fingerprint") != self.fingerprint or st.get("stage") != self.stage:
             self.log(f"{self.stage}: ignoring {self.path} (made with other params)")
             return None
+        if model is not None:
+            model.load_state_dict(st["model"])
+        if opt is not None:
+            opt.load_state_dict(st["opt"])
         self.log(f"{self.stage}: resumed from {self.path} at iteration {st['it']}")
         return st
 

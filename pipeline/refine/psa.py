@@ -837,10 +837,8 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     log_every = max(1, int(p["log_every"]))
     it = 0
     resume = ResumeFile(out_path, p, int(p["checkpoint_every"] or 0), "train_affinity", log)
-    st = resume.load(map_location=device)
+    st = resume.load(model, opt, map_location=device)
     if st is not None:
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
         it, curve, window, parts_w = st["it"], st["curve"], st["window"], st["parts"]
     t1 = time.time()
     batches = iter(loader)
