@@ -81,12 +81,15 @@ def make_workdir(d: Path, vocsample_root: Path | None = None) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dag(tmp_path_factory, vocsample_root) -> Path:
+def tiny_dag(tmp_path_factory) -> Path:
     """Working directory where DAG_TARGETS were built (``--keep-going``: a failing chain
-    fails only the tests that ask for it)."""
-    d = make_workdir(tmp_path_factory.mktemp("dag"), vocsample_root)
+    fails only the tests that ask for it). Without the real VOC sample the demo chains are
+    still built; the vocsample test then fails on its own ``vocsample_root`` fixture."""
+    have_sample = (VOCSAMPLE / "JPEGImages").is_dir()
+    d = make_workdir(tmp_path_factory.mktemp("dag"), VOCSAMPLE if have_sample else None)
+    targets = [t for t in DAG_TARGETS if have_sample or "/vocsample/" not in t]
     subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--keep-going",
-                    *DAG_TARGETS], cwd=d, capture_output=True, text=True, timeout=3000,
+                    *targets], cwd=d, capture_output=True, text=True, timeout=3000,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     return d
 

@@ -176,7 +176,7 @@ def test_crf_edit_reruns_only_descendants(workdir):
 
 
 @pytest.mark.slow
-def test_vocsample_chain_on_real_images(workdir):
+def test_vocsample_chain_on_real_images(workdir, vocsample_root):
     snakemake(workdir, "results/vocsample/acr/miou.json")
     check_chain(workdir, "vocsample", "acr")
     man = json.loads((workdir / "results/vocsample/dataset.json").read_text())
