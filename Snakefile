@@ -276,3 +276,31 @@ rule compare:
     threads: 1
     resources: mem_mb=2000, gpu=0
     shell: "{PY} -m stages.compare --dataset {wildcards.dataset} --methods {params.methods} --out {output.md} > {log} 2>&1"
+
+
+# ------------------------------------------------------------------ misspelt targets
+# Without these, `snakemake results/vocc/acr/miou.json` ends in Snakemake's generic
+# MissingRuleException. The negative look-aheads make them match only unknown names, so they
+# never compete with the real rules; their input function stops DAG building with one line.
+def _not(names):
+    return "(?!(?:" + "|".join(names) + ")/)[^/]+"
+
+
+def _unknown(w):
+    from pipeline.config import unknown_target
+    method = getattr(w, "bad_method", None)
+    dataset = getattr(w, "bad_dataset", None) or w.dataset
+    target = f"results/{dataset}/" + (f"{method}/" if method else "") + w.rest
+    raise WorkflowError(unknown_target(config, target, dataset, method))
+
+
+rule unknown_dataset:
+    input: _unknown
+    output: "results/{bad_dataset}/{rest}"
+    wildcard_constraints: bad_dataset=_not(DATASETS + ["bench"]), rest=".+"
+
+
+rule unknown_method:
+    input: _unknown
+    output: "results/{dataset}/{bad_method}/{rest}"
+    wildcard_constraints: bad_method=_not(METHODS + ["logs", "benchmarks"]), rest=".+"

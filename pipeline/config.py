@@ -102,11 +102,34 @@ def methods(cfg: dict) -> list[str]:
 
 
 def check_names(cfg: dict, dataset: str, method: str | None = None) -> None:
-    """Raise ConfigError with the valid choices if dataset or method is unknown."""
+    """Raise ConfigError with the valid choices (and the closest one) if dataset or method is unknown.
+
+    Used by every stage CLI (``--dataset`` / ``--method``) and by the Snakefile's fallback rules
+    for targets like ``results/vocc/acr/miou.json`` (see :func:`unknown_target`).
+    """
     if dataset not in _get(cfg, "datasets"):
-        raise ConfigError(f"unknown dataset {dataset!r}; params.yaml defines {datasets(cfg)}")
+        raise ConfigError(f"unknown dataset {dataset!r}{_suggest(dataset, datasets(cfg))}; "
+                          f"params.yaml defines {datasets(cfg)} (add a `datasets.{dataset}` entry "
+                          f"and a `profiles.{dataset}` profile to define a new one)")
     if method is not None and method not in _get(cfg, "methods"):
-        raise ConfigError(f"unknown method {method!r}; params.yaml defines {methods(cfg)}")
+        raise ConfigError(f"unknown method {method!r}{_suggest(method, methods(cfg))}; "
+                          f"params.yaml defines {methods(cfg)} (a new method is a plug-in in "
+                          f"pipeline/methods/ plus a `methods.{method}` section)")
+
+
+def unknown_target(cfg: dict, target: str, dataset: str, method: str | None = None) -> str:
+    """The message for a Snakemake target whose ``{dataset}`` or ``{method}`` part is unknown.
+
+    Args:
+        target: the requested path, e.g. ``results/voc/acrr/miou.json``.
+    Returns:
+        one line naming the target, the bad part, the closest valid name and the valid names.
+    """
+    try:
+        check_names(cfg, dataset, method)
+    except ConfigError as e:
+        return f"cannot build {target}: {e}"
+    return f"cannot build {target}: no rule makes this file"
 
 
 def check_complete(cfg: dict) -> None:

@@ -36,6 +36,10 @@ def check_layout(data: dict) -> Path:
     missing += [str(root / f) for f in data["splits"].values() if not (root / f).is_file()]
     if missing:
         hint = data.get("hint") or VOC_LAYOUT.format(root=root, label_dir=data.get("label_dir"))
+        if (root / "JPEGImages").is_dir() and any("Aug" in m for m in missing):
+            hint = ("VOC 2012 is there but the SBD augmentation is not (SegmentationClassAug/ and "
+                    "train_aug.txt are built from SBD by `snakemake --cores 1 download_voc`; archives "
+                    "already downloaded are reused).\n" + hint)
         raise DatasetError(f"dataset at {root} is missing or incomplete; missing: "
                            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}\n{hint}")
     return root
