@@ -8,7 +8,6 @@ Expected label PNGs are set by hand with array slices under COCO's pixel convent
 2..19); crowd RLEs are encoded here by hand (column-major run lengths), not by pycocotools.
 """
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -214,13 +213,19 @@ def test_missing_or_partial_coco_is_one_clear_line(source, tmp_path):
     assert not (tmp_path / "out/ImageSets/Segmentation/train.txt").exists()   # nothing half-written
 
 
-def test_prepare_coco_cli_without_download_stops_with_the_fix(tmp_path):
+def test_prepare_coco_cli_without_download_stops_with_the_fix(tmp_path, monkeypatch, capsys):
+    """The stage CLI (in-process: a subprocess would spend ~20 s importing torch) exits 2 with
+    one ERROR line naming the missing file and the command."""
+    import runpy
     data = {"classes": "coco", "source": str(tmp_path / "coco"), "root": str(tmp_path / "out"),
             "label_dir": "SegmentationClass", "splits": {}}
-    r = subprocess.run([sys.executable, "-m", "stages.prepare_coco", "--dataset", "coco",
-                        "--params-json", json.dumps({"data": data})], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    err = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR")]
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["prepare_coco", "--dataset", "coco",
+                                      "--params-json", json.dumps({"data": data})])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("stages.prepare_coco", run_name="__main__")
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("ERROR")]
     assert len(err) == 1 and str(tmp_path / "coco" / "annotations") in err[0]
     assert "snakemake --cores 1 download_coco" in err[0]
+    assert not (tmp_path / "out").exists()
