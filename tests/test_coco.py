@@ -229,3 +229,19 @@ def test_prepare_coco_cli_without_download_stops_with_the_fix(tmp_path, monkeypa
     assert len(err) == 1 and str(tmp_path / "coco" / "annotations") in err[0]
     assert "snakemake --cores 1 download_coco" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_classifier_is_built_for_the_manifest_classes(converted, tmp_path):
+    """train_cls with the COCO manifest: an 80-way classifier (VOC would give 20)."""
+    import torch
+    from pipeline.cls import train_classifier
+    from pipeline.config import load_params, stage_params
+    root, _ = converted
+    p = stage_params(load_params(REPO / "params.yaml"), "demo", "cam", "train_cls")
+    p.update(iters=1, batch_size=2, crop=32, log_every=1, checkpoint_every=0)
+    p["backbone"]["overrides"].update(img_size=32, depth=1)
+    labels = {T1: [PERSON, DOG], T2: [BRUSH]}
+    train_classifier("cam", root, [T1, T2], labels, p, tmp_path / "m.pt", log=lambda s: None,
+                     class_names=COCO_CLASSES)
+    ck = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert ck["num_classes"] == 80 and ck["state_dict"]["classifier.weight"].shape[0] == 80
