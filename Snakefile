@@ -41,9 +41,23 @@ def A(key):
     return lambda w: artifacts(w.dataset, w.method)[key]
 
 
+def coco_splits(name):
+    """Split files the prepare_coco rule renders for a COCO dataset (`classes: coco` + `source`)."""
+    d = config["datasets"][name]
+    return sorted({f"{d['root']}/{f}" for f in d["splits"].values()})
+
+
+# datasets converted from the official COCO download by rule prepare_coco (only `coco` by default)
+CONVERTED = [d for d in DATASETS if config["datasets"][d].get("classes") == "coco"
+             and config["datasets"][d].get("source")]
+
+
 def dataset_inputs(w):
-    """Generated datasets depend on their generator rule; real ones are checked by prepare_dataset."""
-    return [f"data/{w.dataset}"] if w.dataset in GENERATED else []
+    """Generated datasets depend on their generator rule, COCO ones on prepare_coco; real VOC
+    ones are checked by prepare_dataset."""
+    if w.dataset in GENERATED:
+        return [f"data/{w.dataset}"]
+    return coco_splits(w.dataset) if w.dataset in CONVERTED else []
 
 
 def gpu(w):
@@ -75,6 +89,31 @@ rule download_voc:
     threads: 1
     resources: mem_mb=4000, gpu=0
     shell: "{PY} -m stages.download --dest data/voc 2>&1 | tee {log}"
+
+
+rule download_coco:
+    """MS COCO 2014 train/val images + instance annotations from images.cocodataset.org (needs
+    internet, ~20 GB)."""
+    output: "data/coco/annotations/instances_train2014.json", "data/coco/annotations/instances_val2014.json"
+    log: "results/coco/logs/download_coco.log"
+    benchmark: "results/coco/benchmarks/download_coco.tsv"
+    threads: 1
+    resources: mem_mb=4000, gpu=0
+    shell: "{PY} -m stages.download_coco --dest data/coco 2>&1 | tee {log}"
+
+
+if "coco" in CONVERTED:
+    rule prepare_coco:
+        """Render the COCO label PNGs + split lists (VOC layout) from the raw download at
+        datasets.coco.source; stops with the missing path and `snakemake --cores 1
+        download_coco` when the download is absent (never downloads by itself)."""
+        output: coco_splits("coco")
+        params: p=json.dumps({"data": config["datasets"].get("coco")}, sort_keys=True)
+        log: "results/coco/logs/prepare_coco.log"
+        benchmark: "results/coco/benchmarks/prepare_coco.tsv"
+        threads: 1
+        resources: mem_mb=8000, gpu=0
+        shell: "{PY} -m stages.prepare_coco --dataset coco --params-json {params.p:q} 2>&1 | tee {log}"
 
 
 rule make_dataset:

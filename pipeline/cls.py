@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .data.datasets import ClassificationDataset
-from .data.voc import NUM_CLASSES
+from .data.classes import VOC_CLASSES
 from .methods import get_method
 from .utils import (ResumeFile, atomic_torch_save, get_device, poly_lr, rng_states,
                     seed_everything, set_rng_states)
@@ -19,12 +19,14 @@ from .utils import (ResumeFile, atomic_torch_save, get_device, poly_lr, rng_stat
 def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
                      labels: Mapping[str, Sequence[int]], p: dict, out_path: str | Path,
                      log: Callable[[str], None] = print,
-                     inputs: Mapping[str, str] | None = None) -> dict:
+                     inputs: Mapping[str, str] | None = None,
+                     class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """Train the method's classifier; save ``{"state_dict", "params", "method", "num_classes"}``.
 
     Args:
         method_name: plug-in name (``acr``, ``cam``...).
-        root: VOC-layout root; ids: training ids; labels: id -> foreground class ids (1..20).
+        root: VOC-layout root; ids: training ids; labels: id -> foreground class ids
+            (1..K, K = ``len(class_names) - 1``: 20 for VOC, 80 for COCO).
         p: merged ``train_cls`` params: ``backbone{name,pretrained,overrides}``, ``crop``,
             ``scale_range``, ``batch_size``, ``iters``, ``lr``, ``weight_decay``,
             ``warmup_iters``, ``poly_power``, ``num_workers``, ``log_every``, ``seed``,
@@ -36,6 +38,8 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         out_path: checkpoint path (written atomically).
         inputs: extra input artifacts handed to the method's ``setup`` hook (e.g. SMAF's
             ``{"teacher": path}``).
+        class_names: the dataset's classes, background first (the manifest's ``classes``);
+            the classifier predicts the ``len(class_names) - 1`` foreground classes.
     Returns:
         metrics dict: ``curve`` (list of {iter, loss, ...}), ``final`` losses, ``seconds``.
     Raises:
@@ -45,12 +49,14 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
     method = get_method(method_name)
     gen = seed_everything(int(p.get("seed", 0)))
     device = get_device(p.get("device", "auto"))
-    model = method.build_model(p, NUM_CLASSES - 1).to(device)
+    n_fg = len(class_names) - 1
+    model = method.build_model(p, n_fg).to(device)
     method.setup(model, p, dict(inputs or {}), device)
     opt = make_optimizer(model, p, method.param_groups(model, p))
     ds = ClassificationDataset(root, ids, labels, crop=int(p["crop"]),
                                scale_range=p.get("scale_range", (1.0, 1.0)),
-                               hflip=bool(p.get("hflip", True)), seed=int(p.get("seed", 0)))
+                               hflip=bool(p.get("hflip", True)), seed=int(p.get("seed", 0)),
+                               num_classes=n_fg + 1)
     bs = min(int(p["batch_size"]), len(ds))
     iters, log_every = int(p["iters"]), int(p.get("log_every", 20))
     curve, t0, it, epoch, skip = [], time.time(), 0, 0, 0
@@ -109,7 +115,7 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         skip = 0
     bar.close()
     atomic_torch_save({"state_dict": model.state_dict(), "params": p, "method": method_name,
-                       "num_classes": NUM_CLASSES - 1}, out_path)
+                       "num_classes": n_fg}, out_path)
     resume.remove()
     secs = time.time() - t0
     return {"method": method_name, "iters": iters, "images": len(ds), "seconds": round(secs, 1),

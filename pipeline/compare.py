@@ -14,20 +14,24 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.voc import NUM_CLASSES, VOC_CLASSES, load_mask
+from .data.classes import VOC_CLASSES, manifest_classes
+from .data.voc import load_mask
 from .metrics import confusion_matrix, scores_from_confusion
 
 COLUMNS = [("seeds", "seeds"), ("refined", "refined (PSA RW)"), ("pseudo", "pseudo (CRF)"),
            ("segmentation", "DeepLabV2 val"), ("own_segmentation", "own seg head val")]
 
 
-def all_background_miou(root: str | Path, ids: Sequence[str], label_dir: str) -> float:
-    """mIoU (VOC definition) of predicting background everywhere, in [0, 1]."""
-    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+def all_background_miou(root: str | Path, ids: Sequence[str], label_dir: str,
+                        class_names: Sequence[str] = VOC_CLASSES) -> float:
+    """mIoU (VOC definition, over the ``len(class_names)`` classes) of predicting background
+    everywhere, in [0, 1]."""
+    C = len(class_names)
+    conf = np.zeros((C, C), np.int64)
     for iid in ids:
         gt = load_mask(root, iid, label_dir)
-        conf += confusion_matrix(np.zeros_like(gt), gt, NUM_CLASSES)
-    return scores_from_confusion(conf, VOC_CLASSES)["miou"]
+        conf += confusion_matrix(np.zeros_like(gt), gt, C)
+    return scores_from_confusion(conf, list(class_names))["miou"]
 
 
 def chain_seconds(results: Path, dataset: str, method: str) -> float | None:
@@ -72,7 +76,7 @@ def comparison(dataset: str, methods: Sequence[str], results: str | Path = "resu
     if man.is_file():
         mf = json.loads(man.read_text())
         out["all_background"] = round(100 * all_background_miou(mf["root"], mf["splits"]["val"],
-                                                                mf["label_dir"]), 1)
+                                                                mf["label_dir"], manifest_classes(mf)), 1)
     return out
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.transforms import to_tensor
-from .data.voc import NUM_CLASSES, VOC_CLASSES, load_image, load_mask
+from .data.classes import VOC_CLASSES
+from .data.voc import load_image, load_mask
 from .metrics import confusion_matrix, scores_from_confusion
 from .models.vit import token_stride
 
@@ -63,8 +64,10 @@ def predict_own(method, model, image: np.ndarray, p: dict, device) -> torch.Tens
 
 
 def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str], label_dir: str,
-                     p: dict, device, log: Callable[[str], None] = print) -> dict:
-    """mIoU of the own segmentation head of the classifier checkpoint ``model_path``.
+                     p: dict, device, log: Callable[[str], None] = print,
+                     class_names: Sequence[str] = VOC_CLASSES) -> dict:
+    """mIoU of the own segmentation head of the classifier checkpoint ``model_path`` over
+    the ``len(class_names)`` classes (background first; the manifest's ``classes``).
 
     Returns:
         ``scores_from_confusion`` (miou, iou per VOC class, accuracies) + ``num_images``,
@@ -81,13 +84,14 @@ def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str
         return {"miou": None, "note": f"method {ck['method']} has no segmentation head"}
     from .cls import load_classifier
     method, model, _ = load_classifier(model_path, device)
-    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    C = len(class_names)
+    conf = np.zeros((C, C), np.int64)
     t0 = time.time()
     for iid in tqdm(ids, desc=f"eval_own_seg[{method.name}]", unit="img", mininterval=2.0):
         img = load_image(root, iid)
         pred = predict_own(method, model, img, p, device).argmax(0).cpu().numpy()
-        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), NUM_CLASSES)
-    out = scores_from_confusion(conf, VOC_CLASSES)
+        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C)
+    out = scores_from_confusion(conf, list(class_names))
     out.update(num_images=len(ids), seconds=round(time.time() - t0, 1))
     log(f"eval_own_seg: mIoU {out['miou']:.4f} on {len(ids)} images")
     return out

@@ -11,7 +11,8 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .data.voc import NUM_CLASSES, VOC_CLASSES, load_image, load_mask, save_mask_png
+from .data.classes import VOC_CLASSES
+from .data.voc import load_image, load_mask, save_mask_png
 from .metrics import confusion_matrix, scores_from_confusion
 from .labels import maps_to_label
 from .storage import MapReader
@@ -84,13 +85,15 @@ def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Seq
 
 
 def evaluate_label_dir(pred_dir: str | Path, root: str | Path, ids: Sequence[str],
-                       label_dir: str) -> dict:
-    """mIoU of palette PNGs in ``pred_dir`` against ground truth (VOC definition)."""
+                       label_dir: str, class_names: Sequence[str] = VOC_CLASSES) -> dict:
+    """mIoU of palette PNGs in ``pred_dir`` against ground truth (VOC definition) over the
+    ``len(class_names)`` classes (background first; the manifest's ``classes``)."""
     from PIL import Image
-    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    C = len(class_names)
+    conf = np.zeros((C, C), np.int64)
     for iid in ids:
         pred = np.asarray(Image.open(Path(pred_dir) / f"{iid}.png"))
-        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), NUM_CLASSES)
-    out = scores_from_confusion(conf, VOC_CLASSES)
+        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C)
+    out = scores_from_confusion(conf, list(class_names))
     out["num_images"] = len(ids)
     return out

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from .cls import load_classifier
 from .data.transforms import to_tensor
-from .data.voc import NUM_CLASSES, VOC_CLASSES, load_image, load_mask
+from .data.classes import VOC_CLASSES
+from .data.voc import load_image, load_mask
 from .labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
 from .metrics import confusion_matrix, scores_from_confusion
 from .models.vit import token_stride
@@ -77,11 +78,14 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
 
 def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
                  labels: Mapping[str, Sequence[int]], p: dict, out_path: str | Path,
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print,
+                 class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """Write ``seeds.h5`` (see :mod:`pipeline.storage`) for ``ids``.
 
     Maps are stored for the image-label classes only (float16, chunked, gzip), under each of
     the method's ``seed_keys``. Images with no foreground class get an empty entry.
+    ``class_names`` (the manifest's ``classes``, background first) is stored as the file's
+    class list.
 
     Returns:
         summary dict (images, seconds, keys).
@@ -90,7 +94,7 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
     method, model, _ = load_classifier(model_path, device)
     t0 = time.time()
     meta = {"method": method.name, "params": p, "num_images": len(ids)}
-    with MapWriter(out_path, VOC_CLASSES, meta) as wr:
+    with MapWriter(out_path, class_names, meta) as wr:
         for iid in tqdm(ids, desc=f"export_seeds[{method.name}]", unit="img", mininterval=2.0):
             img = load_image(root, iid)
             cids = np.asarray(labels[iid], dtype=np.int64)
@@ -108,22 +112,27 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
 
 def evaluate_maps(h5_path: str | Path, root: str | Path, ids: Sequence[str], label_dir: str,
                   key: str, bg_threshold: float | None,
-                  curve: Sequence[float] = ()) -> dict:
+                  curve: Sequence[float] = (),
+                  class_names: Sequence[str] | None = None) -> dict:
     """mIoU of stored maps against ground truth (VOC definition).
 
     ``bg_threshold`` is the fixed value from params.yaml; ``curve`` optionally reports the
     mIoU at other thresholds for information only — it is never used to pick one.
+    ``class_names`` (background first) sets C and the per-class IoU names; None = the class
+    list stored in the HDF5 file.
     """
     thresholds = [bg_threshold] + [float(t) for t in curve if t != bg_threshold]
-    confs = {t: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64) for t in thresholds}
     with MapReader(h5_path) as rd:
         rd.require(ids, root)
+        names = list(class_names if class_names is not None else rd.class_names or VOC_CLASSES)
+        C = len(names)
+        confs = {t: np.zeros((C, C), np.int64) for t in thresholds}
         for iid in tqdm(ids, desc=f"eval[{Path(h5_path).name}:{key}]", unit="img", mininterval=2.0):
             maps, cids, _ = rd.read(iid, key)
             gt = load_mask(root, iid, label_dir)
             for t in thresholds:
-                confs[t] += confusion_matrix(maps_to_label(maps, cids, t), gt, NUM_CLASSES)
-    out = scores_from_confusion(confs[bg_threshold], VOC_CLASSES)
+                confs[t] += confusion_matrix(maps_to_label(maps, cids, t), gt, C)
+    out = scores_from_confusion(confs[bg_threshold], names)
     out.update({"num_images": len(ids), "key": key, "bg_threshold": bg_threshold})
     if bg_threshold is not None and len(thresholds) > 1:
         out["threshold_curve"] = {f"{t:.2f}": scores_from_confusion(confs[t])["miou"]

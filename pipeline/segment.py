@@ -47,8 +47,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.transforms import IMAGENET_MEAN, to_tensor
-from .data.voc import (IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, DatasetError, load_image,
-                       load_mask, save_mask_png)
+from .data.classes import VOC_CLASSES
+from .data.voc import IGNORE_INDEX, DatasetError, load_image, load_mask, save_mask_png
 from .metrics import confusion_matrix, scores_from_confusion
 from .models.deeplab import DeepLabV2
 from .utils import ResumeFile, rng_states, set_rng_states
@@ -57,7 +57,7 @@ from .utils import ResumeFile, rng_states, set_rng_states
 DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "backbone": "resnet101",
     "pretrained": "hub",          # timm's default ImageNet weights for `backbone`
-    "num_classes": NUM_CLASSES,   # 21
+    "num_classes": len(VOC_CLASSES),   # 21; stages set the manifest's class count
     "output_stride": 8,
     "rates": [6, 12, 18, 24],
     "crop": 321,
@@ -436,7 +436,8 @@ def predict(model: DeepLabV2, image: np.ndarray, scales: Sequence[float] = (0.5,
 
 def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: str,
              pred_dir: str | Path, params: dict | None = None, device: str = "cpu",
-             log: Callable[[str], Any] = print) -> dict:
+             log: Callable[[str], Any] = print,
+             class_names: Sequence[str] | None = None) -> dict:
     """Predict, save and score every id.
 
     ``params`` (:data:`DEFAULT_EVAL_PARAMS`): scales, flip, crf, num_threads (as in
@@ -445,26 +446,33 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     ``pipeline.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
     class ids), confusion matrix against ``load_mask(root, id, label_dir)`` (255 ignored).
     ``pred_dir`` is written atomically: into ``<pred_dir>.tmp/``, then renamed (an existing
-    ``pred_dir`` is replaced).
+    ``pred_dir`` is replaced). ``class_names`` (background first, the manifest's
+    ``classes``) names the per-class IoU; None = the VOC names for a 21-class model, else
+    ``"0".."C-1"``.
 
     Returns:
-        ``scores_from_confusion(conf, VOC_CLASSES)`` (miou, pixel_accuracy, mean_accuracy,
+        ``scores_from_confusion(conf, class_names)`` (miou, pixel_accuracy, mean_accuracy,
         iou per class) plus ``num_images`` and ``eval_params`` (resolved settings).
     Raises:
         DatasetError: missing image/mask, or mask size differs from the image.
+        ValueError: ``class_names`` length differs from the model's class count.
     Source: VOC mIoU (confusion matrix, nanmean over occurring classes); DeepLab-v2 test with
     multi-scale inputs and optional CRF post-processing.
     """
     p = _resolve(DEFAULT_EVAL_PARAMS, params, log, "evaluate")
     with _torch_threads(p["num_threads"]):
-        return _evaluate(model, root, ids, label_dir, pred_dir, p, device, log)
+        return _evaluate(model, root, ids, label_dir, pred_dir, p, device, log, class_names)
 
 
-def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log) -> dict:
+def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class_names=None) -> dict:
     from tqdm import tqdm
 
     C = int(model.num_classes)
-    names = VOC_CLASSES if C == len(VOC_CLASSES) else [str(i) for i in range(C)]
+    if class_names is not None and len(class_names) != C:
+        raise ValueError(f"the segmentation model predicts {C} classes but the dataset has "
+                         f"{len(class_names)}; retrain train_seg for this dataset.")
+    names = (list(class_names) if class_names is not None else
+             VOC_CLASSES if C == len(VOC_CLASSES) else [str(i) for i in range(C)])
     crf = p["crf"]
     if crf:
         from .refine.crf import dense_crf  # lazy: optional dependency (pydensecrf)

@@ -17,12 +17,14 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "eval_own_seg")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.own_seg import evaluate_own_seg
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "val")]
     lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed")}
     res = evaluate_own_seg(args.model or d["cls_model"], m["root"], ids, m["label_dir"], lib,
-                           get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info)
+                           get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info,
+                           class_names=manifest_classes(m))
     res.update(params=p, dataset=args.dataset, method=args.method)
     write_json(args.out or d["own_seg_miou"], res)
     return (f"own segmentation mIoU {res['miou']:.4f} on {res['num_images']} images"

@@ -14,16 +14,19 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "eval_seeds")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.seeds import evaluate_maps
     from pipeline.utils import write_json
     method = get_method(args.method)
     ids = m["splits"][p.get("split", "eval_train")]
     res = evaluate_maps(args.seeds or d["seeds"], m["root"], ids, m["label_dir"],
-                        method.seed_keys[0], float(p["bg_threshold"]), p.get("curve", []))
+                        method.seed_keys[0], float(p["bg_threshold"]), p.get("curve", []),
+                        class_names=manifest_classes(m))
     if len(method.seed_keys) > 1:   # e.g. ACR* next to ACR
         res["other_keys"] = {k: evaluate_maps(args.seeds or d["seeds"], m["root"], ids,
-                                              m["label_dir"], k, float(p["bg_threshold"]))["miou"]
+                                              m["label_dir"], k, float(p["bg_threshold"]),
+                                              class_names=manifest_classes(m))["miou"]
                              for k in method.seed_keys[1:]}
     res["params"] = p
     write_json(args.out or d["seeds_miou"], res)

@@ -39,13 +39,15 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "eval_seg")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.segment import evaluate, load_model
     from pipeline.utils import get_device, write_json
     dev = get_device(p.get("device", "auto"))
     ids = m["splits"][p.get("split", "val")]
     lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed")}
     res = evaluate(load_model(args.model or d["seg_model"], dev), m["root"], ids, m["label_dir"],
-                   args.predictions or d["predictions"], lib, dev, log=logging.getLogger("wsss").info)
+                   args.predictions or d["predictions"], lib, dev, log=logging.getLogger("wsss").info,
+                   class_names=manifest_classes(m))
     res.update(params=p, dataset=args.dataset, method=args.method)
     stage_files = args.stage_metrics if args.stage_metrics is not None else [
         d["seeds_miou"], d["refined_miou"], d["pseudo_miou"]]

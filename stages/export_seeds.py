@@ -17,6 +17,7 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "export_seeds")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.seeds import export_seeds
     from pipeline.shards import merge_map_files, shard_ids
     ids = m["splits"][p.get("split", "train")]
@@ -26,7 +27,8 @@ def main() -> str:
     if args.shard:
         ids = shard_ids(ids, *args.shard)
     s = export_seeds(args.model or d["cls_model"], m["root"], ids, m["labels"], p,
-                     args.out or d["seeds"], log=logging.getLogger("wsss").info)
+                     args.out or d["seeds"], log=logging.getLogger("wsss").info,
+                     class_names=manifest_classes(m))
     return str(s)
 
 

@@ -19,6 +19,7 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "make_pseudo_labels")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.pseudo import evaluate_label_dir, make_pseudo_labels
     from pipeline.utils import write_json
     ids = m["splits"][p.get("split", "train")]
@@ -36,7 +37,7 @@ def main() -> str:
         if args.shard:
             return f"shard {args.shard[0]}/{args.shard[1]}: {len(ids)} pseudo labels -> {out}"
     eval_ids = m["splits"][p.get("eval_split", "eval_train")]
-    res = evaluate_label_dir(out, m["root"], eval_ids, m["label_dir"])
+    res = evaluate_label_dir(out, m["root"], eval_ids, m["label_dir"], manifest_classes(m))
     res.update(params=p, timing=s)
     write_json(args.metrics or d["pseudo_miou"], res)
     return f"pseudo-label mIoU {res['miou']:.4f} on {len(eval_ids)} images"

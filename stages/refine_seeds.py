@@ -20,6 +20,7 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "refine_seeds")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.refine.psa import refine_seeds
     from pipeline.seeds import evaluate_maps
@@ -40,7 +41,8 @@ def main() -> str:
         if args.shard:
             return f"shard {args.shard[0]}/{args.shard[1]}: {len(ids)} images -> {out}"
     eval_ids = m["splits"][p.get("eval_split", "eval_train")]
-    res = evaluate_maps(out, m["root"], eval_ids, m["label_dir"], "probs", None)
+    res = evaluate_maps(out, m["root"], eval_ids, m["label_dir"], "probs", None,
+                        class_names=manifest_classes(m))
     res.update(params=p, seed_key=key)
     write_json(args.metrics or d["refined_miou"], res)
     return f"refined mIoU {res['miou']:.4f} on {len(eval_ids)} images"

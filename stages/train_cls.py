@@ -18,6 +18,7 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "train_cls")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.cls import train_classifier
     from pipeline.paths import artifacts
     from pipeline.utils import write_json
@@ -26,7 +27,8 @@ def main() -> str:
     if p.get("teacher"):
         inputs["teacher"] = args.teacher or artifacts(args.dataset, p["teacher"])["cls_model"]
     met = train_classifier(args.method, m["root"], ids, m["labels"], p, args.out or d["cls_model"],
-                           log=logging.getLogger("wsss").info, inputs=inputs)
+                           log=logging.getLogger("wsss").info, inputs=inputs,
+                           class_names=manifest_classes(m))
     write_json(args.metrics or d["cls_metrics"], met)
     return f"{met['iters']} iterations on {met['images']} images, final {met['final']}"
 

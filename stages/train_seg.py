@@ -16,10 +16,12 @@ def main() -> str:
     d = default_paths(args)
     p = stage_config(args, "train_seg")
     m = load_manifest(args.manifest or d["manifest"])
+    from pipeline.data.classes import manifest_classes
     from pipeline.segment import train_seg
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
     lib = {k: v for k, v in p.items() if k not in ("data", "device", "split")}
+    lib["num_classes"] = len(manifest_classes(m))   # background included
     met = train_seg(m["root"], ids, args.pseudo or d["pseudo"], args.out or d["seg_model"], lib,
                     device=get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info)
     write_json(args.metrics or d["seg_metrics"], met)

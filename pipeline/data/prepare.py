@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from .classes import dataset_classes
 from .voc import DatasetError, image_labels, load_mask, read_ids, save_mask_png
 
 VOC_LAYOUT = """expected layout (VOC 2012 + SBD "SegmentationClassAug"):
@@ -55,9 +56,14 @@ def build_manifest(data: dict, verify_images: bool = True,
     when loaded; they are counted in ``image_modes``. Images without a foreground class are
     kept (all-negative for the classifier, background pseudo labels) and listed.
 
+    The class set is ``data["classes"]`` (``voc`` when absent, see
+    :mod:`pipeline.data.classes`); mask values ``>= len(classes)`` other than 255 are not
+    image labels.
+
     Returns:
         ``{"root", "label_dir", "splits": {name: [ids]}, "labels": {id: [class ids]},
-        "counts": {name: n}, "no_foreground": [ids], "image_modes": {mode: n}}``.
+        "counts": {name: n}, "no_foreground": [ids], "image_modes": {mode: n},
+        "classes": [names, background first]}``.
     Raises:
         DatasetError: layout problems, an empty split, a missing / undecodable image or mask,
             a mask whose size differs from its image (each naming the file).
@@ -65,6 +71,10 @@ def build_manifest(data: dict, verify_images: bool = True,
     from PIL import Image
 
     root = check_layout(data)
+    try:
+        classes = dataset_classes(data)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
     label_dir = data.get("label_dir", "SegmentationClass")
     splits = {name: read_ids(root / f) for name, f in data["splits"].items()}
     all_ids = sorted({i for ids in splits.values() for i in ids})
@@ -89,7 +99,7 @@ def build_manifest(data: dict, verify_images: bool = True,
             raise DatasetError(f"{root / label_dir / (iid + '.png')} is {mask.shape[1]}x"
                                f"{mask.shape[0]} but {jpg} is {size[1]}x{size[0]}: the mask "
                                f"belongs to another image; re-extract the masks.")
-        labels[iid] = image_labels(mask).tolist()
+        labels[iid] = image_labels(mask, len(classes)).tolist()
     no_fg = [i for i, l in labels.items() if not l]
     if no_fg:
         log(f"prepare_dataset: {len(no_fg)} images without a foreground class (kept; "
@@ -99,7 +109,7 @@ def build_manifest(data: dict, verify_images: bool = True,
         log(f"prepare_dataset: non-RGB JPEGs converted to RGB when loaded: {converted}")
     return {"root": str(root), "label_dir": label_dir, "splits": splits, "labels": labels,
             "counts": {k: len(v) for k, v in splits.items()}, "no_foreground": no_fg,
-            "image_modes": modes}
+            "image_modes": modes, "classes": list(classes)}
 
 
 def _online(host: str = "host.robots.ox.ac.uk", port: int = 80, timeout: float = 5.0) -> bool:

@@ -17,14 +17,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from .classes import VOC_CLASSES  # noqa: F401  (re-exported: the VOC class names)
+
 IGNORE_INDEX = 255
 
-VOC_CLASSES: tuple[str, ...] = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
-    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
-    "sheep", "sofa", "train", "tvmonitor",
-)
-NUM_CLASSES = len(VOC_CLASSES)  # 21 including background
+NUM_CLASSES = len(VOC_CLASSES)  # 21 including background (VOC only: other datasets take it
+# from their manifest, pipeline.data.classes.manifest_classes)
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
