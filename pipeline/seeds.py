@@ -40,14 +40,14 @@ def normalise_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> 
 
 
 def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
-                    device: torch.device, acc: Accel | None = None) -> dict[str, torch.Tensor]:
+                    device: torch.device, accel: Accel | None = None) -> dict[str, torch.Tensor]:
     """Sum a method's maps over ``p["scales"]`` and horizontal flips at image size.
 
     Each scale resizes the image to a multiple of the token stride, the maps are bilinearly
     upsampled to ``(H, W)``, flipped maps are flipped back, everything is summed, then
     normalised per class (``p["norm"]``: ``max`` / ``minmax``, see :func:`normalise_maps`,
     or ``mean``: divided by the number of scale x flip passes, for maps that are already
-    probabilities in [0, 1] such as ViT-PCM's). ``acc`` (:class:`pipeline.accel.Accel`):
+    probabilities in [0, 1] such as ViT-PCM's). ``accel`` (:class:`pipeline.accel.Accel`):
     the method's forward runs under its autocast / memory format; the maps are summed in
     float32 either way.
 
@@ -65,11 +65,11 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
         xs = F.interpolate(x0, size=(h, w), mode="bilinear", align_corners=False)
         for flip in ([False, True] if p.get("flip", True) else [False]):
             xin = xs.flip(-1) if flip else xs
-            if acc is None:
+            if accel is None:
                 out = method.maps(model, xin, fg.to(device), p)
             else:
-                with acc.autocast():
-                    out = method.maps(model, acc.input(xin), fg.to(device), p)
+                with accel.autocast():
+                    out = method.maps(model, accel.input(xin), fg.to(device), p)
             passes += 1
             for k, m in out.items():
                 up = F.interpolate(m.unsqueeze(0).float(), size=(H, W), mode="bilinear",
