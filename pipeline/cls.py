@@ -55,10 +55,13 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
     gen = seed_everything(int(p.get("seed", 0)))
     dd, device = dist_setup(get_device(p.get("device", "auto")))
     try:
-        return _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
-                      log, inputs)
-    finally:
-        dd.close()
+        out = _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
+                     log, inputs)
+    except BaseException:
+        dd.close(barrier=False)     # the other ranks fail on their next collective
+        raise
+    dd.close()
+    return out
 
 
 def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path, log, inputs):

@@ -130,10 +130,12 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def close(self) -> None:
-        """Leave the process group (after the final barrier)."""
+    def close(self, barrier: bool = True) -> None:
+        """Leave the process group (after a final barrier unless ``barrier`` is False, as on
+        an error, when the other ranks may never reach it)."""
         if self.enabled and dist.is_initialized():
-            dist.barrier()
+            if barrier:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -319,9 +319,12 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
     with _torch_threads(p["num_threads"]):
         dd, device = dist_setup(device)
         try:
-            return _train_seg(root, ids, pseudo_dir, out_path, p, device, log, dd)
-        finally:
-            dd.close()
+            out = _train_seg(root, ids, pseudo_dir, out_path, p, device, log, dd)
+        except BaseException:
+            dd.close(barrier=False)     # the other ranks fail on their next collective
+            raise
+        dd.close()
+        return out
 
 
 def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dict:
