@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data.datasets import ClassificationDataset
 from .accel import Accel
+from .data.datasets import ClassificationDataset
 from .data.voc import NUM_CLASSES
 from .distributed import setup as dist_setup
 from .methods import get_method

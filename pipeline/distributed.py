@@ -139,6 +139,12 @@ class Dist:
             dist.destroy_process_group()
 
 
+def is_main_process() -> bool:
+    """False only in a torchrun process of rank > 0 (``RANK`` env); stages write their
+    metrics files only where this is True."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def setup(device: torch.device | str) -> tuple[Dist, torch.device]:
     """Join the ``torchrun`` process group if ``WORLD_SIZE`` > 1.
 
