@@ -84,6 +84,18 @@ def test_bf16_training_loss_close_to_fp32(tmp_path):
     assert l32 != l16
 
 
+def test_fp16_training_runs_with_grad_scaler_state_in_resume_file(tmp_path, monkeypatch):
+    """amp fp16 trains through the GradScaler and its state is part of the resume file."""
+    root, ids, labels = _cls_data(tmp_path, n=4)
+    p = dict(CLS_P, iters=3, batch_size=2, checkpoint_every=2, amp="fp16")
+    saved = []
+    real_save = cls.ResumeFile.save
+    monkeypatch.setattr(cls.ResumeFile, "save", lambda self, **st: (saved.append(st), real_save(self, **st)))
+    m = cls.train_classifier("cam", root, ids, labels, p, tmp_path / "h.pt", log=lambda s: None)
+    assert m["curve"] and all(torch.isfinite(torch.tensor(r["loss"])) for r in m["curve"])
+    assert saved and saved[0]["scaler"]["scale"] > 0
+
+
 def test_bf16_segmentation_step_close_to_fp32(tmp_path):
     """DeepLabV2 (resnet10t) forward + loss under bf16: loss within the same kind of bound.
     D = 14 rounding stages (resnet10t: stem 3 convs + 4 stages x 2 convs... + ASPP), so
