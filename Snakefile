@@ -64,6 +64,16 @@ def gpu(w):
     return 0 if stage_params(config, w.dataset, None, "train_cls").get("device") == "cpu" else 1
 
 
+# run.gpus G > 1: train_cls and train_seg ask for G GPUs and run under torchrun (one process
+# per GPU, data parallel: pipeline/distributed.py); stages._launch picks torchrun or plain
+# `python -m` from {resources.gpu}, so the GPU count is not a param (no rerun when it changes).
+GPUS = int(config.get("run", {}).get("gpus", 1) or 1)
+
+
+def gpus(w):
+    return gpu(w) and GPUS
+
+
 def parts(pattern):
     """Shard outputs a merge rule needs ([] when unsharded)."""
     return lambda w: ([pattern.format(dataset=w.dataset, method=w.method, shard=i) for i in range(SHARDS)]
@@ -168,8 +178,8 @@ rule train_cls:
     log: L + "/train_cls.log"
     benchmark: B + "/train_cls.tsv"
     threads: 2
-    resources: mem_mb=8000, gpu=gpu
-    shell: ENV + "{PY} -m stages.train_cls --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+    resources: mem_mb=8000, gpu=gpus
+    shell: ENV + "{PY} -m stages._launch {resources.gpu} stages.train_cls --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule export_seeds:
@@ -273,8 +283,8 @@ rule train_seg:
     log: L + "/train_seg.log"
     benchmark: B + "/train_seg.tsv"
     threads: 2
-    resources: mem_mb=8000, gpu=gpu
-    shell: ENV + "{PY} -m stages.train_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --pseudo {input.labels} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
+    resources: mem_mb=8000, gpu=gpus
+    shell: ENV + "{PY} -m stages._launch {resources.gpu} stages.train_seg --dataset {wildcards.dataset} --method {wildcards.method} --params-json {params.p:q} --manifest {input.manifest} --pseudo {input.labels} --out {output.model} --metrics {output.metrics} > {log} 2>&1"
 
 
 rule eval_own_seg:

@@ -3,6 +3,7 @@
     python -m bench                      # every benchmark, JSON under results/bench/, table on stdout
     python -m bench crf randomwalk       # a subset
     python -m bench --list
+    python -m bench gpu                  # ACR ViT-B/16 @384 step time + export img/s (only when named)
 
 Each benchmark writes ``results/bench/<name>.json`` with the machine description, the measured
 numbers and, for the ratio targets of the performance issue, the target and whether it was met.
@@ -19,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import micro, scaling, stages
+from bench import gpu, micro, scaling, stages
 
 BENCHES = {
     "crf": micro.crf_pool,
@@ -30,7 +31,10 @@ BENCHES = {
     "storage": micro.storage,
     "rss": scaling.rss_scaling,
     "stages": stages.stage_table,
+    "gpu": gpu.gpu_bench,
 }
+#: run only when named (on a CPU machine it measures a reduced version, see bench/gpu.py)
+ON_REQUEST = {"gpu"}
 
 
 def machine() -> dict:
@@ -44,7 +48,8 @@ def machine() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", help=f"benchmarks to run (default all): {list(BENCHES)}")
+    ap.add_argument("names", nargs="*", help=f"benchmarks to run (default all but "
+                    f"{sorted(ON_REQUEST)}): {list(BENCHES)}")
     ap.add_argument("--dataset", default="vocsample", help="real images for crf/miou/rss (default vocsample)")
     ap.add_argument("--out", default="results/bench", help="output folder")
     ap.add_argument("--list", action="store_true", help="list the benchmarks and exit")
@@ -60,7 +65,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     mach = machine()
     rows = []
-    for name in args.names or list(BENCHES):
+    for name in args.names or [b for b in BENCHES if b not in ON_REQUEST]:
         t0 = time.time()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         try:

@@ -1,6 +1,7 @@
 """Stage 1: classification training of a method's classifier on image-level labels."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -9,8 +10,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .accel import Accel
 from .data.datasets import ClassificationDataset
 from .data.classes import VOC_CLASSES
+from .distributed import setup as dist_setup
 from .methods import get_method
 from .utils import (ResumeFile, atomic_torch_save, get_device, poly_lr, rng_states,
                     seed_everything, set_rng_states)
@@ -34,7 +37,12 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
             and the method's own keys; ``checkpoint_every`` N > 0 writes
             ``<out_path>.resume`` (model, optimiser, iteration, position in the epoch, every RNG
             state) every N iterations, and a rerun with the same params resumes from it and
-            reaches the same final weights as an uninterrupted run (CPU).
+            reaches the same final weights as an uninterrupted run (CPU); ``amp``,
+            ``channels_last``, ``compile`` (:mod:`pipeline.accel`, off when absent).
+            Under ``torchrun`` (``WORLD_SIZE`` > 1, :mod:`pipeline.distributed`) each process
+            trains on its ``batch_size / world_size`` slice of every global batch, gradients
+            are averaged, only rank 0 writes files. Methods that draw per-sample randomness
+            from ``gen`` in their loss (views, masks) get another, equally valid, stream then.
         out_path: checkpoint path (written atomically).
         inputs: extra input artifacts handed to the method's ``setup`` hook (e.g. SMAF's
             ``{"teacher": path}``).
@@ -44,20 +52,35 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         metrics dict: ``curve`` (list of {iter, loss, ...}), ``final`` losses, ``seconds``.
     Raises:
         FloatingPointError: the loss became NaN/inf (names the iteration and image ids).
-        ValueError: unknown ``optimizer``.
+        ValueError: unknown ``optimizer``, bad ``amp``, or ``batch_size`` not divisible by
+            the number of torchrun processes.
     """
     method = get_method(method_name)
     gen = seed_everything(int(p.get("seed", 0)))
-    device = get_device(p.get("device", "auto"))
-    n_fg = len(class_names) - 1
+    dd, device = dist_setup(get_device(p.get("device", "auto")))
+    try:
+        out = _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
+                     log, inputs, len(class_names) - 1)
+    except BaseException:
+        dd.close(barrier=False)     # the other ranks fail on their next collective
+        raise
+    dd.close()
+    return out
+
+
+def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path, log, inputs, n_fg):
+    acc = Accel(p, device, "train_cls")
     model = method.build_model(p, n_fg).to(device)
     method.setup(model, p, dict(inputs or {}), device)
+    dd.broadcast_parameters(model)
+    acc.prepare(model)
     opt = make_optimizer(model, p, method.param_groups(model, p))
     ds = ClassificationDataset(root, ids, labels, crop=int(p["crop"]),
                                scale_range=p.get("scale_range", (1.0, 1.0)),
                                hflip=bool(p.get("hflip", True)), seed=int(p.get("seed", 0)),
                                num_classes=n_fg + 1)
     bs = min(int(p["batch_size"]), len(ds))
+    dd.per_rank(bs, "train_cls")
     iters, log_every = int(p["iters"]), int(p.get("log_every", 20))
     curve, t0, it, epoch, skip = [], time.time(), 0, 0, 0
     running: dict[str, float] = {}
@@ -65,18 +88,20 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
                         int(p.get("checkpoint_every", 0) or 0), "train_cls", log)
     st = resume.load(model, opt, map_location=device)
     if st is not None:
+        acc.load_state_dict(st.get("scaler"))
         it, epoch, skip = st["it"], st["epoch"], st["skip"]
         curve, running = st["curve"], st["running"]
         gen.set_state(st["gen"])
         set_rng_states(st)
     model.train()
-    bar = tqdm(total=iters, initial=it, desc=f"train_cls[{method_name}]", unit="it", mininterval=2.0)
+    bar = tqdm(total=iters, initial=it, desc=f"train_cls[{method_name}]", unit="it",
+               mininterval=2.0, disable=not dd.is_main)
     while it < iters:
         ds.set_epoch(epoch)
         # the epoch's order from (seed, epoch) alone, so a resumed run skips batches unread
         perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(
             int(p.get("seed", 0)) + epoch)).tolist()
-        batches = [perm[i:i + bs] for i in range(0, len(perm) - bs + 1, bs)]
+        batches = [dd.shard(perm[i:i + bs]) for i in range(0, len(perm) - bs + 1, bs)]
         loader = DataLoader(ds, batch_sampler=batches[skip:], num_workers=int(p.get("num_workers", 0)))
         for b_index, (x, y, idx) in enumerate(loader, start=skip):
             if it >= iters:
@@ -86,16 +111,19 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
             for g in opt.param_groups:
                 g["lr"] = lr * g["lr_mult"]
             method.iteration = it          # for methods whose loss follows the schedule
-            loss, parts = method.loss(model, x.to(device), y.to(device), p, gen)
-            if not torch.isfinite(loss):
+            with acc.autocast():
+                loss, parts = method.loss(model, acc.input(x.to(device)), y.to(device), p, gen)
+            logged = {"loss": loss.item(), **parts}
+            if dd.enabled:     # every rank sees the mean (and raises together on NaN)
+                logged = dict(zip(logged, dd.mean(list(logged.values()), device)))
+            if not math.isfinite(logged["loss"]):
                 bad = [ds.ids[i] for i in idx.tolist()]
-                raise FloatingPointError(f"train_cls: loss is {float(loss)} at iteration {it}; "
+                raise FloatingPointError(f"train_cls: loss is {logged['loss']} at iteration {it}; "
                                          f"batch ids {bad}. Lower `lr` in params.yaml.")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            acc.backward_step(loss, opt, lambda: dd.average_gradients(model))
             method.after_step(model, it, p)
-            for k, v in {"loss": loss.item(), **parts}.items():
+            for k, v in logged.items():
                 running[k] = running.get(k, 0.0) + float(v)
             it += 1
             bar.update(1)
@@ -105,18 +133,21 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
                 curve.append(row)
                 running = {}
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
-                log(f"iter {it}/{iters} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                                      if k != "iter"))
-            if resume.due(it, iters):
+                if dd.is_main:
+                    log(f"iter {it}/{iters} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
+                                                          if k != "iter"))
+            if resume.due(it, iters) and dd.is_main:
                 resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it, epoch=epoch,
                             skip=b_index + 1, curve=curve, running=running, gen=gen.get_state(),
+                            **({"scaler": acc.state_dict()} if acc.scaler else {}),
                             **rng_states())
         epoch += 1
         skip = 0
     bar.close()
-    atomic_torch_save({"state_dict": model.state_dict(), "params": p, "method": method_name,
-                       "num_classes": n_fg}, out_path)
-    resume.remove()
+    if dd.is_main:
+        atomic_torch_save({"state_dict": model.state_dict(), "params": p, "method": method_name,
+                           "num_classes": n_fg}, out_path)
+        resume.remove()
     secs = time.time() - t0
     return {"method": method_name, "iters": iters, "images": len(ds), "seconds": round(secs, 1),
             "final": curve[-1] if curve else {}, "curve": curve}

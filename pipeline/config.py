@@ -164,7 +164,7 @@ REFERENCE_PROFILE = "voc"
 #: mappings whose keys are free-form (passed through to timm / per-method sections)
 FREE_FORM = {"overrides", "by_method", "generate"}
 TOP_LEVEL = {"seed", "run", "datasets", "methods", "profiles"}
-RUN_KEYS = {"datasets", "methods", "shards"}
+RUN_KEYS = {"datasets", "methods", "shards", "gpus"}
 
 
 def _suggest(key: str, known) -> str:
@@ -177,7 +177,7 @@ def validate(cfg: dict) -> None:
     """Catch misspelt or misplaced keys before anything runs.
 
     * top level: ``seed``, ``run``, ``datasets``, ``methods``, ``profiles``;
-    * ``run``: ``datasets`` / ``methods`` naming defined ones, ``shards``;
+    * ``run``: ``datasets`` / ``methods`` naming defined ones, ``shards``, ``gpus``;
     * every ``profiles.<d>.<stage>`` key (recursively, except free-form mappings such as
       ``backbone.overrides``) must exist in the reference profile ``profiles.voc`` — the
       paper-scale profile lists every setting; ``by_method.<m>`` must name a defined method.

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .accel import Accel
 from .cls import load_classifier
 from .data.transforms import to_tensor
 from .data.classes import VOC_CLASSES
@@ -40,14 +41,16 @@ def normalise_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> 
 
 
 def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
-                    device: torch.device) -> dict[str, torch.Tensor]:
+                    device: torch.device, accel: Accel | None = None) -> dict[str, torch.Tensor]:
     """Sum a method's maps over ``p["scales"]`` and horizontal flips at image size.
 
     Each scale resizes the image to a multiple of the token stride, the maps are bilinearly
     upsampled to ``(H, W)``, flipped maps are flipped back, everything is summed, then
     normalised per class (``p["norm"]``: ``max`` / ``minmax``, see :func:`normalise_maps`,
     or ``mean``: divided by the number of scale x flip passes, for maps that are already
-    probabilities in [0, 1] such as ViT-PCM's).
+    probabilities in [0, 1] such as ViT-PCM's). ``accel`` (:class:`pipeline.accel.Accel`):
+    the method's forward runs under its autocast / memory format; the maps are summed in
+    float32 either way.
 
     Returns:
         ``{key: (k, H, W) float32 in [0, 1]}``.
@@ -63,7 +66,11 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
         xs = F.interpolate(x0, size=(h, w), mode="bilinear", align_corners=False)
         for flip in ([False, True] if p.get("flip", True) else [False]):
             xin = xs.flip(-1) if flip else xs
-            out = method.maps(model, xin, fg.to(device), p)
+            if accel is None:
+                out = method.maps(model, xin, fg.to(device), p)
+            else:
+                with accel.autocast():
+                    out = method.maps(model, accel.input(xin), fg.to(device), p)
             passes += 1
             for k, m in out.items():
                 up = F.interpolate(m.unsqueeze(0).float(), size=(H, W), mode="bilinear",
@@ -87,11 +94,18 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
     ``class_names`` (the manifest's ``classes``, background first) is stored as the file's
     class list.
 
+    ``p``: ``export_seeds`` params (device, scales, flip, norm, the method's keys, and
+    amp / channels_last / compile of :mod:`pipeline.accel`).
+
     Returns:
-        summary dict (images, seconds, keys).
+        summary dict (images, seconds, images_per_s, keys).
+    Raises:
+        ValueError: bad ``amp`` value.
     """
     device = get_device(p.get("device", "auto"))
+    acc = Accel(p, device, "export_seeds")
     method, model, _ = load_classifier(model_path, device)
+    acc.prepare(model)
     t0 = time.time()
     meta = {"method": method.name, "params": p, "num_images": len(ids)}
     with MapWriter(out_path, class_names, meta) as wr:
@@ -100,14 +114,16 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
             cids = np.asarray(labels[iid], dtype=np.int64)
             fg = torch.as_tensor(cids - 1, dtype=torch.long)
             if len(fg):
-                maps = multiscale_maps(method, model, img, fg, p, device)
+                maps = multiscale_maps(method, model, img, fg, p, device, acc)
                 arrays = {k: maps[k].cpu().numpy() for k in method.seed_keys}
             else:
                 arrays = {k: np.zeros((0,) + img.shape[:2], np.float32) for k in method.seed_keys}
             wr.write(iid, cids, img.shape[:2], **arrays)
     secs = time.time() - t0
     log(f"export_seeds: {len(ids)} images in {secs:.1f}s -> {out_path}")
-    return {"images": len(ids), "seconds": round(secs, 1), "keys": list(method.seed_keys)}
+    return {"images": len(ids), "seconds": round(secs, 1),
+            "images_per_s": round(len(ids) / secs, 3) if secs > 0 else None,
+            "keys": list(method.seed_keys)}
 
 
 def evaluate_maps(h5_path: str | Path, root: str | Path, ids: Sequence[str], label_dir: str,

@@ -51,6 +51,8 @@ from .data.classes import VOC_CLASSES
 from .data.voc import IGNORE_INDEX, DatasetError, load_image, load_mask, save_mask_png
 from .metrics import confusion_matrix, scores_from_confusion
 from .models.deeplab import DeepLabV2
+from .accel import Accel
+from .distributed import setup as dist_setup
 from .utils import ResumeFile, rng_states, set_rng_states
 
 # Paper-scale defaults (DeepLab-v2, VOC 2012 aug). CPU profiles override them in params.yaml.
@@ -74,6 +76,9 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "log_every": 100,
     "num_threads": None,          # torch CPU threads during the call (None: leave as is)
     "checkpoint_every": 0,        # N > 0: <out>.resume every N iterations (kill-safe resume)
+    "amp": "off",                 # bf16 | fp16 | off (pipeline.accel)
+    "channels_last": False,
+    "compile": False,
 }
 
 DEFAULT_EVAL_PARAMS: dict[str, Any] = {
@@ -166,6 +171,25 @@ class _SeededSampler(Sampler):
                 emitted += 1
 
 
+class _RankBatches(Sampler):
+    """Groups a sampler's items into global batches of ``batch`` and yields this rank's
+    slice of each (:meth:`pipeline.distributed.Dist.shard`); incomplete last batch dropped."""
+
+    def __init__(self, sampler: Sampler, batch: int, dd):
+        self.sampler, self.batch, self.dd = sampler, int(batch), dd
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch
+
+    def __iter__(self):
+        buf = []
+        for item in self.sampler:
+            buf.append(item)
+            if len(buf) == self.batch:
+                yield self.dd.shard(buf)
+                buf = []
+
+
 class _SegTrainSet(Dataset):
     """Random scale, pad, crop, flip of (image, pseudo label); item = ``(index, seed)``.
 
@@ -220,12 +244,17 @@ class _SegTrainSet(Dataset):
         return to_tensor(np.array(img)), torch.from_numpy(lab.astype(np.int64))
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def seg_loss(logits: torch.Tensor, target: torch.Tensor,
+             denominator: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of stride-8 logits upsampled (bilinear) to the label size.
 
     Args:
         logits: float ``(B, C, h, w)``.
         target: int64 ``(B, H, W)``, class ids in ``[0, C)`` or 255 (ignored).
+        denominator: divide the summed loss by this instead of the number of non-ignored
+            pixels of ``target`` (data-parallel training passes the global count / world
+            size, so that averaging the ranks' gradients gives the gradient of the global
+            per-pixel mean even when ranks hold different numbers of ignored pixels).
     Returns:
         scalar: mean over non-ignored pixels (0 with zero gradient when all are ignored,
         instead of PyTorch's NaN).
@@ -234,6 +263,8 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     total = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    if denominator is not None:
+        return total / denominator
     valid = (target != IGNORE_INDEX).sum().clamp(min=1)
     return total / valid
 
@@ -265,8 +296,12 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
             log_every, num_threads (torch CPU threads for this call, restored after; None =
             unchanged), checkpoint_every (N > 0: ``<out_path>.resume`` every N iterations; a
             rerun with the same params resumes from it to the same final weights as an
-            uninterrupted run; removed at the end). Unknown keys are logged and ignored.
-        device: torch device string.
+            uninterrupted run; removed at the end), amp / channels_last / compile
+            (:mod:`pipeline.accel`). Unknown keys are logged and ignored. Under ``torchrun``
+            (:mod:`pipeline.distributed`): DistributedDataParallel, each rank trains on its
+            ``batch_size / world_size`` slice of every global batch, the loss is normalised
+            by the global count of labelled pixels, only rank 0 writes files.
+        device: torch device string (``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun).
         log: called with progress lines.
     Returns:
         dict: ``loss_curve`` (list of ``{"iter": i, "loss": mean loss of the last log_every
@@ -276,15 +311,23 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
         DatasetError: no id, a missing image or pseudo label, size mismatch, or a label value
             outside ``[0, num_classes) ∪ {255}`` (message names the file).
         WeightsError: pretrained weights unavailable.
-        ValueError: iters, batch_size or crop out of range.
+        ValueError: iters, batch_size or crop out of range, bad ``amp``, or batch_size not
+            divisible by the number of torchrun processes.
         FloatingPointError: the loss became NaN/inf (lr too high).
     """
     p = _resolve(DEFAULT_TRAIN_PARAMS, params, log, "train_seg")
     with _torch_threads(p["num_threads"]):
-        return _train_seg(root, ids, pseudo_dir, out_path, p, device, log)
+        dd, device = dist_setup(device)
+        try:
+            out = _train_seg(root, ids, pseudo_dir, out_path, p, device, log, dd)
+        except BaseException:
+            dd.close(barrier=False)     # the other ranks fail on their next collective
+            raise
+        dd.close()
+        return out
 
 
-def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
+def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dict:
     from tqdm import tqdm
 
     ids = list(ids)
@@ -296,6 +339,8 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
         raise ValueError(f"train_seg needs iters >= 1, batch_size >= 1, crop >= 8 "
                          f"(got {iters}, {bs}, {p['crop']})")
     log_every = max(1, int(p["log_every"]))
+    acc = Accel(p, device, "train_seg")
+    dd.per_rank(bs, "train_seg")          # raises unless batch_size divides over the ranks
     freeze = p["freeze_bn"]
     if freeze is None:
         freeze = p["pretrained"] not in (None, "", "none", False)
@@ -305,6 +350,8 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
     model.train()
     if freeze:
         model.freeze_bn()
+    acc.prepare(model)
+    net = dd.wrap(model, torch.device(device))   # DDP under torchrun, else the model itself
     groups = model.param_groups()
     base_lrs = [float(p["lr"]) * g["lr_mult"] for g in groups]
     opt = torch.optim.SGD([{"params": g["params"], "lr": lr} for g, lr in zip(groups, base_lrs)],
@@ -318,52 +365,63 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log) -> dict:
     st = resume.load(model, opt, map_location=device)
     if st is not None:
         start, curve, window = st["it"], st["curve"], st["window"]
+        acc.load_state_dict(st.get("scaler"))
         set_rng_states(st)
     ds = _SegTrainSet(root, ids, pseudo_dir, p["crop"], p["scale_range"], p["num_classes"])
     sampler = _SeededSampler(len(ds), iters * bs, seed, start=start * bs)
     nw = int(p["num_workers"])
-    loader = DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=nw, drop_last=True,
+    batching = ({"batch_size": bs, "sampler": sampler, "drop_last": True} if not dd.enabled else
+                {"batch_sampler": _RankBatches(sampler, bs, dd)})
+    loader = DataLoader(ds, **batching, num_workers=nw,
                         generator=torch.Generator().manual_seed(seed),
                         pin_memory=str(device).startswith("cuda"),
                         persistent_workers=False)
 
     t0 = time.time()
     bar = tqdm(total=iters, initial=start, desc="train_seg", file=sys.stderr,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not dd.is_main)
     for it, (x, y) in enumerate(loader, start=start):
         factor = (1.0 - it / iters) ** float(p["poly_power"])
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * factor
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        loss = seg_loss(model(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train_seg: loss is {loss.item()} at iteration {it + 1}; "
+        denom = None
+        if dd.enabled:     # global labelled-pixel count / world (see seg_loss)
+            denom = dd.sum_((y != IGNORE_INDEX).sum()).clamp(min=1).double() / dd.world
+        with acc.autocast():
+            loss = seg_loss(net(acc.input(x)), y, denom)
+        value = dd.mean([float(loss.detach())], device)[0]
+        if not math.isfinite(value):
+            raise FloatingPointError(f"train_seg: loss is {value} at iteration {it + 1}; "
                                      f"lower `lr` (now {p['lr']}).")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        window.append(float(loss.detach()))
+        acc.backward_step(loss, opt)
+        window.append(value)
         bar.update(1)
         if (it + 1) % log_every == 0 or it + 1 == iters:
             m = float(np.mean(window))
             curve.append({"iter": it + 1, "loss": m})
             window = []
             bar.set_postfix(loss=f"{m:.4f}")
-            log(f"[train_seg] iter {it + 1}/{iters} loss {m:.4f} lr {opt.param_groups[0]['lr']:.3g}")
-        if resume.due(it + 1, iters):
+            if dd.is_main:
+                log(f"[train_seg] iter {it + 1}/{iters} loss {m:.4f} "
+                    f"lr {opt.param_groups[0]['lr']:.3g}")
+        if resume.due(it + 1, iters) and dd.is_main:
             resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it + 1, curve=curve,
-                        window=window, **rng_states())
+                        window=window, **({"scaler": acc.state_dict()} if acc.scaler else {}),
+                        **rng_states())
     bar.close()
     wall = time.time() - t0
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "params": p, "num_classes": int(p["num_classes"])}, tmp)
-    os.replace(tmp, out_path)
-    resume.remove()
+    if dd.is_main:
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"state_dict": state, "params": p, "num_classes": int(p["num_classes"])}, tmp)
+        os.replace(tmp, out_path)
+        resume.remove()
     return {"loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else math.nan,
             "wall_time_s": wall, "iters": iters, "num_images": len(ids), "params": p}
 

@@ -29,7 +29,9 @@ def main() -> str:
     met = train_classifier(args.method, m["root"], ids, m["labels"], p, args.out or d["cls_model"],
                            log=logging.getLogger("wsss").info, inputs=inputs,
                            class_names=manifest_classes(m))
-    write_json(args.metrics or d["cls_metrics"], met)
+    from pipeline.distributed import is_main_process
+    if is_main_process():          # torchrun: rank 0 writes (the model too, see train_classifier)
+        write_json(args.metrics or d["cls_metrics"], met)
     return f"{met['iters']} iterations on {met['images']} images, final {met['final']}"
 
 

@@ -24,7 +24,9 @@ def main() -> str:
     lib["num_classes"] = len(manifest_classes(m))   # background included
     met = train_seg(m["root"], ids, args.pseudo or d["pseudo"], args.out or d["seg_model"], lib,
                     device=get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info)
-    write_json(args.metrics or d["seg_metrics"], met)
+    from pipeline.distributed import is_main_process
+    if is_main_process():          # torchrun: rank 0 writes (the model too, see train_seg)
+        write_json(args.metrics or d["seg_metrics"], met)
     return f"DeepLabV2 trained on {len(ids)} pseudo labels"
 
 
