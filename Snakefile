@@ -326,8 +326,9 @@ rule report_comparison:
     """The cross-method comparison table (rule compare) as HTML, after every method's figures:
     `snakemake results/{dataset}/report/comparison.html` builds all chains, figures included."""
     input: js="results/{dataset}/comparison.json", figures=lambda w: report_figures(w.dataset, METHODS)
-    output: report("results/{dataset}/report/comparison.html", caption="report/comparison.rst",
-                   category="comparison", subcategory="{dataset}", labels={"dataset": "{dataset}"})
+    output:
+        report("results/{dataset}/report/comparison.html", caption="report/comparison.rst",
+               category="comparison", subcategory="{dataset}", labels={"dataset": "{dataset}"})
     log: "results/{dataset}/logs/report_comparison.log"
     threads: 1
     resources: mem_mb=1000, gpu=0
