@@ -249,7 +249,7 @@ def draw_gallery(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], legend: l
     handles = [Patch(facecolor=np.array(col) / 255.0, edgecolor="k", label=f"{cid} {name}")
                for cid, name, col in legend]
     if handles:
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8)
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), max(2, ncol)), fontsize=8)
     if title:
         fig.suptitle(title)
     return atomic_write(out, lambda t: fig.savefig(t))
