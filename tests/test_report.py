@@ -165,6 +165,68 @@ def test_cli_names_the_missing_file(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
+def make_chain(tmp: Path, ids_train: list[str], ids_val: list[str], classes=None) -> tuple[Path, Path]:
+    """A hand-made 12x10 px chain: dataset, manifest, seeds.h5 / refined.h5, PNGs, metrics."""
+    from pipeline.data.voc import save_mask_png
+    from pipeline.storage import MapWriter
+    from pipeline.utils import write_json
+    root = tmp / "VOC2012"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    chain = tmp / "results/d/m"
+    for sub in ("pseudo", "predictions", "cls", "affinity", "seg"):
+        (chain / sub).mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    names = classes or list(VOC_CLASSES)
+    with MapWriter(chain / "seeds.h5", names) as sw, MapWriter(chain / "refined.h5", names) as rw:
+        for k, i in enumerate(ids_train + ids_val):
+            Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
+            gt = np.zeros((12, 10), np.uint8)
+            gt[2:7, 3:8] = 1 + k % 3
+            save_mask_png(root / "SegmentationClass" / f"{i}.png", gt)
+            save_mask_png(chain / ("pseudo" if i in ids_train else "predictions") / f"{i}.png", gt)
+            if i in ids_train:
+                sw.write(i, [1 + k % 3], (12, 10), cams=rng.random((1, 12, 10)))
+                rw.write(i, [0, 1 + k % 3], (12, 10), probs=rng.random((2, 12, 10)))
+    man = {"root": str(root), "label_dir": "SegmentationClass",
+           "splits": {"train": ids_train, "eval_train": ids_train, "val": ids_val}}
+    if classes:
+        man["classes"] = classes
+    write_json(tmp / "dataset.json", man)
+    iou = {"iou": {n: 0.5 for n in names}, "miou": 0.5}
+    for f in ("seeds_miou.json", "pseudo_miou.json", "miou.json"):
+        write_json(chain / f, iou)
+    write_json(chain / "refined_miou.json", {**iou, "key": "probs"})
+    write_json(chain / "cls/metrics.json", {"curve": [{"iter": 1, "loss": 1.0}, {"iter": 2, "loss": 0.5}]})
+    write_json(chain / "affinity/metrics.json", {"loss_curve": [{"iter": 1, "loss": 1.0}]})
+    write_json(chain / "seg/metrics.json", {"loss_curve": []})
+    return tmp / "dataset.json", chain
+
+
+def test_chain_report_draws_every_figure_from_a_hand_made_chain(tmp_path):
+    names = ["background", "zebra", "yak", "xylophone"]        # the manifest's own classes
+    man, chain = make_chain(tmp_path, ["t3", "t1", "t2"], ["v2", "v1"], classes=names)
+    out = report.chain_report(man, chain, tmp_path / "out", n_images=2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == \
+        ["curves.png", "gallery_train.png", "gallery_val.png", "iou.html"]
+    table = out["iou"].read_text()
+    assert all(f">{n}<" in table for n in names) and "aeroplane" not in table
+    sizes = {}
+    for k in ("gallery_train", "gallery_val"):
+        with Image.open(out[k]) as im:
+            sizes[k] = im.size
+    assert sizes["gallery_train"][0] > sizes["gallery_val"][0]        # 5 panels vs 3
+    # a missing pseudo label of a gallery image: one clear error naming it
+    (chain / "pseudo" / "t1.png").unlink()
+    with pytest.raises(report.ReportError, match=r"pseudo/t1\.png is missing"):
+        report.chain_report(man, chain, tmp_path / "out2", n_images=2)
+    (chain / "pseudo" / "t3.png").unlink()            # not among the first 2 sorted: not read
+    save = chain / "pseudo" / "t1.png"
+    from pipeline.data.voc import save_mask_png
+    save_mask_png(save, np.zeros((12, 10), np.uint8))
+    report.chain_report(man, chain, tmp_path / "out3", n_images=2)
+
+
 # ----------------------------------------------------------------------- the HTML report
 
 
