@@ -222,7 +222,9 @@ def plot_curves(curves: dict[str, list[dict]], out: str | Path, title: str = "")
 def draw_gallery(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], legend: list, out: str | Path,
                  title: str = "") -> Path:
     """A grid: one row per image id, one column per (panel title, uint8 ``(H, W, 3)``) of
-    ``rows``, and a legend of ``legend`` (:func:`legend_entries`) below.
+    ``rows``, and a legend of ``legend`` (:func:`legend_entries`) below. A title
+    ``"column: detail"`` heads the column with ``column`` and writes ``detail`` into that
+    row's panel (e.g. the class of a CAM).
 
     Raises:
         ValueError: no row, or rows with different numbers of panels.
@@ -242,8 +244,12 @@ def draw_gallery(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], legend: l
             ax.imshow(img, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            head, _, tag = name.partition(":")
             if r == 0:
-                ax.set_title(name, fontsize=9)
+                ax.set_title(head, fontsize=9)
+            if tag:                                    # per-image detail, e.g. the CAM's class
+                ax.text(0.02, 0.98, tag.strip(), transform=ax.transAxes, va="top", ha="left",
+                        fontsize=7, color="w", bbox={"facecolor": "k", "alpha": 0.6, "pad": 1.5})
             if c == 0:
                 ax.set_ylabel(image_id, fontsize=8)
     handles = [Patch(facecolor=np.array(col) / 255.0, edgecolor="k", label=f"{cid} {name}")
@@ -376,7 +382,7 @@ def chain_report(manifest_path: str | Path, chain: str | Path, out_dir: str | Pa
             pseudo = resize_nearest(read_label_png(chain / "pseudo" / f"{i}.png"), hw)
             labels += [gt, ref, pseudo]
             rows.append((i, [("image", img), ("ground truth", overlay(img, gt)),
-                             (f"CAM: {names[cid] if cid < len(names) else cid}",
+                             (f"CAM (strongest class): {names[cid] if cid < len(names) else cid}",
                               heatmap(img, resize_nearest(cam, hw))),
                              ("refined", overlay(img, ref)), ("pseudo label", overlay(img, pseudo))]))
     done["gallery_train"] = draw_gallery(rows, legend_entries(labels, names),
