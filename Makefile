@@ -16,9 +16,11 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 ## the main job on the embedded synthetic `demo` dataset (ACR chain), then its mIoU summary
+## (+ its report figures and the one-file HTML report, report.html)
 demo: $(BIN)/.installed
-	$(BIN)/snakemake --cores $(CORES) results/demo/acr/miou.json
+	$(BIN)/snakemake --cores $(CORES) results/demo/acr/miou.json results/demo/acr/report/iou.html
 	$(BIN)/python -m pipeline.summary results/demo/acr/miou.json
+	$(BIN)/snakemake --cores $(CORES) --report report.html results/demo/acr/report/iou.html
 
 ## the same chain on the 100 real VOC images in ../shared/data/voc2012-sample
 vocsample: $(BIN)/.installed

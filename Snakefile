@@ -12,6 +12,7 @@ from pipeline.config import check_complete, stage_params, validate
 from pipeline.paths import artifacts, manifest
 
 configfile: "params.yaml"
+report: "report/workflow.rst"   # the landing page of `snakemake --report report.html`
 validate(config)         # misspelt keys stop here, named, before any job runs
 check_complete(config)
 
@@ -85,10 +86,21 @@ L = "results/{dataset}/logs/{method}"
 B = "results/{dataset}/benchmarks/{method}"
 ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
 
+RF = R + "/report"
+GALLERY_IMAGES = int((config.get("report") or {}).get("gallery_images", 4))
+REPORT_FIGURES = ("curves.png", "iou.html", "gallery_train.png", "gallery_val.png")
+
+
+def report_figures(dataset, methods):
+    """Every report figure of the chains (dataset, m) for m in methods."""
+    return expand(RF + "/{fig}", dataset=dataset, method=methods, fig=REPORT_FIGURES)
+
+
 rule all:
     input:
         expand("results/{dataset}/{method}/miou.json",
-               dataset=config["run"]["datasets"], method=config["run"]["methods"])
+               dataset=config["run"]["datasets"], method=config["run"]["methods"]),
+        [report_figures(d, config["run"]["methods"]) for d in config["run"]["datasets"]]
 
 
 rule download_voc:
@@ -327,6 +339,51 @@ rule compare:
     shell: "{PY} -m stages.compare --dataset {wildcards.dataset} --methods {params.methods} --out {output.md} > {log} 2>&1"
 
 
+# ------------------------------------------------------------------ snakemake --report
+# Outputs marked with report() are embedded (as data URIs) in the one self-contained HTML page
+# of `snakemake --report report.html <targets>`; category = chain, subcategory = stage.
+CAT = "{dataset} / {method}"
+
+
+rule report_figures:
+    """Training curves, per-class IoU table and fixed-image galleries of one chain
+    (pipeline/report.py; no torch import, ~3 s)."""
+    input:
+        manifest="results/{dataset}/dataset.json", miou=R + "/miou.json", predictions=R + "/predictions",
+        seeds=R + "/seeds.h5", refined=R + "/refined.h5", pseudo=R + "/pseudo",
+        stage_metrics=[R + "/seeds_miou.json", R + "/refined_miou.json", R + "/pseudo_miou.json",
+                       R + "/own_seg_miou.json"],
+        curves=[R + "/cls/metrics.json", R + "/affinity/metrics.json", R + "/seg/metrics.json"]
+    output:
+        curves=report(RF + "/curves.png", caption="report/curves.rst", category=CAT,
+                      subcategory="training curves", labels={"chain": CAT, "figure": "losses"}),
+        iou=report(RF + "/iou.html", caption="report/iou.rst", category=CAT,
+                   subcategory="per-class IoU", labels={"chain": CAT, "figure": "IoU table"}),
+        gallery_train=report(RF + "/gallery_train.png", caption="report/gallery_train.rst", category=CAT,
+                             subcategory="galleries", labels={"chain": CAT, "figure": "train: CAM / refined / pseudo"}),
+        gallery_val=report(RF + "/gallery_val.png", caption="report/gallery_val.rst", category=CAT,
+                           subcategory="galleries", labels={"chain": CAT, "figure": "val: prediction"})
+    params: n=GALLERY_IMAGES
+    log: L + "/report_figures.log"
+    benchmark: B + "/report_figures.tsv"
+    threads: 1
+    resources: mem_mb=2000, gpu=0
+    shell: "{PY} -m stages.report_figures --manifest {input.manifest} --chain results/{wildcards.dataset}/{wildcards.method} --out-dir results/{wildcards.dataset}/{wildcards.method}/report --gallery-images {params.n} > {log} 2>&1"
+
+
+rule report_comparison:
+    """The cross-method comparison table (rule compare) as HTML, after every method's figures:
+    `snakemake results/{dataset}/report/comparison.html` builds all chains, figures included."""
+    input: js="results/{dataset}/comparison.json", figures=lambda w: report_figures(w.dataset, METHODS)
+    output:
+        report("results/{dataset}/report/comparison.html", caption="report/comparison.rst",
+               category="comparison", subcategory="{dataset}", labels={"dataset": "{dataset}"})
+    log: "results/{dataset}/logs/report_comparison.log"
+    threads: 1
+    resources: mem_mb=1000, gpu=0
+    shell: "{PY} -m stages.report_figures --comparison {input.js} --out {output} > {log} 2>&1"
+
+
 # ------------------------------------------------------------------ misspelt targets
 # Without these, `snakemake results/vocc/acr/miou.json` ends in Snakemake's generic
 # MissingRuleException. The negative look-aheads make them match only unknown names, so they
@@ -352,4 +409,4 @@ rule unknown_dataset:
 rule unknown_method:
     input: _unknown
     output: "results/{dataset}/{bad_method}/{rest}"
-    wildcard_constraints: bad_method=_not(METHODS + ["logs", "benchmarks"]), rest=".+"
+    wildcard_constraints: bad_method=_not(METHODS + ["logs", "benchmarks", "report"]), rest=".+"

@@ -163,8 +163,10 @@ def check_complete(cfg: dict) -> None:
 REFERENCE_PROFILE = "voc"
 #: mappings whose keys are free-form (passed through to timm / per-method sections)
 FREE_FORM = {"overrides", "by_method", "generate"}
-TOP_LEVEL = {"seed", "run", "datasets", "methods", "profiles"}
+TOP_LEVEL = {"seed", "run", "datasets", "methods", "profiles", "report"}
 RUN_KEYS = {"datasets", "methods", "shards", "gpus"}
+#: keys of the optional top-level `report` section (figures of `snakemake --report`)
+REPORT_KEYS = {"gallery_images"}
 
 
 def _suggest(key: str, known) -> str:
@@ -176,8 +178,9 @@ def _suggest(key: str, known) -> str:
 def validate(cfg: dict) -> None:
     """Catch misspelt or misplaced keys before anything runs.
 
-    * top level: ``seed``, ``run``, ``datasets``, ``methods``, ``profiles``;
+    * top level: ``seed``, ``run``, ``datasets``, ``methods``, ``profiles``, ``report``;
     * ``run``: ``datasets`` / ``methods`` naming defined ones, ``shards``, ``gpus``;
+    * ``report``: ``gallery_images`` (a positive integer);
     * every ``profiles.<d>.<stage>`` key (recursively, except free-form mappings such as
       ``backbone.overrides``) must exist in the reference profile ``profiles.voc`` — the
       paper-scale profile lists every setting; ``by_method.<m>`` must name a defined method.
@@ -192,6 +195,14 @@ def validate(cfg: dict) -> None:
     for k in run:
         if k not in RUN_KEYS:
             raise ConfigError(f"params.yaml: unknown key `run.{k}`{_suggest(k, RUN_KEYS)}")
+    rep = cfg.get("report") or {}
+    for k in rep:
+        if k not in REPORT_KEYS:
+            raise ConfigError(f"params.yaml: unknown key `report.{k}`{_suggest(k, REPORT_KEYS)}")
+    n = rep.get("gallery_images", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"params.yaml: `report.gallery_images` must be a positive integer "
+                          f"(images per report gallery), got {n!r}")
     for kind in ("datasets", "methods"):
         for name in run.get(kind) or []:
             if name not in (cfg.get(kind) or {}):

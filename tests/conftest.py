@@ -75,8 +75,9 @@ def make_workdir(d: Path, vocsample_root: Path | None = None) -> Path:
     if vocsample_root is not None:
         params["datasets"]["vocsample"]["root"] = str(vocsample_root)
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    if not (d / "stages").exists():
-        (d / "stages").symlink_to(REPO / "stages")
+    for link in ("stages", "report"):   # report/: captions of `snakemake --report`
+        if not (d / link).exists():
+            (d / link).symlink_to(REPO / link)
     return d
 
 
@@ -101,7 +102,8 @@ def copy_demo_cam(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True, exist_ok=True)
     for f in ("Snakefile", "params.yaml"):
         shutil.copy2(src / f, dst / f)
-    (dst / "stages").symlink_to(REPO / "stages")
+    for link in ("stages", "report"):
+        (dst / link).symlink_to(REPO / link)
     shutil.copytree(src / "data/demo", dst / "data/demo", symlinks=True)
     (dst / "results/demo").mkdir(parents=True)
     shutil.copy2(src / "results/demo/dataset.json", dst / "results/demo/dataset.json")

@@ -150,9 +150,10 @@ def test_fallback_rules_never_shadow_real_targets(tmp_path):
     shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--", "results/vocsample/acr/miou.json",
-                        "results/demo/comparison.md", "results/demo/cam/pseudo"],
+                        "results/demo/comparison.md", "results/demo/cam/pseudo",
+                        "results/demo/report/comparison.html", "results/demo/acr/report/curves.png"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-3000:]
     assert "unknown_method" not in out and "unknown_dataset" not in out
-    assert "eval_seg" in out and "compare" in out
+    assert "eval_seg" in out and "compare" in out and "report_comparison" in out
