@@ -37,6 +37,13 @@ def parser(stage: str, doc: str, method: bool = True) -> argparse.ArgumentParser
     return ap
 
 
+def add_manifest(ap: argparse.ArgumentParser) -> None:
+    """``--manifest``: the dataset manifest written by prepare_dataset."""
+    ap.add_argument("--manifest", default=None,
+                    help="dataset manifest: split ids, image labels, class names "
+                         "(default results/{dataset}/dataset.json, made by prepare_dataset)")
+
+
 def _shard_spec(spec: str) -> tuple[int, int]:
     from pipeline.shards import parse_shard
     try:

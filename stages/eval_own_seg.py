@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
 
 
 def main() -> str:
     ap = parser("eval_own_seg", __doc__)
-    ap.add_argument("--manifest", default=None)
+    add_manifest(ap)
     ap.add_argument("--model", default=None, help="classifier checkpoint (default .../cls/model.pt)")
     ap.add_argument("--out", default=None, help="metrics json (default .../own_seg_miou.json)")
     args = ap.parse_args()

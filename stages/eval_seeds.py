@@ -2,12 +2,12 @@
 (a threshold curve is reported for information, never used to choose the threshold)."""
 from __future__ import annotations
 
-from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
 
 
 def main() -> str:
     ap = parser("eval_seeds", __doc__)
-    ap.add_argument("--manifest", default=None)
+    add_manifest(ap)
     ap.add_argument("--seeds", default=None, help="seeds HDF5 (default .../seeds.h5)")
     ap.add_argument("--out", default=None, help="metrics json (default .../seeds_miou.json)")
     args = ap.parse_args()

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
 
 
 def gather_stages(files) -> dict:
@@ -25,7 +25,7 @@ def gather_stages(files) -> dict:
 
 def main() -> str:
     ap = parser("eval_seg", __doc__)
-    ap.add_argument("--manifest", default=None)
+    add_manifest(ap)
     ap.add_argument("--model", default=None, help="DeepLabV2 checkpoint (default .../seg/model.pt)")
     ap.add_argument("--out", default=None, help="metrics json (default .../miou.json)")
     ap.add_argument("--predictions", default=None, help="PNG folder (default .../predictions)")

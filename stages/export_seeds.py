@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import (add_shard_args, default_paths, load_manifest, parser, run_cli,
+from stages._common import (add_manifest, add_shard_args, default_paths, load_manifest, parser, run_cli,
                             stage_config)
 
 
 def main() -> str:
     ap = parser("export_seeds", __doc__)
-    ap.add_argument("--manifest", default=None)
+    add_manifest(ap)
     ap.add_argument("--model", default=None, help="classifier checkpoint (default .../cls/model.pt)")
     ap.add_argument("--out", default=None, help="HDF5 output (default .../seeds.h5)")
     add_shard_args(ap)

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import (add_shard_args, default_paths, load_manifest, parser, run_cli,
+from stages._common import (add_manifest, add_shard_args, default_paths, load_manifest, parser, run_cli,
                             stage_config)
 
 
 def main() -> str:
     ap = parser("make_pseudo_labels", __doc__)
-    ap.add_argument("--manifest", default=None)
+    add_manifest(ap)
     ap.add_argument("--maps", default=None, help="refined HDF5 (default .../refined.h5)")
     ap.add_argument("--out", default=None, help="PNG folder (default .../pseudo)")
     ap.add_argument("--metrics", default=None, help="default .../pseudo_miou.json")

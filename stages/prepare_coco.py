@@ -13,7 +13,8 @@ def main() -> str:
     ap = parser("prepare_coco", __doc__, method=False)
     ap.add_argument("--source", default=None, help="raw COCO 2014 folder (default datasets.<name>.source)")
     ap.add_argument("--root", default=None, help="output VOC-layout root (default datasets.<name>.root)")
-    ap.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"])
+    ap.add_argument("--splits", nargs="+", default=["train", "val"], choices=["train", "val"],
+                    help="which COCO 2014 splits to render (default both)")
     args = ap.parse_args()
     data = stage_config(args, "prepare_dataset")["data"]
     from pipeline.data.coco import convert_coco

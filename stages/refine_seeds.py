@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import (add_shard_args, default_paths, load_manifest, parser, run_cli,
+from stages._common import (add_manifest, add_shard_args, default_paths, load_manifest, parser, run_cli,
                             stage_config)
 
 
 def main() -> str:
     ap = parser("refine_seeds", __doc__)
-    ap.add_argument("--manifest", default=None)
-    ap.add_argument("--seeds", default=None)
+    add_manifest(ap)
+    ap.add_argument("--seeds", default=None, help="seeds HDF5 to refine (default .../seeds.h5)")
     ap.add_argument("--model", default=None, help="AffinityNet checkpoint")
     ap.add_argument("--out", default=None, help="refined HDF5 (default .../refined.h5)")
     ap.add_argument("--metrics", default=None, help="default .../refined_miou.json")

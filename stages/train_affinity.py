@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
 
 
 def main() -> str:
     ap = parser("train_affinity", __doc__)
-    ap.add_argument("--manifest", default=None)
+    add_manifest(ap)
     ap.add_argument("--seeds", default=None, help="seeds HDF5 (default .../seeds.h5)")
     ap.add_argument("--out", default=None, help="checkpoint (default .../affinity/model.pt)")
     ap.add_argument("--metrics", default=None, help="metrics json (default .../affinity/metrics.json)")

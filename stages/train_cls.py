@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
 
 
 def main() -> str:
     ap = parser("train_cls", __doc__)
-    ap.add_argument("--manifest", default=None, help="dataset manifest (default results/{dataset}/dataset.json)")
+    add_manifest(ap)
     ap.add_argument("--out", default=None, help="checkpoint path (default results/{dataset}/{method}/cls/model.pt)")
     ap.add_argument("--metrics", default=None, help="metrics json (default .../cls/metrics.json)")
     ap.add_argument("--teacher", default=None,
