@@ -26,6 +26,22 @@ def run_stage(args, tmp_path, **env):
                           text=True, timeout=300, env=e)
 
 
+def run_stage_inprocess(args, tmp_path, monkeypatch, capsys):
+    """``python -m stages.<name> ARGS`` in this process (no 5 s torch/timm import per call):
+    the stage's ``run_cli`` must end in exit code 2; returns (captured stderr, exit code)."""
+    import importlib
+
+    from stages._common import run_cli
+    name = args[0].split(".", 1)[1]
+    mod = importlib.import_module(args[0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"stages/{name}.py", *args[1:]])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        run_cli(name, mod.main)
+    return subprocess.CompletedProcess(args, ei.value.code, "", capsys.readouterr().err)
+
+
 def one_line_error(r, stage):
     """The stage failed with exit 2 and a single ERROR line, no traceback; returns that line."""
     assert r.returncode == 2, r.stderr[-2000:]
@@ -78,9 +94,10 @@ def train_cls_args(tmp_path, manifest, **over):
             "--metrics", str(tmp_path / "cls/metrics.json")]
 
 
-def test_missing_local_weights_file_is_named(tmp_path, tiny_manifest):
-    r = run_stage(train_cls_args(tmp_path, tiny_manifest, backbone={"pretrained": "data/weights/vit.pth"}),
-                  tmp_path)
+def test_missing_local_weights_file_is_named(tmp_path, tiny_manifest, monkeypatch, capsys):
+    r = run_stage_inprocess(train_cls_args(tmp_path, tiny_manifest,
+                                           backbone={"pretrained": "data/weights/vit.pth"}),
+                            tmp_path, monkeypatch, capsys)
     line = one_line_error(r, "train_cls")
     assert "data/weights/vit.pth" in line and "does not exist" in line and "pretrained" in line
     assert not (tmp_path / "cls").exists() or not any((tmp_path / "cls").iterdir())
@@ -111,18 +128,20 @@ def test_hub_reachability_probe_reads_the_endpoint():
     assert _hub_reachable("http://127.0.0.1:9", timeout=1.0) is False   # discard port: closed
 
 
-def test_cuda_requested_without_gpu(tmp_path, tiny_manifest):
-    r = run_stage(train_cls_args(tmp_path, tiny_manifest, device="cuda"), tmp_path,
-                  CUDA_VISIBLE_DEVICES="")
+def test_cuda_requested_without_gpu(tmp_path, tiny_manifest, monkeypatch, capsys):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # also on a GPU machine
+    r = run_stage_inprocess(train_cls_args(tmp_path, tiny_manifest, device="cuda"), tmp_path,
+                            monkeypatch, capsys)
     line = one_line_error(r, "train_cls")
     assert "cuda" in line and "device: cpu" in line and "params.yaml" in line
 
 
-def test_unknown_method_in_stage_cli_suggests_the_closest(tmp_path, tiny_manifest):
+def test_unknown_method_in_stage_cli_suggests_the_closest(tmp_path, tiny_manifest, monkeypatch, capsys):
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")   # read by name, no --params-json
     args = ["stages.train_cls", "--dataset", "demo", "--method", "acrr", "--manifest", str(tiny_manifest),
             "--out", str(tmp_path / "m.pt"), "--metrics", str(tmp_path / "m.json")]
-    r = run_stage(args, tmp_path)
+    r = run_stage_inprocess(args, tmp_path, monkeypatch, capsys)
     line = one_line_error(r, "train_cls")
     assert "unknown method 'acrr'" in line and "did you mean `acr`" in line
 
