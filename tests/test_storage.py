@@ -28,6 +28,11 @@ def test_hdf5_round_trip(tmp_path):
             r.read("nope")
         with pytest.raises(StorageError, match="no map"):
             r.read("img0", "probs")
+    import h5py
+    with h5py.File(p, "r") as f:     # float16, one chunk per class map, shuffle + gzip
+        d = f["img0/cams"]
+        assert d.dtype == np.float16 and d.chunks == (1, 5, 7)
+        assert d.compression == "gzip" and d.compression_opts == 4 and d.shuffle
 
 
 def test_failed_write_leaves_no_artifact(tmp_path):
