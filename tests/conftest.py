@@ -95,17 +95,26 @@ def tiny_dag(tmp_path_factory) -> Path:
     return d
 
 
-def copy_demo_cam(src: Path, dst: Path) -> Path:
-    """Copy the demo/cam chain of a tiny_dag build (data, manifest, artifacts, Snakefile,
-    params; mtimes kept, so Snakemake sees it up to date) into a fresh working directory."""
-    assert (src / "results/demo/cam/pseudo_miou.json").is_file(), "the tiny demo/cam chain failed"
+def copy_demo_chains(src: Path, dst: Path, methods=("cam",), workdir_files: bool = True) -> Path:
+    """Copy demo chains of a tiny_dag build (data, manifest, the methods' artifacts; mtimes
+    kept, so Snakemake sees them up to date) into ``dst``; with ``workdir_files`` also the
+    Snakefile and params.yaml of the build and links to stages/ and report/."""
+    for m in methods:
+        assert (src / f"results/demo/{m}/miou.json").is_file(), f"the tiny demo/{m} chain failed"
     dst.mkdir(parents=True, exist_ok=True)
-    for f in ("Snakefile", "params.yaml"):
-        shutil.copy2(src / f, dst / f)
-    for link in ("stages", "report"):
-        (dst / link).symlink_to(REPO / link)
+    if workdir_files:
+        for f in ("Snakefile", "params.yaml"):
+            shutil.copy2(src / f, dst / f)
+        for link in ("stages", "report"):
+            (dst / link).symlink_to(REPO / link)
     shutil.copytree(src / "data/demo", dst / "data/demo", symlinks=True)
     (dst / "results/demo").mkdir(parents=True)
     shutil.copy2(src / "results/demo/dataset.json", dst / "results/demo/dataset.json")
-    shutil.copytree(src / "results/demo/cam", dst / "results/demo/cam", symlinks=True)
+    for m in methods:
+        shutil.copytree(src / f"results/demo/{m}", dst / f"results/demo/{m}", symlinks=True)
     return dst
+
+
+def copy_demo_cam(src: Path, dst: Path) -> Path:
+    """The demo/cam chain of a tiny_dag build as a working directory (see copy_demo_chains)."""
+    return copy_demo_chains(src, dst, ("cam",))

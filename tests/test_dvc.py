@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.config import deep_merge
 from tests.conftest import REPO
-from tests.conftest import TINY
+from tests.conftest import TINY, copy_demo_chains
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -164,10 +164,7 @@ def test_snakemake_result_is_adopted_by_dvc_without_recomputation(tiny_dag, tmp_
     d = fresh_clone(tmp_path / "clone")
     # the Snakemake-built demo/cam chain of the session's tiny build (same TINY params as
     # this clone; mtimes kept) instead of building it again here
-    shutil.copytree(tiny_dag / "data/demo", d / "data/demo", symlinks=True)
-    (d / "results/demo").mkdir(parents=True)
-    shutil.copy2(tiny_dag / "results/demo/dataset.json", d / "results/demo/dataset.json")
-    shutil.copytree(tiny_dag / "results/demo/cam", d / "results/demo/cam", symlinks=True)
+    copy_demo_chains(tiny_dag, d, ("cam",), workdir_files=False)
     plan = run([sys.executable, "-m", "snakemake", "-n", "results/demo/cam/miou.json"], d).stdout
     assert "Nothing to be done" in plan, plan[-2000:]       # complete and up to date for Snakemake
     model = d / "results/demo/cam/seg/model.pt"

@@ -23,7 +23,7 @@ from PIL import Image
 from pipeline import report
 from pipeline.config import ConfigError, validate
 from pipeline.data.voc import VOC_CLASSES
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_demo_chains
 
 
 # ----------------------------------------------------------------------- pure functions
@@ -343,18 +343,7 @@ def test_report_is_one_self_contained_page_that_renders_in_chromium(tiny_dag, tm
     images and by rendering it in headless Chromium."""
     from pipeline.config import load_params
     methods = sorted(load_params(tiny_dag / "params.yaml")["methods"])
-    d = tmp_path / "w"
-    d.mkdir()
-    for f in ("Snakefile", "params.yaml"):
-        shutil.copy2(tiny_dag / f, d / f)
-    for link in ("stages", "report"):
-        (d / link).symlink_to(REPO / link)
-    shutil.copytree(tiny_dag / "data/demo", d / "data/demo", symlinks=True)
-    (d / "results/demo").mkdir(parents=True)
-    shutil.copy2(tiny_dag / "results/demo/dataset.json", d / "results/demo/dataset.json")
-    for m in methods:
-        assert (tiny_dag / f"results/demo/{m}/miou.json").is_file(), f"tiny demo/{m} chain failed"
-        shutil.copytree(tiny_dag / f"results/demo/{m}", d / f"results/demo/{m}", symlinks=True)
+    d = copy_demo_chains(tiny_dag, tmp_path / "w", methods)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     sm = [sys.executable, "-m", "snakemake", "--cores", "2"]
     target = "results/demo/report/comparison.html"
