@@ -14,21 +14,21 @@ report job costs ~2 s):
 
 Colours are the VOC colour map (:data:`pipeline.data.voc.VOC_PALETTE`); class names come from
 the dataset manifest's ``classes`` when it has them, else :data:`pipeline.data.voc.VOC_CLASSES`.
-Every writer goes through :func:`atomic_write` (``<path>.tmp`` then ``os.replace``), so an
+Every writer goes through :func:`pipeline.storage.atomic_write` (``<path>.tmp`` then ``os.replace``), so an
 interrupted job never leaves a half-written figure under its final name.
 """
 from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE
+from .storage import atomic_write  # noqa: F401  (report.atomic_write: used by the CLI)
 
 #: (key in the chain's metrics files, column title) of the evaluated stages, in DAG order
 STAGE_COLUMNS = (("seeds", "seeds (CAM)"), ("refined", "refined (PSA RW)"),
@@ -38,23 +38,6 @@ STAGE_COLUMNS = (("seeds", "seeds (CAM)"), ("refined", "refined (PSA RW)"),
 
 class ReportError(RuntimeError):
     """An input of the report is missing or malformed; the message names the file and the fix."""
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on ``<path>.tmp<suffix>`` and rename it onto ``path``.
-
-    The temporary name keeps the suffix (matplotlib picks the format from it). On any
-    exception the temporary file is removed and ``path`` is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def read_json(path: str | Path, producer: str) -> dict:

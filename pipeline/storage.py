@@ -25,7 +25,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import h5py
 try:
@@ -36,6 +36,23 @@ import numpy as np
 
 FORMAT = "wsss-maps/1"
 
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on ``<path>.tmp<suffix>`` and rename it onto ``path``.
+
+    The temporary name keeps the suffix (matplotlib picks the format from it). On any
+    exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 class StorageError(RuntimeError):
     """The HDF5 file is missing, of the wrong format, or lacks an image/key."""

@@ -54,6 +54,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .classes import COCO_ID_TO_INDEX
+from ..storage import atomic_write
 from .voc import IGNORE_INDEX, DatasetError, save_mask_png
 
 #: split name -> official image folder / annotation file stem
@@ -149,12 +150,6 @@ def render_label(coco, image_id: int, crowd: str = "ignore",
     return label, classes
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def convert_coco(source: str | Path, root: str | Path, splits: Sequence[str] = ("train", "val"),
                  label_dir: str = "SegmentationClass", crowd: str = "ignore",
                  keep_empty: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -186,7 +181,7 @@ def convert_coco(source: str | Path, root: str | Path, splits: Sequence[str] = (
                 "order": "crowd first, then non-crowd by decreasing area"}
     sfile = sets / "coco_convert.json"
     redo = sfile.is_file() and json.loads(sfile.read_text()) != settings
-    _write_text(sfile, json.dumps(settings, indent=1) + "\n")
+    atomic_write(sfile, lambda t: t.write_text(json.dumps(settings, indent=1) + "\n"))
     counts, rendered, skipped, differ = {}, 0, 0, 0
     for split in splits:
         ann_file, img_dir = source_paths(source, split)
@@ -217,11 +212,9 @@ def convert_coco(source: str | Path, root: str | Path, splits: Sequence[str] = (
             visible = np.unique(label)
             if sorted(int(c) for c in visible if 0 < c < 255) != classes:
                 differ += 1
-            tmp = labels / f"{iid}.tmp.png"
-            save_mask_png(tmp, label)
-            os.replace(tmp, png)
+            atomic_write(png, lambda t: save_mask_png(t, label))
             rendered += 1
-        _write_text(sets / f"{split}.txt", "\n".join(ids) + "\n")
+        atomic_write(sets / f"{split}.txt", lambda t: t.write_text("\n".join(ids) + "\n"))
         counts[split] = len(ids)
         log(f"prepare_coco: {split}: {len(ids)} images listed in {sets / (split + '.txt')}")
     return {"counts": counts, "rendered": rendered, "skipped_existing": skipped,
