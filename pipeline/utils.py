@@ -21,6 +21,20 @@ def seed_everything(seed: int) -> torch.Generator:
     return g
 
 
+def deterministic_torch() -> None:
+    """Ask torch for deterministic algorithms wherever it has them (every stage CLI calls this
+    through ``stages._common.run_cli``).
+
+    ``torch.use_deterministic_algorithms(True, warn_only=True)``: an op without a deterministic
+    implementation warns instead of failing. ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (unless set)
+    is what deterministic cuBLAS needs on CUDA >= 10.2. With the locked environment and the
+    fixed per-rule thread counts of the Snakefile (``OMP_NUM_THREADS={threads}``) the CPU demo
+    chain gives bit-identical numbers run after run (``make check-demo``).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 def get_device(name: str | None) -> torch.device:
     """``"auto"``/None -> cuda if available else cpu; ``"cuda"`` without a GPU raises.
 

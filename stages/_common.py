@@ -97,6 +97,8 @@ def run_cli(stage: str, main: Callable[[], str | None]) -> None:
     from pipeline.data.voc import DatasetError
     from pipeline.models.backbones import WeightsError
     from pipeline.storage import StorageError
+    from pipeline.utils import deterministic_torch
+    deterministic_torch()
     t0 = time.time()
     try:
         summary = main()
