@@ -4,6 +4,11 @@ Confusion matrix by one ``bincount`` over all pixels whose ground truth is a val
 (``0 <= gt < C``; 255 ignored); IoU_c = TP / (TP + FP + FN); mIoU is the mean over classes
 that occur in GT or prediction (``nanmean``), as in every official repository (the digest in
 ``shared/reference/official-settings.md``).
+
+Predictions must hold class ids in ``[0, C)`` or the ignore index 255 (ignored, e.g. the
+uncertain pixels of pseudo labels); any other value raises :class:`PredictionRangeError`
+naming the prediction. Ground truth outside ``[0, C)`` is ignored like 255 (values other
+than 255 are listed and warned about by ``prepare_dataset``, manifest key ``bad_gt``).
 """
 from __future__ import annotations
 
@@ -11,27 +16,41 @@ from typing import Sequence
 
 import numpy as np
 
+from .data.voc import IGNORE_INDEX  # 255, ignored in predictions and ground truth
 
-def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarray:
+
+class PredictionRangeError(ValueError):
+    """A prediction holds values outside ``[0, C)`` other than the ignore index 255; the
+    message names the prediction (image id or file) and the values."""
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                     name: str | None = None) -> np.ndarray:
     """Pixel confusion matrix ``M[g, p]`` (rows: ground truth, columns: prediction).
 
     Args:
-        pred: integer array, any shape, predicted class ids (values outside [0, C) count as
-            wrong predictions only if GT is valid — they are clipped into no column; such
-            pixels are ignored, so give valid predictions).
+        pred: integer array, any shape, predicted class ids in ``[0, num_classes)``; pixels
+            equal to 255 (the ignore index) are ignored.
         gt: integer array, same shape, ground truth ids; pixels with ``gt`` outside
-            ``[0, num_classes)`` (e.g. 255) are ignored.
+            ``[0, num_classes)`` (255, or stray values that ``prepare_dataset`` lists under
+            ``bad_gt``) are ignored.
         num_classes: C.
+        name: what ``pred`` is (image id or file), used in the error message.
     Returns:
-        int64 array ``(C, C)``.
+        int64 array ``(C, C)``; ``M.sum()`` is the number of pixels with valid GT and a
+        prediction other than 255.
     Raises:
         ValueError: shapes differ.
+        PredictionRangeError (a ValueError): ``pred`` holds a value outside ``[0, C)`` other
+            than 255; the message lists the values and names ``name``.
     """
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}"
+                         + (f" ({name})" if name else ""))
     g, p = gt.ravel(), pred.ravel()
+    _check_prediction(p, num_classes, name)
     keep = (g < num_classes) & (p < num_classes)
     if g.dtype.kind == "i":
         keep &= g >= 0
@@ -41,6 +60,22 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.n
     small = np.uint16 if num_classes * num_classes <= 65536 else np.int64
     idx = g[keep].astype(small) * small(num_classes) + p[keep].astype(small)
     return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _check_prediction(p: np.ndarray, num_classes: int, name: str | None) -> None:
+    """Raise :class:`PredictionRangeError` if flat ``p`` holds a value outside
+    ``[0, num_classes)`` other than 255. Clean input costs one min and one max."""
+    if p.size == 0 or (p.min() >= 0 and p.max() < num_classes):
+        return
+    bad = ((p < 0) | (p >= num_classes)) & (p != IGNORE_INDEX)
+    if not bad.any():
+        return
+    vals = np.unique(p[bad])
+    shown = ", ".join(str(v.item()) for v in vals[:10]) + (" ..." if len(vals) > 10 else "")
+    raise PredictionRangeError(
+        f"prediction {name or '(unnamed)'} holds values [{shown}] ({int(bad.sum())} pixels) "
+        f"outside the class ids 0..{num_classes - 1} (255 = ignore): it was made for another "
+        f"class set or is corrupt; rerun the stage that wrote it.")
 
 
 def scores_from_confusion(conf: np.ndarray, class_names: Sequence[str] | None = None) -> dict:

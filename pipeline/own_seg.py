@@ -90,7 +90,7 @@ def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str
     for iid in tqdm(ids, desc=f"eval_own_seg[{method.name}]", unit="img", mininterval=2.0):
         img = load_image(root, iid)
         pred = predict_own(method, model, img, p, device).argmax(0).cpu().numpy()
-        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C)
+        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C, name=f"of image {iid}")
     out = scores_from_confusion(conf, list(class_names))
     out.update(num_images=len(ids), seconds=round(time.time() - t0, 1))
     log(f"eval_own_seg: mIoU {out['miou']:.4f} on {len(ids)} images")

@@ -89,13 +89,18 @@ def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Seq
 def evaluate_label_dir(pred_dir: str | Path, root: str | Path, ids: Sequence[str],
                        label_dir: str, class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """mIoU of palette PNGs in ``pred_dir`` against ground truth (VOC definition) over the
-    ``len(class_names)`` classes (background first; the manifest's ``classes``)."""
+    ``len(class_names)`` classes (background first; the manifest's ``classes``).
+
+    Raises:
+        PredictionRangeError: a PNG holds a value outside ``[0, C)`` other than 255 (names it).
+    """
     from PIL import Image
     C = len(class_names)
     conf = np.zeros((C, C), np.int64)
     for iid in ids:
-        pred = np.asarray(Image.open(Path(pred_dir) / f"{iid}.png"))
-        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C)
+        png = Path(pred_dir) / f"{iid}.png"
+        pred = np.asarray(Image.open(png))
+        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C, name=str(png))
     out = scores_from_confusion(conf, list(class_names))
     out["num_images"] = len(ids)
     return out

@@ -147,7 +147,8 @@ def evaluate_maps(h5_path: str | Path, root: str | Path, ids: Sequence[str], lab
             maps, cids, _ = rd.read(iid, key)
             gt = load_mask(root, iid, label_dir)
             for t in thresholds:
-                confs[t] += confusion_matrix(maps_to_label(maps, cids, t), gt, C)
+                confs[t] += confusion_matrix(maps_to_label(maps, cids, t), gt, C,
+                                            name=f"of image {iid} from {h5_path}:{key}")
     out = scores_from_confusion(confs[bg_threshold], names)
     out.update({"num_images": len(ids), "key": key, "bg_threshold": bg_threshold})
     if bg_threshold is not None and len(thresholds) > 1:

@@ -553,7 +553,7 @@ def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class
             prob = dense_crf(img, prob, **crf)
         pred = prob.argmax(0).astype(np.uint8)
         save_mask_png(tmp / f"{image_id}.png", pred)
-        conf += confusion_matrix(pred, gt, C)
+        conf += confusion_matrix(pred, gt, C, name=f"of image {image_id}")
     if pred_dir.exists():
         shutil.rmtree(pred_dir)
     os.replace(tmp, pred_dir)

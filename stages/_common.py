@@ -95,6 +95,7 @@ def run_cli(stage: str, main: Callable[[], str | None]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from pipeline.data.voc import DatasetError
+    from pipeline.metrics import PredictionRangeError
     from pipeline.models.backbones import WeightsError
     from pipeline.storage import StorageError
     from pipeline.utils import deterministic_torch
@@ -102,8 +103,8 @@ def run_cli(stage: str, main: Callable[[], str | None]) -> None:
     t0 = time.time()
     try:
         summary = main()
-    except (DatasetError, ConfigError, WeightsError, StorageError, FileNotFoundError,
-            FloatingPointError, KeyError) as e:
+    except (DatasetError, ConfigError, WeightsError, StorageError, PredictionRangeError,
+            FileNotFoundError, FloatingPointError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"\nERROR [{stage}]: {msg}", file=sys.stderr)
         sys.exit(2)

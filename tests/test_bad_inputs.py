@@ -132,3 +132,30 @@ def test_nan_loss_stops_with_iteration_and_batch_ids(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"iteration 2; batch ids \['im\d', 'im\d'\]"):
         cls.train_classifier("cam", tmp_path, ids, labels, p, tmp_path / "m.pt", log=lambda s: None)
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_mask_with_values_outside_the_class_set_is_listed_and_warned(tmp_path, caplog):
+    """Issue 14: a VOC mask with a patch of 37 is listed under ``bad_gt`` and warned about,
+    naming the file; image labels ignore it and the manifest is still built."""
+    data, _ = make_voc(tmp_path)
+    m = load_mask(tmp_path, "im1")
+    m[10:12, 10:12] = 37
+    m[15, 15] = 21          # == C for VOC: also outside
+    save_mask_png(tmp_path / "SegmentationClass/im1.png", m)
+    with caplog.at_level("WARNING", logger="wsss"):
+        man = build_manifest(data, log=lambda s: None)
+    assert man["bad_gt"] == {"im1": [21, 37]}
+    assert man["labels"]["im1"] == [2]
+    warn = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warn) == 1
+    msg = warn[0].getMessage()
+    assert str(tmp_path / "SegmentationClass/im1.png") in msg and "[21, 37]" in msg
+    assert "im0.png" not in msg and "0..20 and 255" in msg and "Fix the masks" in msg
+
+
+def test_clean_masks_give_empty_bad_gt_and_no_warning(tmp_path, caplog):
+    data, _ = make_voc(tmp_path)          # values 0, k+1 and 255 only
+    with caplog.at_level("WARNING", logger="wsss"):
+        man = build_manifest(data, log=lambda s: None)
+    assert man["bad_gt"] == {}
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

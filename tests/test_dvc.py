@@ -4,7 +4,10 @@ Each test works on a throw-away copy of the working tree made into a git reposit
 fresh clone is), with the tiny settings of tests/test_dag.py and `run` = demo x cam, so one
 chain takes about a minute on 2 cores.
 """
+import ast
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -241,3 +244,85 @@ def test_snakefile_and_dvc_have_the_same_dag(tmp_path, dataset, method):
     assert len(s_nodes) >= 9
     assert s_nodes == d_nodes
     assert s_edges == d_edges
+
+
+# ------------------------------------------------------------------ dvc.yaml code deps == imports
+
+CODE_DIRS = ("pipeline", "stages")  # the project's own code: what a stage's code deps must cover
+
+
+def module_file(name: str) -> Path | None:
+    """The repo file of module ``name`` (``a/b.py`` or ``a/b/__init__.py``); None if not ours."""
+    if name.split(".")[0] not in CODE_DIRS:
+        return None
+    p = REPO.joinpath(*name.split("."))
+    return next((f for f in (p.with_suffix(".py"), p / "__init__.py") if f.is_file()), None)
+
+
+@functools.cache
+def direct_imports(mod: str, f: Path) -> list[str]:
+    """Module names file ``f`` (module ``mod``) imports, anywhere in it: for
+    ``from a import c`` both ``a`` and ``a.c`` (``c`` may be a submodule)."""
+    package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+    names = []
+    for node in ast.walk(ast.parse(f.read_text(), str(f))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+            names += [base] + [f"{base}.{a.name}" for a in node.names]
+    return names
+
+
+def project_imports(module: str) -> set[Path]:
+    """Repo files that running ``python -m module`` may execute, found statically with `ast`.
+
+    An import is every ``import a.b`` / ``from a.b import c`` anywhere in a file (module level
+    or inside a function, e.g. lazy or error-path imports), relative ones (``from ..x import y``)
+    resolved against the file's package; ``c`` counts too when it is a submodule. Importing
+    ``a.b`` also runs the package files ``a/__init__.py``, so those count; plug-ins reached
+    through a registry count because the registry (pipeline/methods/__init__.py) imports each
+    of them. Followed transitively, restricted to ``pipeline/`` and ``stages/``.
+    """
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        parts = todo.pop().split(".")
+        for i in range(1, len(parts) + 1):  # a.b.c runs a/__init__, a/b/__init__, a/b/c
+            mod = ".".join(parts[:i])
+            if mod not in seen and (f := module_file(mod)):
+                seen[mod] = f
+                todo += direct_imports(mod, f)
+    return set(seen.values())
+
+
+def dvc_code_deps() -> dict[str, tuple[str, list[str]]]:
+    """stage name -> (module its ``cmd`` runs, its deps inside pipeline/ or stages/)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    out = {}
+    for name, st in stages.items():
+        st = st.get("do", st)  # foreach stages nest their definition under `do`
+        module = re.search(r"python -m (\S+)", st["cmd"])[1]
+        out[name] = (module, [d for d in st["deps"] if d.split("/")[0] in CODE_DIRS])
+    return out
+
+
+def under(f: str, dep: str) -> bool:
+    """Dep ``dep`` (a file or a directory) covers repo file ``f``."""
+    return f == dep or f.startswith(dep.rstrip("/") + "/")
+
+
+def test_dvc_code_deps_cover_the_stage_imports():
+    """Each stage's `deps` cover every project file its code imports (an edit reruns it).
+
+    Empty files (the bare package ``__init__.py``) are exempt: they run no code. Code deps
+    that no import reaches fail too (an edit of them would rerun the stage for nothing).
+    """
+    missing, stale = {}, {}
+    for stage, (module, deps) in dvc_code_deps().items():
+        used = {f.relative_to(REPO).as_posix() for f in project_imports(module) if f.read_text().strip()}
+        missing[stage] = sorted(f for f in used if not any(under(f, d) for d in deps))
+        stale[stage] = [d for d in deps if not any(under(f, d) for f in used)]
+    lines = [f"  {s} lacks (imported, not in deps): {', '.join(fs)}" for s, fs in missing.items() if fs]
+    lines += [f"  {s} lists (never imported): {', '.join(fs)}" for s, fs in stale.items() if fs]
+    assert not lines, "dvc.yaml code deps differ from the stage imports:\n" + "\n".join(lines)

@@ -59,3 +59,53 @@ def test_confusion_matches_pixel_loop_for_any_integer_dtype(dtype):
             ref[g, p] += 1
     got = confusion_matrix(pred.astype(dtype), gt.astype(dtype) if dtype != np.uint8 else np.where(gt < 0, 255, gt).astype(np.uint8), 21)
     assert np.array_equal(got, ref)
+
+
+# ------------------------------------------------------------------ issue 14: values out of range
+def test_prediction_outside_classes_raises_naming_the_file():
+    from pipeline.metrics import PredictionRangeError
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 7, 0]], np.uint8)     # 7 with C = 3
+    with pytest.raises(PredictionRangeError, match=r"pred/im1\.png holds values \[7\] \(1 pixels\) "
+                                                   r"outside the class ids 0\.\.2"):
+        confusion_matrix(pred, gt, 3, name="pred/im1.png")
+    assert issubclass(PredictionRangeError, ValueError)
+    with pytest.raises(PredictionRangeError, match=r"\[-1, 3\]"):   # negative and == C, signed
+        confusion_matrix(np.array([[0, -1, 3], [1, 1, 3]]), gt, 3, name="x")
+
+
+def test_prediction_ignore_index_passes_and_is_ignored():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 255, 1], [1, 1, 255]], np.uint8)
+    M = confusion_matrix(pred, gt, 3, name="pred/im1.png")
+    # pixels kept: (0,0)->0 ; (0,2) 1->1 ; (1,0) 1->1 ; (1,1) 2->1 ; 255 pred and 255 gt dropped
+    assert np.array_equal(M, np.array([[1, 0, 0], [0, 2, 0], [0, 1, 0]]))
+
+
+def test_gt_outside_classes_is_ignored_like_255():
+    """GT stray values (listed by prepare_dataset, not an error here) drop those pixels."""
+    pred = np.array([[0, 1, 1], [1, 1, 0]])
+    a = confusion_matrix(pred, np.array([[0, 0, 1], [1, 37, 255]]), 3)
+    b = confusion_matrix(pred, np.array([[0, 0, 1], [1, 255, 255]]), 3)
+    assert np.array_equal(a, b) and a.sum() == 4
+
+
+def test_stage_cli_prints_one_line_naming_the_prediction_file(tmp_path, capsys):
+    from pipeline.data.voc import save_mask_png
+    from pipeline.pseudo import evaluate_label_dir
+    from stages._common import run_cli
+    from tests.test_bad_inputs import make_voc
+    data, ids = make_voc(tmp_path / "ds", n=2)
+    pred = tmp_path / "pseudo"
+    pred.mkdir()
+    save_mask_png(pred / "im0.png", np.zeros((20, 30), np.uint8))
+    bad = np.zeros((20, 30), np.uint8)
+    bad[3:5, 3:5] = 37
+    save_mask_png(pred / "im1.png", bad)
+    with pytest.raises(SystemExit) as ei:
+        run_cli("make_pseudo_labels",
+                lambda: evaluate_label_dir(pred, tmp_path / "ds", ids, "SegmentationClass"))
+    err = capsys.readouterr().err
+    assert ei.value.code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("ERROR [make_pseudo_labels]:")]
+    assert len(lines) == 1 and str(pred / "im1.png") in lines[0] and "[37] (4 pixels)" in lines[0]

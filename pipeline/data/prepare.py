@@ -6,6 +6,7 @@ stages never rescan masks.
 """
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 from typing import Callable
@@ -14,7 +15,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .classes import dataset_classes
-from .voc import DatasetError, image_labels, load_mask, read_ids, save_mask_png
+from .voc import IGNORE_INDEX, DatasetError, image_labels, load_mask, read_ids, save_mask_png
+
+_log = logging.getLogger("wsss")
 
 VOC_LAYOUT = """expected layout (VOC 2012 + SBD "SegmentationClassAug"):
   {root}/JPEGImages/<id>.jpg
@@ -58,12 +61,15 @@ def build_manifest(data: dict, verify_images: bool = True,
 
     The class set is ``data["classes"]`` (``voc`` when absent, see
     :mod:`pipeline.data.classes`); mask values ``>= len(classes)`` other than 255 are not
-    image labels.
+    image labels and every evaluation ignores those pixels (like 255). Such masks are listed
+    under ``bad_gt`` (id -> sorted stray values) and a warning on the ``wsss`` logger names
+    them and the fix; the manifest is still written.
 
     Returns:
         ``{"root", "label_dir", "splits": {name: [ids]}, "labels": {id: [class ids]},
         "counts": {name: n}, "no_foreground": [ids], "image_modes": {mode: n},
-        "classes": [names, background first]}``.
+        "classes": [names, background first], "bad_gt": {id: [values]}}`` (``bad_gt`` is
+        ``{}`` for clean masks).
     Raises:
         DatasetError: layout problems, an empty split, a missing / undecodable image or mask,
             a mask whose size differs from its image (each naming the file).
@@ -79,6 +85,7 @@ def build_manifest(data: dict, verify_images: bool = True,
     splits = {name: read_ids(root / f) for name, f in data["splits"].items()}
     all_ids = sorted({i for ids in splits.values() for i in ids})
     labels: dict[str, list[int]] = {}
+    bad_gt: dict[str, list[int]] = {}
     modes: dict[str, int] = {}
     for iid in tqdm(all_ids, desc="prepare_dataset", unit="img", mininterval=2.0):
         jpg = root / "JPEGImages" / f"{iid}.jpg"
@@ -99,17 +106,29 @@ def build_manifest(data: dict, verify_images: bool = True,
             raise DatasetError(f"{root / label_dir / (iid + '.png')} is {mask.shape[1]}x"
                                f"{mask.shape[0]} but {jpg} is {size[1]}x{size[0]}: the mask "
                                f"belongs to another image; re-extract the masks.")
-        labels[iid] = image_labels(mask, len(classes)).tolist()
+        values = np.unique(mask)  # the one pass over the mask: labels and stray values
+        labels[iid] = image_labels(values, len(classes)).tolist()
+        stray = values[(values >= len(classes)) & (values != IGNORE_INDEX)]
+        if stray.size:
+            bad_gt[iid] = stray.tolist()
     no_fg = [i for i, l in labels.items() if not l]
     if no_fg:
         log(f"prepare_dataset: {len(no_fg)} images without a foreground class (kept; "
             f"they train the classifier as all-negative and get background pseudo labels)")
+    if bad_gt:
+        shown = "; ".join(f"{root / label_dir / (i + '.png')}: {v}"
+                          for i, v in list(bad_gt.items())[:5])
+        _log.warning(f"prepare_dataset: {len(bad_gt)} mask(s) hold values outside the class ids "
+                     f"0..{len(classes) - 1} and 255 (listed under `bad_gt` in the manifest): "
+                     f"{shown}{' ...' if len(bad_gt) > 5 else ''}. Every evaluation ignores "
+                     f"those pixels like 255. Fix the masks (255 for void, else the right class "
+                     f"id) or set `classes` of the dataset in params.yaml if it has more classes.")
     converted = {m: n for m, n in modes.items() if m != "RGB"}
     if converted:
         log(f"prepare_dataset: non-RGB JPEGs converted to RGB when loaded: {converted}")
     return {"root": str(root), "label_dir": label_dir, "splits": splits, "labels": labels,
             "counts": {k: len(v) for k, v in splits.items()}, "no_foreground": no_fg,
-            "image_modes": modes, "classes": list(classes)}
+            "image_modes": modes, "classes": list(classes), "bad_gt": bad_gt}
 
 
 def _online(host: str = "host.robots.ox.ac.uk", port: int = 80, timeout: float = 5.0) -> bool:
