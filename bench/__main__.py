@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench import gpu, micro, scaling, stages
+from pipeline.storage import atomic_write
 
 BENCHES = {
     "crf": micro.crf_pool,
@@ -73,9 +74,8 @@ def main() -> None:
         except (FileNotFoundError, ImportError) as e:
             res = {"skipped": str(e)}
         res = {"benchmark": name, "machine": mach, "seconds": round(time.time() - t0, 1), **res}
-        tmp = out / f"{name}.json.tmp"
-        tmp.write_text(json.dumps(res, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / f"{name}.json")
+        text = json.dumps(res, indent=2, sort_keys=True) + "\n"
+        atomic_write(out / f"{name}.json", lambda t: t.write_text(text))
         rows.append(res)
         print(f"[bench] {name}: {res.get('summary', res.get('skipped', ''))}", file=sys.stderr,
               flush=True)

@@ -1,8 +1,6 @@
 """Stage 5: dense-CRF pseudo labels from refined maps, written as VOC palette PNGs."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -15,7 +13,7 @@ from .data.classes import VOC_CLASSES
 from .data.voc import load_image, load_mask, save_mask_png
 from .metrics import confusion_matrix, scores_from_confusion
 from .labels import maps_to_label
-from .storage import MapReader
+from .storage import MapReader, atomic_directory
 
 _STATE: dict = {}
 
@@ -56,31 +54,27 @@ def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Seq
                        log: Callable[[str], None] = print) -> dict:
     """Write ``out_dir/<id>.png`` for every id (dense CRF per ``p["crf"]``), in parallel.
 
-    The PNGs are written into ``<out_dir>.tmp`` and the folder is renamed when complete.
+    The PNGs are written into ``<out_dir>.tmp`` and the folder is renamed when complete
+    (:func:`pipeline.storage.atomic_directory`: on a failure the temporary folder is removed
+    and ``out_dir`` left as it was).
     """
     with MapReader(h5_path) as r:  # refuse maps made for another image list / dataset
         r.require(ids, root)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     t0 = time.time()
-    args = (str(h5_path), str(root), key, p.get("crf"), str(tmp))
-    if workers > 1:
-        with get_context("spawn").Pool(workers, initializer=_init, initargs=args) as pool:
-            # one image per task: a CRF costs ~0.4 s, far above the IPC; larger chunks left a
-            # core idle at the end (bench crf: 1.79x with 4 per task, 1.9-2.1x with 1)
-            for _ in tqdm(pool.imap_unordered(_one, ids, chunksize=1), total=len(ids),
-                          desc="make_pseudo_labels", unit="img", mininterval=2.0):
-                pass
-    else:
-        _init(*args)
-        for iid in tqdm(ids, desc="make_pseudo_labels", unit="img", mininterval=2.0):
-            _one(iid)
-        _STATE["reader"].close()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        args = (str(h5_path), str(root), key, p.get("crf"), str(tmp))
+        if workers > 1:
+            with get_context("spawn").Pool(workers, initializer=_init, initargs=args) as pool:
+                # one image per task: a CRF costs ~0.4 s, far above the IPC; larger chunks left
+                # a core idle at the end (bench crf: 1.79x with 4 per task, 1.9-2.1x with 1)
+                for _ in tqdm(pool.imap_unordered(_one, ids, chunksize=1), total=len(ids),
+                              desc="make_pseudo_labels", unit="img", mininterval=2.0):
+                    pass
+        else:
+            _init(*args)
+            for iid in tqdm(ids, desc="make_pseudo_labels", unit="img", mininterval=2.0):
+                _one(iid)
+            _STATE["reader"].close()
     secs = time.time() - t0
     log(f"make_pseudo_labels: {len(ids)} PNGs in {secs:.1f}s with {workers} worker(s)")
     return {"images": len(ids), "seconds": round(secs, 1), "workers": workers}

@@ -171,6 +171,13 @@ def read_label_png(path: str | Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- figures
 
 
+def _save_figure(fig, out: str | Path) -> Path:
+    """``fig.savefig`` published with :func:`atomic_write`; the format is taken from ``out``'s
+    suffix (the temporary ``<out>.tmp`` has none matplotlib knows)."""
+    out = Path(out)
+    return atomic_write(out, lambda t: fig.savefig(t, format=out.suffix[1:] or None))
+
+
 def plot_curves(curves: dict[str, list[dict]], out: str | Path, title: str = "") -> Path:
     """One panel per training stage: ``loss`` (thick) and its logged components vs ``iter``.
 
@@ -199,7 +206,7 @@ def plot_curves(curves: dict[str, list[dict]], out: str | Path, title: str = "")
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    return atomic_write(out, lambda t: fig.savefig(t))
+    return _save_figure(fig, out)
 
 
 def draw_gallery(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], legend: list, out: str | Path,
@@ -241,7 +248,7 @@ def draw_gallery(rows: list[tuple[str, list[tuple[str, np.ndarray]]]], legend: l
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), max(2, ncol)), fontsize=8)
     if title:
         fig.suptitle(title)
-    return atomic_write(out, lambda t: fig.savefig(t))
+    return _save_figure(fig, out)
 
 
 def _cell(v: float | None) -> str:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -53,7 +51,8 @@ from .metrics import confusion_matrix, scores_from_confusion
 from .models.deeplab import DeepLabV2
 from .accel import Accel
 from .distributed import setup as dist_setup
-from .utils import ResumeFile, rng_states, set_rng_states
+from .storage import atomic_directory
+from .utils import ResumeFile, atomic_torch_save, rng_states, set_rng_states
 
 # Paper-scale defaults (DeepLab-v2, VOC 2012 aug). CPU profiles override them in params.yaml.
 DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
@@ -287,7 +286,8 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
         ids: training image ids (e.g. VOC ``train_aug``).
         pseudo_dir: folder of ``<id>.png`` pseudo labels (P/L mode, same size as the image,
             values 0..num_classes-1, 255 = ignored).
-        out_path: checkpoint file; written as ``<out_path>.tmp`` then ``os.replace``d. It holds
+        out_path: checkpoint file; published with :func:`pipeline.utils.atomic_torch_save`
+            (``<out_path>.tmp``, then renamed). It holds
             ``{"state_dict", "params", "num_classes"}`` (load with :func:`load_model`).
         params: overrides of :data:`DEFAULT_TRAIN_PARAMS` (paper values, see module doc):
             backbone, pretrained, num_classes, output_stride, rates, crop, batch_size, iters,
@@ -415,12 +415,9 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dic
     wall = time.time() - t0
 
     if dd.is_main:
-        out_path = Path(out_path)
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_name(out_path.name + ".tmp")
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save({"state_dict": state, "params": p, "num_classes": int(p["num_classes"])}, tmp)
-        os.replace(tmp, out_path)
+        atomic_torch_save({"state_dict": state, "params": p, "num_classes": int(p["num_classes"])},
+                          out_path)
         resume.remove()
     return {"loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else math.nan,
             "wall_time_s": wall, "iters": iters, "num_images": len(ids), "params": p}
@@ -503,10 +500,11 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     (``params["crf"]``: None, or the keyword arguments of
     ``pipeline.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
     class ids), confusion matrix against ``load_mask(root, id, label_dir)`` (255 ignored).
-    ``pred_dir`` is written atomically: into ``<pred_dir>.tmp/``, then renamed (an existing
-    ``pred_dir`` is replaced). ``class_names`` (background first, the manifest's
-    ``classes``) names the per-class IoU; None = the VOC names for a 21-class model, else
-    ``"0".."C-1"``.
+    ``pred_dir`` is written atomically with :func:`pipeline.storage.atomic_directory`: into
+    ``<pred_dir>.tmp/``, then renamed (an existing ``pred_dir`` is replaced; on a failure the
+    temporary folder is removed and ``pred_dir`` left as it was). ``class_names`` (background
+    first, the manifest's ``classes``) names the per-class IoU; None = the VOC names for a
+    21-class model, else ``"0".."C-1"``.
 
     Returns:
         ``scores_from_confusion(conf, class_names)`` (miou, pixel_accuracy, mean_accuracy,
@@ -534,29 +532,23 @@ def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class
     crf = p["crf"]
     if crf:
         from .refine.crf import dense_crf  # lazy: optional dependency (pydensecrf)
-    pred_dir = Path(pred_dir)
-    tmp = pred_dir.with_name(pred_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     conf = np.zeros((C, C), dtype=np.int64)
     ids = list(ids)
-    for image_id in tqdm(ids, desc="evaluate", file=sys.stderr,
-                         mininterval=1.0 if sys.stderr.isatty() else 30.0):
-        img = load_image(root, image_id)
-        gt = load_mask(root, image_id, label_dir)
-        if gt.shape != img.shape[:2]:
-            raise DatasetError(f"mask {Path(root) / label_dir / (image_id + '.png')} has shape "
-                               f"{gt.shape} but image {image_id} has {img.shape[:2]}.")
-        prob = predict(model, img, scales=tuple(p["scales"]), flip=bool(p["flip"]), device=device)
-        if crf:
-            prob = dense_crf(img, prob, **crf)
-        pred = prob.argmax(0).astype(np.uint8)
-        save_mask_png(tmp / f"{image_id}.png", pred)
-        conf += confusion_matrix(pred, gt, C, name=f"of image {image_id}")
-    if pred_dir.exists():
-        shutil.rmtree(pred_dir)
-    os.replace(tmp, pred_dir)
+    with atomic_directory(pred_dir) as tmp:
+        for image_id in tqdm(ids, desc="evaluate", file=sys.stderr,
+                             mininterval=1.0 if sys.stderr.isatty() else 30.0):
+            img = load_image(root, image_id)
+            gt = load_mask(root, image_id, label_dir)
+            if gt.shape != img.shape[:2]:
+                raise DatasetError(f"mask {Path(root) / label_dir / (image_id + '.png')} has shape "
+                                   f"{gt.shape} but image {image_id} has {img.shape[:2]}.")
+            prob = predict(model, img, scales=tuple(p["scales"]), flip=bool(p["flip"]),
+                           device=device)
+            if crf:
+                prob = dense_crf(img, prob, **crf)
+            pred = prob.argmax(0).astype(np.uint8)
+            save_mask_png(tmp / f"{image_id}.png", pred)
+            conf += confusion_matrix(pred, gt, C, name=f"of image {image_id}")
     scores = scores_from_confusion(conf, names)
     scores["num_images"] = len(ids)
     scores["eval_params"] = p

@@ -8,14 +8,13 @@ compression) and file attributes, or the same PNG files.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 from typing import Sequence
 
 import h5py
 
-from .storage import FORMAT, StorageError, ids_digest
+from .storage import FORMAT, StorageError, atomic_directory, atomic_write, ids_digest
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -46,7 +45,8 @@ def merge_map_files(parts: Sequence[str | Path], out_path: str | Path, ids: Sequ
 
     Groups are copied (h5py ``copy``: data, dtype, chunks and filters unchanged) in the order
     of ``ids``; file attributes come from the first part, with ``num_images`` (if present) set
-    to ``len(ids)``. Written to ``<out>.tmp`` and renamed, so a failure leaves no partial file.
+    to ``len(ids)``. Published with :func:`pipeline.storage.atomic_write` (``<out>.tmp``, then
+    renamed), so a failure leaves no partial file.
 
     Raises:
         StorageError: a part is missing / of another format, an id is in no part or in two,
@@ -78,19 +78,15 @@ def merge_map_files(parts: Sequence[str | Path], out_path: str | Path, ids: Sequ
             if set(other) != set(attrs) or any(str(other[k]) != str(attrs[k]) for k in attrs):
                 raise StorageError(f"shard {f.filename} was made with other parameters than "
                                    f"{files[0].filename}; rerun all shards")
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+
+        def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as dst:
                 for k, v in files[0].attrs.items():
                     dst.attrs[k] = (len(ids) if k == "num_images" else
                                     ids_digest(ids) if k == "image_ids_sha256" else v)
                 for iid in ids:
                     where[iid].copy(where[iid][iid], dst, name=iid)
-            os.replace(tmp, out_path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(out_path, write)
     finally:
         for f in files:
             f.close()
@@ -98,7 +94,7 @@ def merge_map_files(parts: Sequence[str | Path], out_path: str | Path, ids: Sequ
 
 def merge_png_dirs(parts: Sequence[str | Path], out_dir: str | Path, ids: Sequence[str]) -> None:
     """Copy ``<id>.png`` of every id from the shard folders into ``out_dir`` (built in
-    ``<out_dir>.tmp`` and renamed).
+    ``<out_dir>.tmp`` and renamed by :func:`pipeline.storage.atomic_directory`).
 
     Raises:
         StorageError: an id's PNG is in no shard folder or in two.
@@ -113,11 +109,6 @@ def merge_png_dirs(parts: Sequence[str | Path], out_dir: str | Path, ids: Sequen
     missing = [i for i in ids if i not in where]
     if missing:
         raise StorageError(f"{len(missing)} pseudo label(s) in no shard, e.g. {missing[:3]}")
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for iid in ids:
-        shutil.copy2(where[iid], tmp / f"{iid}.png")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_directory(out_dir) as tmp:
+        for iid in ids:
+            shutil.copy2(where[iid], tmp / f"{iid}.png")

@@ -17,6 +17,11 @@ for thresholds at 0.01 steps).
 
 Files are written to ``<path>.tmp`` and renamed on ``close()``, so an interrupted stage never
 leaves a half-written artifact under the final name.
+
+This module is also THE place for publishing any artifact atomically (it imports no torch):
+:func:`atomic_write` (one file), :func:`atomic_directory` (one folder), both under the
+temporary name :func:`temp_path` (``<path>.tmp``), and :func:`is_disk_full`, the one
+recogniser of a full disk / file-size limit / quota error.
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ import errno
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import h5py
 try:
@@ -38,21 +44,98 @@ FORMAT = "wsss-maps/1"
 
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on ``<path>.tmp<suffix>`` and rename it onto ``path``.
+def temp_path(path: str | Path) -> Path:
+    """The temporary name an artifact is built under before it is published: ``<path>.tmp``
+    in the same folder (``seeds.h5`` -> ``seeds.h5.tmp``, ``pseudo/`` -> ``pseudo.tmp/``).
 
-    The temporary name keeps the suffix (matplotlib picks the format from it). On any
-    exception the temporary file is removed and ``path`` is left untouched.
+    Same folder, so the final ``os.replace`` is a rename on one file system (atomic); the
+    ``.tmp`` ending keeps a leftover of a killed run out of content globs (``*.png``,
+    ``*.h5``) and lets ``*.tmp`` find it. A writer that picks the format from the file name
+    (matplotlib ``savefig``, PIL ``Image.save``) must therefore be given the format.
+    """
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Publish one file atomically: ``write(tmp)`` builds it under :func:`temp_path`
+    (``<path>.tmp``), which is then renamed onto ``path`` with ``os.replace``.
+
+    The parent folder is created; a stale ``<path>.tmp`` (a killed run) is removed first.
+    On any exception (``KeyboardInterrupt`` included) the temporary is removed and ``path``
+    is left as it was (old content or absent), so no reader ever sees a half-written file.
+
+    Args:
+        path: the final file.
+        write: called once with the temporary path; must create that file (e.g.
+            ``lambda t: t.write_text(text)``, ``lambda t: torch.save(obj, t)``,
+            ``lambda t: fig.savefig(t, format="png")``). Its return value is ignored.
+    Returns:
+        ``Path(path)``.
+    Raises:
+        whatever ``write`` or the rename raises (see :func:`is_disk_full` for a full disk).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    tmp = temp_path(path)
+    tmp.unlink(missing_ok=True)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)   # no-op after a successful rename
     return path
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Publish one folder atomically: ``with atomic_directory(out) as tmp:`` fill ``tmp``.
+
+    ``tmp`` is :func:`temp_path` (``<path>.tmp``), created empty (a stale one from a killed
+    run is deleted first). When the block ends without an exception an existing ``path`` is
+    deleted and ``tmp`` renamed onto it with ``os.replace``. On any exception in the block or
+    in the rename, ``tmp`` is deleted and ``path`` is left as it was.
+
+    Args:
+        path: the final folder (its parents are created).
+    Yields:
+        The temporary folder to fill.
+    Raises:
+        whatever the block, the deletion or the rename raises.
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # no-op after a successful rename
+
+
+# errno values and the texts under which HDF5 (a RuntimeError/OSError carrying the C errno in
+# its message) and Python report a full disk, a file-size limit (ulimit -f) or a quota.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("errno = 28", "errno = 27", "errno = 122", "No space left", "File too large",
+                    "Disk quota")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` reports a full disk: ``errno`` ENOSPC, EFBIG (file-size limit) or
+    EDQUOT (quota), or an HDF5 / OS message naming one of them (h5py raises RuntimeError or
+    OSError whose ``errno`` is unset but whose text holds ``errno = 28``...).
+
+    Args:
+        exc: any exception (never raises).
+    """
+    if getattr(exc, "errno", None) in DISK_FULL_ERRNOS:
+        return True
+    text = str(exc)
+    return any(t in text for t in _DISK_FULL_TEXTS)
+
 
 class StorageError(RuntimeError):
     """The HDF5 file is missing, of the wrong format, or lacks an image/key."""
@@ -86,12 +169,6 @@ def ids_digest(ids) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
-def _disk_full(e: BaseException) -> bool:
-    text = str(e)
-    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
-        t in text for t in ("errno = 28", "errno = 27", "errno = 122", "No space left", "File too large"))
-
-
 class MapWriter:
     """Write per-image maps into one HDF5 file, atomically.
 
@@ -103,7 +180,7 @@ class MapWriter:
                  compression: str | None = "gzip", compression_opts: int | None = 4,
                  shuffle: bool = True):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = temp_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = h5py.File(self.tmp, "w")
         self._f.attrs["format"] = FORMAT
@@ -153,13 +230,13 @@ class MapWriter:
                                  compression_opts=self._comp_opts if chunks else None,
                                  shuffle=self._shuffle if chunks else False)
             except (RuntimeError, OSError) as e:
-                if _disk_full(e):
+                if is_disk_full(e):
                     raise self._fail_full(e) from None
                 raise
         try:  # surface a full disk here, at this image, not as a crash when closing
             self._f.flush()
         except (RuntimeError, OSError) as e:
-            if _disk_full(e):
+            if is_disk_full(e):
                 raise self._fail_full(e) from None
             raise
 
@@ -194,7 +271,7 @@ class MapWriter:
             self._f.attrs["image_ids_sha256"] = ids_digest(self._ids)
             self._f.close()
         except (RuntimeError, OSError) as e:
-            if _disk_full(e):
+            if is_disk_full(e):
                 raise self._fail_full(e) from None
             raise
         os.replace(self.tmp, self.path)

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .storage import atomic_write
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -51,21 +52,20 @@ def get_device(name: str | None) -> torch.device:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to ``<path>.tmp`` then rename, so a killed run leaves no partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save(obj)`` published atomically with :func:`pipeline.storage.atomic_write`
+    (built as ``<path>.tmp``, then renamed; the temporary is removed on any failure)."""
+    atomic_write(path, lambda t: torch.save(obj, t))
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (sorted keys, indented)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n")
-    os.replace(tmp, path)
+    """Write JSON (sorted keys, indent 2, numpy scalars/arrays and paths converted) atomically
+    with :func:`pipeline.storage.atomic_write` (``<path>.tmp``, then renamed).
+
+    Raises:
+        TypeError: ``obj`` holds something not JSON-serialisable (nothing is written).
+    """
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n"
+    atomic_write(path, lambda t: t.write_text(text))
 
 
 def _default(o: Any):

@@ -9,7 +9,6 @@ code 2.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -97,7 +96,7 @@ def run_cli(stage: str, main: Callable[[], str | None]) -> None:
     from pipeline.data.voc import DatasetError
     from pipeline.metrics import PredictionRangeError
     from pipeline.models.backbones import WeightsError
-    from pipeline.storage import StorageError
+    from pipeline.storage import StorageError, is_disk_full
     from pipeline.utils import deterministic_torch
     deterministic_torch()
     t0 = time.time()
@@ -109,9 +108,7 @@ def run_cli(stage: str, main: Callable[[], str | None]) -> None:
         print(f"\nERROR [{stage}]: {msg}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
-            t in str(e) for t in ("No space left", "File too large", "Disk quota"))
-        if not full:
+        if not is_disk_full(e):
             raise
         print(f"\nERROR [{stage}]: disk full while writing ({e}). Nothing was published: the "
               f"stage writes to *.tmp and renames on success. Free space (or point results/ "

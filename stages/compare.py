@@ -16,15 +16,15 @@ def main() -> str:
                                                 "the .json goes beside it")
     args = ap.parse_args()
     from pipeline.compare import comparison, to_markdown
+    from pipeline.storage import atomic_write
     from pipeline.utils import write_json
     methods = args.methods or sorted(load_params(args.params)["methods"])
     c = comparison(args.dataset, methods, args.results)
     out = Path(args.out or f"{args.results}/{args.dataset}/comparison.md")
     write_json(out.with_suffix(".json"), c)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(to_markdown(c))
-    tmp.replace(out)
-    print(to_markdown(c))
+    md = to_markdown(c)
+    atomic_write(out, lambda t: t.write_text(md))
+    print(md)
     return f"{out} ({len(c['rows'])} methods)"
 
 

@@ -36,10 +36,11 @@ Label rendering (documented choices; exposed as ``datasets.coco.crowd``)
   images whose annotation categories differ from the PNG's (fully occluded / sub-pixel
   instances) in its summary.
 
-Rendering streams one image at a time (tqdm), writes each PNG to ``<id>.tmp.png`` and
-renames it, skips PNGs that already exist (resumable; a change of the rendering settings,
-kept in ``ImageSets/Segmentation/coco_convert.json``, re-renders everything), and writes the
-split lists last, so an interrupted conversion never looks complete.
+Rendering streams one image at a time (tqdm), writes each PNG (and image symlink, and list)
+with :func:`pipeline.storage.atomic_write` (to ``<id>.png.tmp``, then renamed), skips PNGs
+that already exist (resumable; a change of the rendering settings, kept in
+``ImageSets/Segmentation/coco_convert.json``, re-renders everything), and writes the split
+lists last, so an interrupted conversion never looks complete.
 """
 from __future__ import annotations
 
@@ -200,10 +201,8 @@ def convert_coco(source: str | Path, root: str | Path, splits: Sequence[str] = (
             ids.append(iid)
             link = jpeg / f"{iid}.jpg"
             if not link.is_symlink() and not link.exists():
-                tmp = link.with_name(link.name + ".tmp")
-                tmp.unlink(missing_ok=True)
-                tmp.symlink_to(os.path.relpath((img_dir / info["file_name"]).resolve(), jpeg.resolve()))
-                os.replace(tmp, link)
+                rel = os.path.relpath((img_dir / info["file_name"]).resolve(), jpeg.resolve())
+                atomic_write(link, lambda t: t.symlink_to(rel))
             png = labels / f"{iid}.png"
             if png.is_file() and not redo:
                 skipped += 1

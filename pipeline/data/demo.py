@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -50,6 +48,7 @@ from PIL import Image
 
 from pipeline.data.voc import (IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, VOC_PALETTE, image_labels,
                                load_image, load_mask, read_ids, save_mask_png)
+from pipeline.storage import atomic_directory, atomic_write
 
 GENERATOR_VERSION = 1
 ID_PREFIX = "demo_"
@@ -421,7 +420,8 @@ def make_demo_dataset(root: str | Path, num_train: int = 160, num_val: int = 48,
                       void_border: bool = False) -> dict:
     """Write the synthetic demo dataset under ``root`` (VOC 2012 layout), atomically.
 
-    The dataset is built in the sibling folder ``<root>.tmp`` and renamed to ``root`` at the end.
+    The dataset is built in the sibling folder ``<root>.tmp`` and renamed to ``root`` at the end
+    (:func:`pipeline.storage.atomic_directory`; on a failure ``<root>.tmp`` is removed).
     If ``root`` already holds a complete dataset made with the same parameters (its
     ``.complete`` marker), nothing is written. A ``root`` made with other parameters, or one
     holding no file at all (only empty folders), is replaced.
@@ -465,73 +465,70 @@ def make_demo_dataset(root: str | Path, num_train: int = 160, num_val: int = 48,
         raise FileExistsError(f"{root} exists and is not a demo dataset (no {MARKER} marker); "
                               f"remove it or choose another root")
 
-    tmp = root.with_name(root.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "JPEGImages").mkdir(parents=True)
-    (tmp / "SegmentationClass").mkdir()
-    (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
-
-    seeds = SeedSequence(seed).spawn(3 + num_train + num_val)
-    splits = {"train": _assign_classes(Generator(PCG64(seeds[0])), num_train, min_objects,
-                                       max_objects),
-              "val": _assign_classes(Generator(PCG64(seeds[1])), num_val, min_objects,
-                                     max_objects)}
-    ids: dict[str, list[str]] = {"train": [], "val": []}
-    class_images = {"train": [0] * NUM_CLASSES, "val": [0] * NUM_CLASSES}
-    pixels = np.zeros(256, dtype=np.int64)
-    per_image: dict[str, int] = {}
-    idx = 0
-    for split in ("train", "val"):
-        for classes in splits[split]:
-            rng = Generator(PCG64(seeds[3 + idx]))
-            s = render_sample(rng, classes, size, void_border)
-            iid = f"{ID_PREFIX}{idx:05d}"
-            Image.fromarray(s["image"], mode="RGB").save(
-                tmp / "JPEGImages" / f"{iid}.jpg", quality=JPEG_QUALITY, subsampling=0)
-            save_mask_png(tmp / "SegmentationClass" / f"{iid}.png", s["mask"])
-            ids[split].append(iid)
-            present = np.unique(s["mask"])
-            for c in present[present < NUM_CLASSES]:
-                class_images[split][int(c)] += 1
-            pixels += np.bincount(s["mask"].ravel(), minlength=256)
-            k = str(len(image_labels(s["mask"])))
-            per_image[k] = per_image.get(k, 0) + 1
-            idx += 1
-    seg = tmp / "ImageSets" / "Segmentation"
-    (seg / "train.txt").write_text("\n".join(ids["train"]) + "\n")
-    (seg / "val.txt").write_text("\n".join(ids["val"]) + "\n")
-    (seg / "trainval.txt").write_text("\n".join(ids["train"] + ids["val"]) + "\n")
-    valid = pixels[:NUM_CLASSES]
-    summary = dict(num_train=num_train, num_val=num_val, num_images=num_train + num_val,
-                   size=size, seed=seed,
-                   num_objects=int(sum(len(c) for sp in splits.values() for c in sp)),
-                   objects_per_image=dict(sorted(per_image.items())),
-                   class_images=class_images,
-                   class_pixel_fraction=[round(float(x), 6) for x in valid / valid.sum()])
-    (tmp / "README.txt").write_text(_readme(params, summary))
-    (tmp / MARKER).write_text(json.dumps({"params": params, "summary": summary},
-                                         indent=1, sort_keys=True) + "\n")
-
-    if root.exists():
-        shutil.rmtree(root)
     try:
-        os.replace(tmp, root)
+        with atomic_directory(root) as tmp:
+            (tmp / "JPEGImages").mkdir()
+            (tmp / "SegmentationClass").mkdir()
+            (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
+
+            seeds = SeedSequence(seed).spawn(3 + num_train + num_val)
+            splits = {"train": _assign_classes(Generator(PCG64(seeds[0])), num_train, min_objects,
+                                               max_objects),
+                      "val": _assign_classes(Generator(PCG64(seeds[1])), num_val, min_objects,
+                                             max_objects)}
+            ids: dict[str, list[str]] = {"train": [], "val": []}
+            class_images = {"train": [0] * NUM_CLASSES, "val": [0] * NUM_CLASSES}
+            pixels = np.zeros(256, dtype=np.int64)
+            per_image: dict[str, int] = {}
+            idx = 0
+            for split in ("train", "val"):
+                for classes in splits[split]:
+                    rng = Generator(PCG64(seeds[3 + idx]))
+                    s = render_sample(rng, classes, size, void_border)
+                    iid = f"{ID_PREFIX}{idx:05d}"
+                    Image.fromarray(s["image"], mode="RGB").save(
+                        tmp / "JPEGImages" / f"{iid}.jpg", quality=JPEG_QUALITY, subsampling=0)
+                    save_mask_png(tmp / "SegmentationClass" / f"{iid}.png", s["mask"])
+                    ids[split].append(iid)
+                    present = np.unique(s["mask"])
+                    for c in present[present < NUM_CLASSES]:
+                        class_images[split][int(c)] += 1
+                    pixels += np.bincount(s["mask"].ravel(), minlength=256)
+                    k = str(len(image_labels(s["mask"])))
+                    per_image[k] = per_image.get(k, 0) + 1
+                    idx += 1
+            seg = tmp / "ImageSets" / "Segmentation"
+            (seg / "train.txt").write_text("\n".join(ids["train"]) + "\n")
+            (seg / "val.txt").write_text("\n".join(ids["val"]) + "\n")
+            (seg / "trainval.txt").write_text("\n".join(ids["train"] + ids["val"]) + "\n")
+            valid = pixels[:NUM_CLASSES]
+            summary = dict(num_train=num_train, num_val=num_val, num_images=num_train + num_val,
+                           size=size, seed=seed,
+                           num_objects=int(sum(len(c) for sp in splits.values() for c in sp)),
+                           objects_per_image=dict(sorted(per_image.items())),
+                           class_images=class_images,
+                           class_pixel_fraction=[round(float(x), 6) for x in valid / valid.sum()])
+            (tmp / "README.txt").write_text(_readme(params, summary))
+            (tmp / MARKER).write_text(json.dumps({"params": params, "summary": summary},
+                                                 indent=1, sort_keys=True) + "\n")
     except OSError:
-        # another process finished the same dataset first
-        if _is_complete(root, params) is None:
+        # another process published the same dataset first (ours is already removed)
+        done = _is_complete(root, params)
+        if done is None:
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        summary = done
     return {**summary, "root": str(root), "regenerated": True}
 
 
 # --------------------------------------------------------------------------- preview / CLI
 def save_preview(root: str | Path, out: str | Path, n: int = 8, split: str = "train") -> Path:
     """Save a mosaic of the first ``n`` images of ``split`` (top row) and their coloured masks
-    (bottom row, VOC palette) as a PNG; returns ``Path(out)``.
+    (bottom row, VOC palette) as a PNG (or the format of ``out``'s suffix), published with
+    :func:`pipeline.storage.atomic_write`; returns ``Path(out)``.
 
     Raises:
         DatasetError: missing split file / image / mask.
+        ValueError: ``out`` has a suffix PIL cannot write.
     """
     ids = read_ids(Path(root) / "ImageSets" / "Segmentation" / f"{split}.txt")[:n]
     imgs = [load_image(root, i) for i in ids]
@@ -544,8 +541,11 @@ def save_preview(root: str | Path, out: str | Path, n: int = 8, split: str = "tr
     top, bottom = row(imgs), row(masks)
     sep = np.full((2, top.shape[1], 3), 255, np.uint8)
     out = Path(out)
-    Image.fromarray(np.concatenate([top, sep, bottom], axis=0)).save(out)
-    return out
+    fmt = Image.registered_extensions().get(out.suffix.lower())   # the temporary ends in .tmp
+    if fmt is None:
+        raise ValueError(f"unknown file extension: {out.suffix!r}")
+    mosaic = Image.fromarray(np.concatenate([top, sep, bottom], axis=0))
+    return atomic_write(out, lambda t: mosaic.save(t, format=fmt))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from .classes import dataset_classes
 from .voc import IGNORE_INDEX, DatasetError, image_labels, load_mask, read_ids, save_mask_png
+from ..storage import atomic_write
 
 _log = logging.getLogger("wsss")
 
@@ -145,7 +146,8 @@ def download_voc(dest: str | Path = "data/voc", log: Callable[[str], None] = pri
 
     ``train_aug`` = (SBD train ∪ SBD val ∪ VOC train) − VOC val, 10,582 ids (the list used by
     PSA/IRN/AFA/ACR). SBD ``.mat`` boundaries are converted to palette PNGs; VOC's own masks
-    win where both exist.
+    win where both exist. Every PNG and the list are published with
+    :func:`pipeline.storage.atomic_write` (``<name>.tmp``, then renamed).
 
     Raises:
         DatasetError: offline (fails within seconds, naming the expected layout).
@@ -169,11 +171,13 @@ def download_voc(dest: str | Path = "data/voc", log: Callable[[str], None] = pri
         ids = [Path(p).stem for p in sbd.images]
         sbd_ids += ids
         for iid, (_, mask) in tqdm(zip(ids, sbd), total=len(ids), desc=f"SBD {split} -> PNG"):
-            save_mask_png(aug / f"{iid}.png", np.asarray(mask, np.uint8))
+            m = np.asarray(mask, np.uint8)
+            atomic_write(aug / f"{iid}.png", lambda t: save_mask_png(t, m))
     for iid in voc_train + sorted(voc_val):
-        save_mask_png(aug / f"{iid}.png", load_mask(root, iid, "SegmentationClass"))
+        m = load_mask(root, iid, "SegmentationClass")
+        atomic_write(aug / f"{iid}.png", lambda t: save_mask_png(t, m))
     train_aug = sorted((set(sbd_ids) | set(voc_train)) - voc_val)
-    (root / "ImageSets/SegmentationAug").mkdir(parents=True, exist_ok=True)
-    (root / "ImageSets/SegmentationAug/train_aug.txt").write_text("\n".join(train_aug) + "\n")
+    atomic_write(root / "ImageSets/SegmentationAug/train_aug.txt",
+                 lambda t: t.write_text("\n".join(train_aug) + "\n"))
     log(f"download_voc: {len(train_aug)} train_aug ids written under {root}")
     return root

@@ -172,7 +172,9 @@ def labels_to_multihot(class_ids: Sequence[int], num_classes: int = NUM_CLASSES)
 
 
 def save_mask_png(path: str | Path, mask: np.ndarray) -> None:
-    """Write a ``(H, W)`` uint8 class-index mask as a VOC palette PNG."""
+    """Write a ``(H, W)`` uint8 class-index mask as a VOC palette PNG (PNG whatever the
+    suffix of ``path``, so it can write the ``<name>.png.tmp`` of
+    :func:`pipeline.storage.atomic_write`)."""
     im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     im.putpalette(VOC_PALETTE.reshape(-1).tolist())
-    im.save(path)
+    im.save(path, format="PNG")

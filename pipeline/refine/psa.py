@@ -32,7 +32,6 @@ import warnings
 
 import io
 import math
-import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -49,7 +48,7 @@ from pipeline.data.voc import IGNORE_INDEX, VOC_CLASSES, load_image
 from pipeline.models.backbones import create_backbone
 from pipeline.refine.crf import PSA_CRF, background_from_cams, crf_label_from_cams
 from pipeline.storage import MapReader, MapWriter
-from pipeline.utils import ResumeFile
+from pipeline.utils import ResumeFile, atomic_torch_save
 
 #: Stride of the affinity feature grid (PSA: 8).
 STRIDE = 8
@@ -748,8 +747,8 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     augmentation: random rescale (``resize_long`` = [lo, hi] long side as in PSA, else
     ``scale_range`` = [lo, hi] factor), optional colour jitter, horizontal flip, random
     ``crop`` (padding: image 0, label 255), label downsampled by :func:`downsample_label`;
-    (3) checkpoint ``{"state_dict", "params"}`` written to ``<out_path>.tmp`` and
-    ``os.replace``-d onto ``out_path``.
+    (3) checkpoint ``{"state_dict", "params"}`` published with
+    :func:`pipeline.utils.atomic_torch_save` (``<out_path>.tmp``, then renamed).
 
     Args:
         root: dataset root (``JPEGImages``).
@@ -877,12 +876,8 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     log(f"train_affinity: {iters} iterations in {t_train:.1f}s, final loss {final:.4f}")
 
     # 3) checkpoint ----------------------------------------------------------------------
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "params": p}, tmp)
-    os.replace(tmp, out_path)
+    atomic_torch_save({"state_dict": state, "params": p}, out_path)
     resume.remove()
     return {"iters": iters, "num_images": len(ids), "final_loss": final, "loss_curve": curve,
             "label_fractions": {"bg": float(fr[0]), "fg": float(fr[1]),
