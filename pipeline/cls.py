@@ -31,7 +31,8 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         root: VOC-layout root; ids: training ids; labels: id -> foreground class ids
             (1..K, K = ``len(class_names) - 1``: 20 for VOC, 80 for COCO).
         p: merged ``train_cls`` params: ``backbone{name,pretrained,overrides}``, ``crop``,
-            ``scale_range``, ``batch_size``, ``iters``, ``lr``, ``weight_decay``,
+            ``scale_range`` (or ``resize_long: [lo, hi]``, long side in pixels),
+            ``batch_size``, ``iters`` (or ``iters: null`` and ``epochs``), ``lr``, ``weight_decay``,
             ``warmup_iters``, ``poly_power``, ``num_workers``, ``log_every``, ``seed``,
             ``device``, ``optimizer`` (``adamw``, default, or ``sgd`` with ``momentum``)
             and the method's own keys; ``checkpoint_every`` N > 0 writes
@@ -78,10 +79,10 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
     ds = ClassificationDataset(root, ids, labels, crop=int(p["crop"]),
                                scale_range=p.get("scale_range", (1.0, 1.0)),
                                hflip=bool(p.get("hflip", True)), seed=int(p.get("seed", 0)),
-                               num_classes=n_fg + 1)
+                               num_classes=n_fg + 1, resize_long=p.get("resize_long"))
     bs = min(int(p["batch_size"]), len(ds))
     dd.per_rank(bs, "train_cls")
-    iters, log_every = int(p["iters"]), int(p.get("log_every", 20))
+    iters, log_every = train_iterations(p, len(ds), bs), int(p.get("log_every", 20))
     curve, t0, it, epoch, skip = [], time.time(), 0, 0, 0
     running: dict[str, float] = {}
     resume = ResumeFile(out_path, {"method": method_name, "params": p},
@@ -153,12 +154,30 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
             "final": curve[-1] if curve else {}, "curve": curve}
 
 
+def train_iterations(p: dict, num_images: int, batch_size: int) -> int:
+    """``iters`` when set, else ``epochs`` full batches per epoch (last partial batch dropped,
+    as the training loop does): ``epochs * (num_images // batch_size)`` (ACR official
+    ``max_step = len(list) // (batch * gpus) * max_epoches``).
+
+    Raises:
+        ValueError: neither ``iters`` nor ``epochs`` is set.
+    """
+    if p.get("iters"):
+        return int(p["iters"])
+    if p.get("epochs"):
+        return int(p["epochs"]) * (num_images // batch_size)
+    raise ValueError("train_cls needs `iters` or (with iters: null) `epochs`")
+
+
 def make_optimizer(model: torch.nn.Module, p: dict,
                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
     """Optimiser of the trainable parameters from ``train_cls`` params.
 
     ``optimizer: adamw`` (default; ``lr``, ``weight_decay``) or ``sgd`` (``lr``,
-    ``momentum`` default 0.9, ``weight_decay``; SMAF's schedule). ``groups``: the method's
+    ``momentum`` default 0.9, ``weight_decay``; SMAF's schedule). PSA's ``PolyOptimizer``
+    (used by ACR's official code) calls ``SGD(params, lr, weight_decay)``, so its
+    ``weight_decay`` lands in SGD's *momentum* slot: it is ``sgd`` with
+    ``momentum: 5.0e-4, weight_decay: 0`` and the poly schedule here. ``groups``: the method's
     parameter groups (:meth:`Method.param_groups`, each with an ``lr_mult``); default one
     group of every parameter. Frozen parameters are left out. The learning rate is
     overwritten every iteration by the poly schedule times the group's ``lr_mult``.

@@ -52,6 +52,16 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
     the method's forward runs under its autocast / memory format; the maps are summed in
     float32 either way.
 
+    Optional keys (absent = the behaviour every method had before them):
+
+    * ``resize_square`` (int or null): scale 1 is the image resized to this square side,
+      ignoring the aspect ratio (ACR official ``infer_cam.py`` via ``get_data_from_chunk_val``:
+      ``cv2.resize(img, (crop, crop))``); null = aspect-preserving ``H*s, W*s``.
+    * ``align_corners`` (bool, default false): of the bilinear upsampling to ``(H, W)``
+      (ACR official: ``F.interpolate(..., align_corners=True)``).
+    * ``norm_eps`` (float, default 1e-5): ``eps`` of :func:`normalise_maps` (ACR official
+      min-max: 1e-6).
+
     Returns:
         ``{key: (k, H, W) float32 in [0, 1]}``.
     """
@@ -60,9 +70,12 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
     stride = token_stride(model.vit)
     acc: dict[str, torch.Tensor] = {}
     passes = 0
+    sq = p.get("resize_square")
+    H0, W0 = (int(sq), int(sq)) if sq else (H, W)
+    align = bool(p.get("align_corners", False))
     for s in p.get("scales", [1.0]):
-        h = max(stride, int(round(H * s / stride)) * stride)
-        w = max(stride, int(round(W * s / stride)) * stride)
+        h = max(stride, int(round(H0 * s / stride)) * stride)
+        w = max(stride, int(round(W0 * s / stride)) * stride)
         xs = F.interpolate(x0, size=(h, w), mode="bilinear", align_corners=False)
         for flip in ([False, True] if p.get("flip", True) else [False]):
             xin = xs.flip(-1) if flip else xs
@@ -74,13 +87,14 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
             passes += 1
             for k, m in out.items():
                 up = F.interpolate(m.unsqueeze(0).float(), size=(H, W), mode="bilinear",
-                                   align_corners=False)[0]
+                                   align_corners=align)[0]
                 if flip:
                     up = up.flip(-1)
                 acc[k] = acc.get(k, 0) + up.clamp_min(0)
     if p.get("norm", "max") == "mean":
         return {k: v / passes for k, v in acc.items()}
-    return {k: normalise_maps(v, p.get("norm", "max")) for k, v in acc.items()}
+    eps = float(p.get("norm_eps", 1e-5))
+    return {k: normalise_maps(v, p.get("norm", "max"), eps) for k, v in acc.items()}
 
 
 def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],

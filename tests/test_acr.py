@@ -111,12 +111,16 @@ TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
                                    "num_heads": 2}}}
 
 
-def test_eq7_eq8_against_finite_differences():
+def test_eq7_eq8_paper_form_against_finite_differences():
+    """The paper-literal options (Eq. 7 head mean then ReLU of the layer mean; Eq. 8 row
+    vector x mean attention of the same blocks); the official default form is tested in
+    tests/test_acr_official.py."""
     torch.manual_seed(0)
     model = ViTClassifier({**TINY, "head": "cls_token"}, 5).double().eval()
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     fg = torch.tensor([1, 3])
-    out = acr_maps(model, x, fg, layers=[-2, -1])
+    out = acr_maps(model, x, fg, layers=[-2, -1], grad_head_reduce="mean_then_relu",
+                   layer_reduce="mean", eq8_form="paper")
     # finite differences: y_c(A + eps E_0j) for each patch j, in blocks 1 and 2
     blocks = [model.vit.blocks[i].attn for i in (1, 2)]
     n = 16
@@ -165,7 +169,8 @@ def test_acr_loss_backpropagates_through_attention():
     y = torch.zeros(2, 5)
     y[:, 2] = 1
     g = torch.Generator().manual_seed(0)
-    loss, parts = m.loss(model, x, y, {**TINY, "transforms": ["rot90"], "alpha": 0.0, "beta": 5.0}, g)
+    loss, parts = m.loss(model, x, y, {**TINY, "transforms": ["rot90"], "alpha": 0.0, "beta": 5.0,
+                                       "reduction": "row"}, g)
     loss.backward()
     qkv = model.vit.blocks[0].attn.inner.qkv.weight.grad
     assert qkv is not None and qkv.abs().sum() > 0

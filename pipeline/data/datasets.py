@@ -59,13 +59,21 @@ class ClassificationDataset(Dataset):
     Item: ``(x float32 (3, crop, crop) normalised, y float32 (C-1,) multi-hot, index)``.
     Randomness comes from ``np.random.default_rng((seed, epoch, index))`` so runs are
     reproducible regardless of worker count; call :meth:`set_epoch` each epoch.
+
+    ``resize_long = (lo, hi)`` (ints, pixels) replaces ``scale_range``: the image is rescaled
+    so that its long side is an integer drawn uniformly from ``[lo, hi]`` (both included;
+    PSA / ACR ``RandomResizeLong``, ACR official ``[int(0.9 crop), int(crop / 0.875)]`` =
+    ``[345, 438]`` at crop 384), then flipped and cropped as usual.
     """
 
     def __init__(self, root: str | Path, ids: Sequence[str], labels: Mapping[str, Sequence[int]],
-                 crop: int, scale_range: Sequence[float] = (1.0, 1.0), hflip: bool = True,
-                 seed: int = 0, num_classes: int = NUM_CLASSES):
+                 crop: int, scale_range: Sequence[float] | None = (1.0, 1.0), hflip: bool = True,
+                 seed: int = 0, num_classes: int = NUM_CLASSES,
+                 resize_long: Sequence[int] | None = None):
         self.root, self.ids, self.labels = Path(root), list(ids), labels
-        self.crop, self.scale_range, self.hflip = int(crop), tuple(scale_range), hflip
+        self.crop, self.hflip = int(crop), hflip
+        self.scale_range = tuple(scale_range) if scale_range else (1.0, 1.0)
+        self.resize_long = tuple(int(v) for v in resize_long) if resize_long else None
         self.seed, self.epoch, self.num_classes = seed, 0, num_classes
 
     def set_epoch(self, epoch: int) -> None:
@@ -77,7 +85,11 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, i: int):
         rng = np.random.default_rng((self.seed, self.epoch, i))
         iid = self.ids[i]
-        img, _, _ = random_scale_crop(load_image(self.root, iid), rng, self.crop,
-                                      self.scale_range, self.hflip)
+        image = load_image(self.root, iid)
+        sr = self.scale_range
+        if self.resize_long:
+            target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
+            sr = (target / max(image.shape[:2]),) * 2
+        img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip)
         y = labels_to_multihot(self.labels[iid], self.num_classes)
         return to_tensor(img), torch.from_numpy(y), i
