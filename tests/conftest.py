@@ -66,11 +66,20 @@ DAG_TARGETS = [f"results/demo/{m}/miou.json" for m in ("acr", "cam", "mcc", "afa
     + ["results/vocsample/acr/miou.json"]
 
 
+def copy_snakefile(d: Path) -> Path:
+    """The repo's workflow in ``d``: the entry Snakefile (copied) and a link to workflow/ (the
+    rule files and the config schema it includes)."""
+    shutil.copy(REPO / "Snakefile", d / "Snakefile")
+    if not (d / "workflow").exists():
+        (d / "workflow").symlink_to(REPO / "workflow")
+    return d
+
+
 def make_workdir(d: Path, vocsample_root: Path | None = None) -> Path:
-    """A Snakemake working directory: the repo's Snakefile, params.yaml merged with TINY."""
+    """A Snakemake working directory: the repo's Snakefile (+ workflow/), params.yaml merged with TINY."""
     from pipeline.config import deep_merge
     d.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "Snakefile", d / "Snakefile")
+    copy_snakefile(d)
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     if vocsample_root is not None:
         params["datasets"]["vocsample"]["root"] = str(vocsample_root)
@@ -98,14 +107,14 @@ def tiny_dag(tmp_path_factory) -> Path:
 def copy_demo_chains(src: Path, dst: Path, methods=("cam",), workdir_files: bool = True) -> Path:
     """Copy demo chains of a tiny_dag build (data, manifest, the methods' artifacts; mtimes
     kept, so Snakemake sees them up to date) into ``dst``; with ``workdir_files`` also the
-    Snakefile and params.yaml of the build and links to stages/ and report/."""
+    Snakefile and params.yaml of the build and links to workflow/, stages/ and report/."""
     for m in methods:
         assert (src / f"results/demo/{m}/miou.json").is_file(), f"the tiny demo/{m} chain failed"
     dst.mkdir(parents=True, exist_ok=True)
     if workdir_files:
         for f in ("Snakefile", "params.yaml"):
             shutil.copy2(src / f, dst / f)
-        for link in ("stages", "report"):
+        for link in ("workflow", "stages", "report"):
             (dst / link).symlink_to(REPO / link)
     shutil.copytree(src / "data/demo", dst / "data/demo", symlinks=True)
     (dst / "results/demo").mkdir(parents=True)

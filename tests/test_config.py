@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.config import (METHOD_STAGES, STAGES, ConfigError, check_complete, load_params,
                              stage_params)
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_snakefile
 
 
 def test_repository_params_are_complete():
@@ -62,10 +62,9 @@ def test_misspelt_keys_are_named(edit, expected):
 
 
 def test_misspelt_key_stops_snakemake_with_the_key_named(tmp_path):
-    import shutil
     import subprocess
     import sys
-    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
+    copy_snakefile(tmp_path)
     text = (REPO / "params.yaml").read_text()
     i = text.index("      bg_alpha: 16", text.index("  demo:\n    prepare_dataset"))  # the demo profile's
     (tmp_path / "params.yaml").write_text(text[:i] + "      bg_alfa: 16" + text[i + 18:])
@@ -81,3 +80,52 @@ def test_duplicate_key_is_refused(tmp_path):
                  "      iters: 3\n      by_method: {b: {}}\n")
     with pytest.raises(ConfigError, match=r"line 7: key `by_method` is given twice .*first on line 5"):
         load_params(f)
+
+
+# ------------------------------------------------------------------ workflow/schemas/config.schema.yaml
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def test_schema_keys_are_those_pipeline_config_validates():
+    """The JSON Schema and pipeline.config.validate agree on the keys they allow."""
+    import yaml
+
+    from pipeline.config import REPORT_KEYS, RUN_KEYS, TOP_LEVEL
+    props = yaml.safe_load(SCHEMA.read_text())["properties"]
+    assert set(props) == TOP_LEVEL
+    assert set(props["run"]["properties"]) == RUN_KEYS
+    assert set(props["report"]["properties"]) == REPORT_KEYS
+
+    def keys(node):
+        if isinstance(node, dict):
+            yield from node
+            for v in node.values():
+                yield from keys(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from keys(v)
+    assert "default" not in set(keys(yaml.safe_load(SCHEMA.read_text())))  # validate() would write defaults into the params
+
+
+@pytest.mark.parametrize("edit, ok", [
+    (lambda c: None, True),
+    (lambda c: c["run"].update(shards="2", gpus=None), True),   # --config run='{shards: 2}' gives '2'
+    (lambda c: c.update(seed="zero"), False),
+    (lambda c: c["run"].update(shards="two"), False),
+    (lambda c: c["run"].update(datasets="demo"), False),
+    (lambda c: c["methods"].update(cam=[]), False),
+    (lambda c: c["profiles"]["demo"].update(train_cls=3), False),
+    (lambda c: c.update(extra=1), False),
+])
+def test_schema_checks_structure_and_types(edit, ok):
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate as validate_schema
+    cfg = load_params(REPO / "params.yaml")
+    edit(cfg)
+    before = copy.deepcopy(cfg)
+    if ok:
+        validate_schema(cfg, str(SCHEMA))
+        assert cfg == before
+    else:
+        with pytest.raises(WorkflowError):
+            validate_schema(cfg, str(SCHEMA))

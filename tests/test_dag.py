@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_snakefile
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -184,7 +184,7 @@ def test_vocsample_chain_on_real_images(workdir, vocsample_root):
 
 
 def test_voc_without_data_fails_fast_and_clearly(tmp_path):
-    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
+    copy_snakefile(tmp_path)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     t0 = time.time()
     r = snakemake(tmp_path, "results/voc/acr/miou.json", check=False)

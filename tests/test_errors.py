@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import load_params, stage_params
 from pipeline.data.prepare import build_manifest
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_snakefile
 from tests.test_bad_inputs import make_voc
 
 
@@ -153,7 +153,7 @@ def test_unknown_method_in_stage_cli_suggests_the_closest(tmp_path, tiny_manifes
     ("results/vocsampel/comparison.md", ["unknown dataset 'vocsampel'", "did you mean `vocsample`"]),
 ])
 def test_unknown_wildcard_in_target_is_named(tmp_path, target, expected):
-    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
+    copy_snakefile(tmp_path)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--", target], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
@@ -166,7 +166,7 @@ def test_unknown_wildcard_in_target_is_named(tmp_path, target, expected):
 
 def test_fallback_rules_never_shadow_real_targets(tmp_path):
     """Known names still plan the real chain (the fallbacks match only unknown names)."""
-    shutil.copy(REPO / "Snakefile", tmp_path / "Snakefile")
+    copy_snakefile(tmp_path)
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     r = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--", "results/vocsample/acr/miou.json",
                         "results/demo/comparison.md", "results/demo/cam/pseudo",

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_snakefile
 
 
 def dry_run(tmp_path, *args):
-    for f in ("Snakefile", "params.yaml"):
-        shutil.copy(REPO / f, tmp_path / f)
+    copy_snakefile(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
     shutil.copytree(REPO / "profiles", tmp_path / "profiles", dirs_exist_ok=True)
     r = subprocess.run([sys.executable, "-m", "snakemake", "-n", *args,
                         "results/demo/acr/miou.json"], cwd=tmp_path, capture_output=True,
