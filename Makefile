@@ -24,7 +24,7 @@ install: $(BIN)/.installed
 
 ## regenerate the lock from pyproject.toml + requirements/lock.in (needs uv: `pip install uv`)
 lock:
-	uv pip compile pyproject.toml --extra dev -c requirements/lock.in --generate-hashes \
+	uv pip compile pyproject.toml --all-extras -c requirements/lock.in --generate-hashes \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --index-url https://pypi.org/simple --custom-compile-command "make lock" -o $(LOCK)
 
