@@ -12,8 +12,10 @@ def summarise(path: str | Path) -> str:
     d = json.loads(p.read_text())
     stages = d.get("stages", {"segmentation": d["miou"]})
     body = "  ".join(f"{k}={100 * v:.1f}" for k, v in stages.items())
+    prot = "  ".join(f"{k}={100 * v['miou']:.1f}" for k, v in (d.get("protocols") or {}).items())
     return (f"{p.resolve()}\n  {d.get('dataset', '?')}/{d.get('method', '?')} mIoU (%): {body}"
-            f"  [{d.get('num_images', '?')} val images]")
+            f"  [{d.get('num_images', '?')} val images]"
+            + (f"\n  segmentation protocols (%): {prot}" if prot else ""))
 
 
 if __name__ == "__main__":
