@@ -21,6 +21,48 @@ from .metrics import confusion_matrix, scores_from_confusion
 COLUMNS = [("seeds", "seeds"), ("refined", "refined (PSA RW)"), ("pseudo", "pseudo (CRF)"),
            ("segmentation", "DeepLabV2 val"), ("own_segmentation", "own seg head val")]
 
+#: The second table, "as papers report them": (row key, column title). ``*_best_on_gt`` is the
+#: official seed protocol (best of 100 background thresholds on the evaluation ground truth,
+#: not a fair number); ``seg_*`` are the three test protocols of ``miou.json`` ``protocols``.
+PROTOCOL_COLUMNS = [("seeds", "seeds, fixed τ"), ("seeds_best_on_gt", "seeds, best τ on GT †"),
+                    ("refined", "refined, arg-max"), ("refined_best_on_gt", "refined, best τ on GT †"),
+                    ("pseudo", "pseudo labels"),
+                    ("seg_single_scale", "DeepLabV2 single scale"),
+                    ("seg_multi_scale_flip", "DeepLabV2 MS + flip"),
+                    ("seg_multi_scale_flip_crf", "DeepLabV2 MS + flip + CRF")]
+
+#: Footnote of the protocol table.
+PROTOCOL_NOTE = ("† official protocol (ACR `evaluation.py --curve True`): the background "
+                 "threshold is chosen on the evaluation ground truth among 100 values i/100 — "
+                 "not a fair number; the chosen τ in parentheses. Pseudo labels are hard labels: "
+                 "no threshold sweep is defined for them. Single scale = scale 1.0 without flip; "
+                 "MS = the eval_seg scales; CRF = eval_seg.crf, else the DeepLab-v2 common "
+                 "settings. – = not computed (see eval_seg.protocols).")
+
+
+def _pct(v) -> float | None:
+    return None if v is None else round(100 * v, 1)
+
+
+def protocol_numbers(chain: Path) -> dict:
+    """The protocol-table numbers of one chain folder (mIoU in %, None where missing):
+    ``seeds_best_on_gt`` / ``refined_best_on_gt`` (+ ``*_best_threshold``) from
+    ``seeds_miou.json`` / ``refined_miou.json`` ``best_threshold_on_gt``, ``seg_<protocol>``
+    from ``miou.json`` ``protocols`` and ``seg_configured_as``."""
+    out: dict = {}
+    for stage in ("seeds", "refined"):
+        f = chain / f"{stage}_miou.json"
+        b = (json.loads(f.read_text()).get("best_threshold_on_gt") or {}) if f.is_file() else {}
+        out[f"{stage}_best_on_gt"] = _pct(b.get("miou"))
+        out[f"{stage}_best_threshold"] = b.get("bg_threshold")
+    f = chain / "miou.json"
+    d = json.loads(f.read_text()) if f.is_file() else {}
+    protocols = d.get("protocols") or {}
+    for name in ("single_scale", "multi_scale_flip", "multi_scale_flip_crf"):
+        out[f"seg_{name}"] = _pct((protocols.get(name) or {}).get("miou"))
+    out["seg_configured_as"] = d.get("configured_as")
+    return out
+
 
 def all_background_miou(root: str | Path, ids: Sequence[str], label_dir: str,
                         class_names: Sequence[str] = VOC_CLASSES) -> float:
@@ -44,7 +86,8 @@ def chain_seconds(results: Path, dataset: str, method: str) -> float | None:
 
 def comparison(dataset: str, methods: Sequence[str], results: str | Path = "results") -> dict:
     """Rows ``{method, seeds, refined, pseudo, segmentation, own_segmentation, seed_key,
-    other_seeds, chain_minutes}`` (mIoU in %, None where missing) and ``all_background``.
+    other_seeds, chain_minutes}`` plus :func:`protocol_numbers` (mIoU in %, None where
+    missing) and ``all_background``.
 
     Raises:
         FileNotFoundError: no method of the list has a ``miou.json`` yet.
@@ -67,7 +110,8 @@ def comparison(dataset: str, methods: Sequence[str], results: str | Path = "resu
                                       for k, _ in COLUMNS},
                      "seed_key": sd.get("key"),
                      "other_seeds": {k: round(100 * v, 1) for k, v in (sd.get("other_keys") or {}).items()},
-                     "chain_minutes": None if secs is None else round(secs / 60, 1)})
+                     "chain_minutes": None if secs is None else round(secs / 60, 1),
+                     **protocol_numbers(results / dataset / m)})
     if not rows:
         raise FileNotFoundError(f"no results/{dataset}/<method>/miou.json for {list(methods)}; "
                                 f"build them first (snakemake results/{dataset}/comparison.md)")
@@ -92,4 +136,23 @@ def to_markdown(c: dict) -> str:
                      + f" | {other} | {fmt(r['chain_minutes'])} |")
     if "all_background" in c:
         lines += ["", f"All-background prediction on val: {c['all_background']:.1f} mIoU."]
+    lines += ["", "## Evaluation protocols as papers report them: mIoU (%)", "",
+              "| method | " + " | ".join(t for _, t in PROTOCOL_COLUMNS) + " |",
+              "|" + "---|" * (len(PROTOCOL_COLUMNS) + 1)]
+    for r in c["rows"]:
+        lines.append(f"| {r['method']} | "
+                     + " | ".join(protocol_cell(r, k) for k, _ in PROTOCOL_COLUMNS) + " |")
+    lines += ["", PROTOCOL_NOTE]
     return "\n".join(lines) + "\n"
+
+
+def protocol_cell(row: dict, key: str) -> str:
+    """One cell of the protocol table: the mIoU in % ("–" when missing), with the chosen
+    threshold for ``*_best_on_gt`` and "n/a" for pseudo labels' (undefined) sweep."""
+    v = row.get(key)
+    if v is None:
+        return "–"
+    if key.endswith("_best_on_gt"):
+        t = row.get(key.replace("_best_on_gt", "_best_threshold"))
+        return f"{v:.1f}" + ("" if t is None else f" (τ {t:.2f})")
+    return f"{v:.1f}"

@@ -101,3 +101,66 @@ def scores_from_confusion(conf: np.ndarray, class_names: Sequence[str] | None = 
         "mean_accuracy": float(np.nanmean(acc_c)) if np.isfinite(acc_c).any() else 0.0,
         "iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou)},
     }
+
+
+def threshold_sweep_confusion(maps: np.ndarray, class_ids: Sequence[int], gt: np.ndarray,
+                              thresholds: Sequence[float], num_classes: int,
+                              name: str | None = None) -> np.ndarray:
+    """Confusion matrices of a background-threshold sweep over one image, in one pass.
+
+    For every ``t`` in ``thresholds`` this equals
+    ``confusion_matrix(maps_to_label(maps, class_ids, t), gt, num_classes)``
+    (:func:`pipeline.labels.maps_to_label`: a pixel is background (0) where
+    ``max_c maps <= t``, ties to background, else the class id of the first arg-max channel),
+    but the pixels are visited once whatever the number of thresholds: each pixel falls in the
+    bin ``n = #{t : t < max_c maps}`` (compared in the maps' dtype, as ``maps_to_label`` does)
+    and counts as its arg-max class for the ``n`` smallest thresholds, as background for the
+    others.
+
+    Args:
+        maps: ``(k, H, W)`` float foreground maps (``k`` may be 0: everything background).
+        class_ids: ``(k,)`` class ids of the channels, in ``[0, num_classes)``.
+        gt: ``(H, W)`` ground truth (values outside ``[0, num_classes)`` ignored).
+        thresholds: ascending background thresholds.
+        num_classes: C.
+        name: what the maps are (image id), used in error messages.
+    Returns:
+        int64 ``(len(thresholds), C, C)``, one ``M[g, p]`` per threshold.
+    Raises:
+        ValueError: shapes differ or thresholds not ascending.
+        PredictionRangeError: a channel's class id predicted somewhere is outside ``[0, C)``.
+    """
+    maps = np.asarray(maps)
+    gt = np.asarray(gt)
+    C = int(num_classes)
+    ts = np.asarray(thresholds, dtype=np.float64)
+    if ts.ndim != 1 or (len(ts) > 1 and np.any(np.diff(ts) < 0)):
+        raise ValueError(f"thresholds must be an ascending list, got {list(thresholds)}")
+    if maps.ndim != 3 or maps.shape[1:] != gt.shape:
+        raise ValueError(f"maps of shape {maps.shape} do not match ground truth {gt.shape}"
+                         + (f" ({name})" if name else ""))
+    T = len(ts)
+    g = gt.ravel()
+    keep = (g < C) & (g >= 0) if g.dtype.kind == "i" else g < C
+    g = g[keep].astype(np.int64)
+    if maps.shape[0] == 0:
+        n = np.zeros(g.shape, np.int64)
+        a = np.zeros(g.shape, np.int64)
+    else:
+        dt = maps.dtype if maps.dtype.kind == "f" else np.float64
+        v = maps.max(0).ravel()[keep]
+        a = np.asarray(class_ids, np.int64)[maps.argmax(0).ravel()[keep]]
+        n = np.searchsorted(ts.astype(dt), v.astype(dt), side="left")
+        a[n == 0] = 0                             # background at every threshold
+        bad = (a < 0) | (a >= C)
+        if bad.any():
+            raise PredictionRangeError(
+                f"maps {name or '(unnamed)'} have channels of class ids "
+                f"{sorted(set(a[bad].tolist()))} outside 0..{C - 1}: they were made for "
+                f"another class set; rerun the stage that wrote them.")
+    h = np.bincount((n * C + g) * C + a, minlength=(T + 1) * C * C).reshape(T + 1, C, C)
+    above = np.cumsum(h[::-1], 0)[::-1]          # above[i] = sum_{n >= i} h[n]
+    out = above[1:].copy()                        # threshold i: fg where n > i
+    below = np.cumsum(h.sum(2), 0)[:T]            # (T, C): pixels with n <= i, per gt row
+    out[:, :, 0] += below
+    return out

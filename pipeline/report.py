@@ -7,7 +7,9 @@ report job costs ~2 s):
 * :func:`plot_curves`: training losses vs iteration of train_cls / train_affinity / train_seg
   (``cls/metrics.json`` ``curve``, ``affinity|seg/metrics.json`` ``loss_curve``);
 * :func:`iou_table_html`: per-class IoU of every evaluated stage (seeds, refined, pseudo
-  labels, segmentation, own segmentation head) as one HTML table;
+  labels, segmentation, own segmentation head) as one HTML table, with the extra columns of
+  :func:`protocol_columns` (seeds / refined at the best threshold on GT, labelled official and
+  not fair; segmentation single scale, MS + flip, MS + flip + CRF);
 * :func:`draw_gallery`: a grid of fixed images (:func:`gallery_ids`: the first N sorted ids of
   a split, never chosen by score) with VOC-palette overlays (:func:`overlay`) and a legend of
   the classes present (:func:`legend_entries`).
@@ -296,6 +298,14 @@ def comparison_html(c: dict) -> str:
         + f"<td>{fmt(r.get('chain_minutes'))}</td></tr>" for r in c["rows"])
     foot = (f"<p>All-background prediction on val: {c['all_background']:.1f} mIoU.</p>"
             if "all_background" in c else "")
+    from .compare import PROTOCOL_COLUMNS, PROTOCOL_NOTE, protocol_cell
+    foot += ("<h3>Evaluation protocols as papers report them: mIoU (%)</h3><table><tr>"
+             "<th class='l'>method</th>"
+             + "".join(f"<th>{html.escape(t)}</th>" for _, t in PROTOCOL_COLUMNS) + "</tr>"
+             + "".join(f"<tr><th class='l'>{html.escape(r['method'])}</th>"
+                       + "".join(f"<td>{html.escape(protocol_cell(r, k))}</td>"
+                                 for k, _ in PROTOCOL_COLUMNS) + "</tr>" for r in c["rows"])
+             + f"</table><p>{html.escape(PROTOCOL_NOTE)}</p>")
     t = f"{c['dataset']}: mIoU (%) per stage"
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>" + html.escape(t)
             + "</title><style>body{font-family:sans-serif;font-size:13px}table{border-collapse:"
@@ -303,6 +313,27 @@ def comparison_html(c: dict) -> str:
               "th.l{text-align:left}</style></head><body><h3>" + html.escape(t) + "</h3><table><tr>"
               "<th class='l'>method</th>" + head + "<th>chain (min)</th></tr>" + rows
             + "</table>" + foot + "</body></html>\n")
+
+
+#: Column titles of the segmentation test protocols (``miou.json`` ``protocols``).
+PROTOCOL_TITLES = {"single_scale": "single scale", "multi_scale_flip": "MS + flip",
+                   "multi_scale_flip_crf": "MS + flip + CRF"}
+
+
+def protocol_columns(key: str, title: str, d: dict) -> dict[str, dict]:
+    """Extra IoU-table columns of one stage's metrics ``d``: the official best-threshold-on-GT
+    scores of seeds / refined maps (labelled as not fair) and the segmentation test protocols
+    (single scale, MS + flip, MS + flip + CRF), each ``{"iou", "miou"}``; ``{}`` when the
+    file has none (pseudo labels: no sweep is defined for hard labels)."""
+    out = {}
+    b = d.get("best_threshold_on_gt") or {}
+    if b.get("iou"):
+        out[f"{title}, best τ on GT ({b['bg_threshold']:.2f}; official, not fair)"] = b
+    for name, sub in PROTOCOL_TITLES.items():
+        pr = (d.get("protocols") or {}).get(name)
+        if pr and pr.get("iou"):
+            out[f"{title}, {sub}"] = pr
+    return out
 
 
 # ----------------------------------------------------------------------------- one chain
@@ -351,6 +382,7 @@ def chain_report(manifest_path: str | Path, chain: str | Path, out_dir: str | Pa
             d = read_json(f, key)
             if d.get("iou"):
                 stages[title] = d
+            stages.update(protocol_columns(key, title, d))
     if not stages:
         raise ReportError(f"{chain} has no evaluated stage (seeds_miou.json ... miou.json); "
                           f"build `snakemake {chain}/miou.json` first.")

@@ -85,7 +85,19 @@ DEFAULT_EVAL_PARAMS: dict[str, Any] = {
     "flip": True,
     "crf": None,  # or a dict of dense_crf keyword arguments
     "num_threads": None,
+    "protocols": [],  # extra numbers, any of PROTOCOLS (scored in the same pass)
 }
+
+#: Test protocols :func:`evaluate` can score beside the configured one (``protocols``):
+#: single scale 1.0 without flip; the configured scales with flip; the same followed by a
+#: dense CRF (the configured ``crf``, else :data:`DEEPLAB_CRF`).
+PROTOCOLS = ("single_scale", "multi_scale_flip", "multi_scale_flip_crf")
+
+#: DeepLab-v2 post-processing CRF as the WSSS repositories use it (official-settings digest,
+#: "DeepLab-v2 post-processing (common)": gaussian 3/3, bilateral w 4, xy 67, rgb 3, 10
+#: iterations), for ``multi_scale_flip_crf`` when ``crf`` is not configured.
+DEEPLAB_CRF: dict[str, Any] = {"gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 67,
+                               "bilateral_srgb": 3, "bilateral_compat": 4, "iters": 10}
 
 _MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # padding colour (-> ~0 input)
 
@@ -462,6 +474,28 @@ def predict(model: DeepLabV2, image: np.ndarray, scales: Sequence[float] = (0.5,
     Source: DeepLab-v2 multi-scale testing (0.5/0.75/1.0); fusion by averaging probabilities
     (the paper max-fuses logits; documented difference).
     """
+    return predict_protocols(model, image, scales, flip, device)["configured"]
+
+
+@torch.no_grad()
+def predict_protocols(model: DeepLabV2, image: np.ndarray, scales: Sequence[float] = (0.5, 0.75, 1.0),
+                      flip: bool = True, device: str = "cpu", single_scale: bool = False,
+                      multi_scale_flip: bool = False) -> dict[str, np.ndarray]:
+    """:func:`predict` and, from the same forward passes, the probabilities of the test
+    protocols papers report side by side.
+
+    Returns ``{"configured": predict(model, image, scales, flip)}`` plus, when asked:
+
+    * ``"single_scale"``: softmax of one forward of the image at scale 1.0, no flip — the
+      unflipped half of the scale-1.0 batch when 1.0 is in ``scales`` (no extra forward),
+      else one extra forward;
+    * ``"multi_scale_flip"``: mean over ``scales`` x {image, flip} — the configured result
+      itself when ``flip`` is on, else the configured passes plus one extra forward of each
+      flipped scale.
+
+    ``configured`` is computed exactly as before (same batches, same order of sums), so its
+    value does not depend on which extra protocols are asked for.
+    """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"predict expects an (H, W, 3) image, got shape {image.shape}")
@@ -471,22 +505,43 @@ def predict(model: DeepLabV2, image: np.ndarray, scales: Sequence[float] = (0.5,
     model.eval()
     H, W = image.shape[:2]
     x = to_tensor(image.astype(np.uint8))[None].to(device)
+
+    def resized(s: float) -> torch.Tensor:
+        if float(s) == 1.0:
+            return x
+        size = (max(1, int(round(H * s))), max(1, int(round(W * s))))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def probs(batch: torch.Tensor) -> torch.Tensor:
+        logits = F.interpolate(model(batch), size=(H, W), mode="bilinear", align_corners=False)
+        return logits.float().softmax(1)
+
     acc = None
+    extra = None          # flipped passes that the configured protocol did not run
+    single = None
     n = 0
     for s in scales:
-        if float(s) == 1.0:
-            xs = x
-        else:
-            size = (max(1, int(round(H * s))), max(1, int(round(W * s))))
-            xs = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        xs = resized(s)
         batch = torch.cat([xs, xs.flip(-1)], 0) if flip else xs
-        logits = F.interpolate(model(batch), size=(H, W), mode="bilinear", align_corners=False)
-        prob = logits.float().softmax(1)
+        prob = probs(batch)
         part = prob[0] + prob[1].flip(-1) if flip else prob[0]
         acc = part if acc is None else acc + part
         n += 2 if flip else 1
+        if single_scale and single is None and float(s) == 1.0:
+            single = prob[0]
+        if multi_scale_flip and not flip:
+            back = probs(xs.flip(-1))[0].flip(-1)
+            extra = back if extra is None else extra + back
+    out = {"configured": (acc / n).cpu().numpy().astype(np.float32)}
+    if single_scale:
+        if single is None:
+            single = probs(x)[0]
+        out["single_scale"] = single.cpu().numpy().astype(np.float32)
+    if multi_scale_flip:
+        out["multi_scale_flip"] = (out["configured"] if flip else
+                                   ((acc + extra) / (2 * n)).cpu().numpy().astype(np.float32))
     model.train(was_training)
-    return (acc / n).cpu().numpy().astype(np.float32)
+    return out
 
 
 def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: str,
@@ -496,7 +551,7 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     """Predict, save and score every id.
 
     ``params`` (:data:`DEFAULT_EVAL_PARAMS`): scales, flip, crf, num_threads (as in
-    :func:`train_seg`). For each id: :func:`predict` (scales, flip), optional dense CRF
+    :func:`train_seg`), protocols. For each id: :func:`predict` (scales, flip), optional dense CRF
     (``params["crf"]``: None, or the keyword arguments of
     ``pipeline.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
     class ids), confusion matrix against ``load_mask(root, id, label_dir)`` (255 ignored).
@@ -506,18 +561,45 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     first, the manifest's ``classes``) names the per-class IoU; None = the VOC names for a
     21-class model, else ``"0".."C-1"``.
 
+    ``params["protocols"]`` (any of :data:`PROTOCOLS`) adds, in the same pass (one forward
+    per scale and flip, see :func:`predict_protocols`), the numbers papers report side by
+    side: ``single_scale`` (scale 1.0, no flip, no CRF), ``multi_scale_flip`` (the configured
+    ``scales`` with flip, no CRF) and ``multi_scale_flip_crf`` (that, then a dense CRF with the
+    configured ``crf``, else :data:`DEEPLAB_CRF`). A protocol equal to the configured one
+    reuses its predictions. Only the configured predictions are saved.
+
     Returns:
         ``scores_from_confusion(conf, class_names)`` (miou, pixel_accuracy, mean_accuracy,
-        iou per class) plus ``num_images`` and ``eval_params`` (resolved settings).
+        iou per class) of the configured protocol plus ``num_images``, ``eval_params``
+        (resolved settings), ``configured_as`` (the name in :data:`PROTOCOLS` that the
+        configured settings equal, else None) and, when ``protocols`` is not empty,
+        ``protocols``: ``{name: scores_from_confusion(...) + {"scales", "flip", "crf",
+        "same_as_configured"}}`` (``multi_scale_flip_crf`` also has ``crf_seconds``, the
+        time spent in its CRF when it is not the configured one).
     Raises:
         DatasetError: missing image/mask, or mask size differs from the image.
-        ValueError: ``class_names`` length differs from the model's class count.
+        ValueError: ``class_names`` length differs from the model's class count, or an
+            unknown protocol name.
     Source: VOC mIoU (confusion matrix, nanmean over occurring classes); DeepLab-v2 test with
     multi-scale inputs and optional CRF post-processing.
     """
     p = _resolve(DEFAULT_EVAL_PARAMS, params, log, "evaluate")
     with _torch_threads(p["num_threads"]):
         return _evaluate(model, root, ids, label_dir, pred_dir, p, device, log, class_names)
+
+
+def protocol_settings(p: dict) -> dict[str, dict]:
+    """``{protocol: {"scales", "flip", "crf", "same_as_configured"}}`` for every name of
+    :data:`PROTOCOLS`, from resolved eval params ``p`` (scales, flip, crf)."""
+    scales, flip, crf = [float(s) for s in p["scales"]], bool(p["flip"]), p["crf"] or None
+    return {
+        "single_scale": {"scales": [1.0], "flip": False, "crf": None,
+                         "same_as_configured": scales == [1.0] and not flip and not crf},
+        "multi_scale_flip": {"scales": scales, "flip": True, "crf": None,
+                             "same_as_configured": flip and not crf},
+        "multi_scale_flip_crf": {"scales": scales, "flip": True, "crf": dict(crf or DEEPLAB_CRF),
+                                 "same_as_configured": flip and bool(crf)},
+    }
 
 
 def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class_names=None) -> dict:
@@ -529,10 +611,17 @@ def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class
                          f"{len(class_names)}; retrain train_seg for this dataset.")
     names = (list(class_names) if class_names is not None else
              VOC_CLASSES if C == len(VOC_CLASSES) else [str(i) for i in range(C)])
+    want = list(dict.fromkeys(p["protocols"] or []))
+    unknown = [w for w in want if w not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"eval_seg.protocols: unknown {unknown}; known: {list(PROTOCOLS)}")
+    settings = protocol_settings(p)
     crf = p["crf"]
-    if crf:
+    if crf or "multi_scale_flip_crf" in want:
         from .refine.crf import dense_crf  # lazy: optional dependency (pydensecrf)
     conf = np.zeros((C, C), dtype=np.int64)
+    pconf = {w: np.zeros((C, C), dtype=np.int64) for w in want}
+    crf_seconds = 0.0
     ids = list(ids)
     with atomic_directory(pred_dir) as tmp:
         for image_id in tqdm(ids, desc="evaluate", file=sys.stderr,
@@ -542,15 +631,40 @@ def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class
             if gt.shape != img.shape[:2]:
                 raise DatasetError(f"mask {Path(root) / label_dir / (image_id + '.png')} has shape "
                                    f"{gt.shape} but image {image_id} has {img.shape[:2]}.")
-            prob = predict(model, img, scales=tuple(p["scales"]), flip=bool(p["flip"]),
-                           device=device)
+            probs = predict_protocols(
+                model, img, scales=tuple(p["scales"]), flip=bool(p["flip"]), device=device,
+                single_scale="single_scale" in want and not settings["single_scale"]["same_as_configured"],
+                multi_scale_flip=any(w.startswith("multi_scale_flip") and not settings[w]["same_as_configured"]
+                                     for w in want))
+            prob = probs["configured"]
             if crf:
                 prob = dense_crf(img, prob, **crf)
             pred = prob.argmax(0).astype(np.uint8)
             save_mask_png(tmp / f"{image_id}.png", pred)
-            conf += confusion_matrix(pred, gt, C, name=f"of image {image_id}")
+            what = f"of image {image_id}"
+            c = confusion_matrix(pred, gt, C, name=what)
+            conf += c
+            for w in want:
+                if settings[w]["same_as_configured"]:
+                    pconf[w] += c
+                    continue
+                if w == "multi_scale_flip_crf":
+                    t0 = time.perf_counter()
+                    wp = dense_crf(img, probs["multi_scale_flip"], **settings[w]["crf"])
+                    crf_seconds += time.perf_counter() - t0
+                else:
+                    wp = probs[w]
+                pconf[w] += confusion_matrix(wp.argmax(0).astype(np.uint8), gt, C, name=what)
     scores = scores_from_confusion(conf, names)
     scores["num_images"] = len(ids)
     scores["eval_params"] = p
-    log(f"[evaluate] {len(ids)} images, mIoU {scores['miou']:.4f}")
+    scores["configured_as"] = next((w for w in PROTOCOLS if settings[w]["same_as_configured"]), None)
+    if want:
+        scores["protocols"] = {}
+        for w in want:
+            scores["protocols"][w] = {**scores_from_confusion(pconf[w], names), **settings[w]}
+            if w == "multi_scale_flip_crf" and not settings[w]["same_as_configured"]:
+                scores["protocols"][w]["crf_seconds"] = round(crf_seconds, 3)
+    log(f"[evaluate] {len(ids)} images, mIoU {scores['miou']:.4f}"
+        + "".join(f", {w} {scores['protocols'][w]['miou']:.4f}" for w in want))
     return scores

@@ -16,7 +16,14 @@ import sys
 from pathlib import Path
 
 #: keys of a ``*miou.json`` that hold results (everything else is provenance: params, timing)
-RESULT_KEYS = ("miou", "iou", "other_keys", "stages")
+RESULT_KEYS = ("miou", "iou", "other_keys", "stages", "best_threshold_on_gt",
+               "other_keys_best_threshold_on_gt", "protocols")
+
+
+def _is_timing(key: str) -> bool:
+    """Wall-clock leaves inside result sections (e.g. ``protocols.*.crf_seconds``) differ run
+    to run and are not compared."""
+    return key.rsplit(".", 1)[-1].endswith("seconds")
 
 
 def summarise(path: str | Path) -> str:
@@ -26,8 +33,10 @@ def summarise(path: str | Path) -> str:
     stages = d.get("stages", {"segmentation": d["miou"]})
     body = "  ".join(f"{k}={100 * v:.1f}" if v is not None else f"{k}=–"
                      for k, v in stages.items())
+    prot = "  ".join(f"{k}={100 * v['miou']:.1f}" for k, v in (d.get("protocols") or {}).items())
     return (f"{p.resolve()}\n  {d.get('dataset', '?')}/{d.get('method', '?')} mIoU (%): {body}"
-            f"  [{d.get('num_images', '?')} val images]")
+            f"  [{d.get('num_images', '?')} val images]"
+            + (f"\n  segmentation protocols (%): {prot}" if prot else ""))
 
 
 def chain_values(chain_dir: str | Path) -> dict[str, dict]:
@@ -65,7 +74,8 @@ def _leaves(d, prefix=""):
 def compare(expected: dict, actual: dict) -> list[str]:
     """Every difference between two :func:`chain_values` results, one line each (empty when
     they are identical). Floats are compared exactly: the locked demo chain is deterministic."""
-    e, a = dict(_leaves(expected)), dict(_leaves(actual))
+    e = {k: v for k, v in _leaves(expected) if not _is_timing(k)}
+    a = {k: v for k, v in _leaves(actual) if not _is_timing(k)}
     lines = []
     for key in sorted(set(e) | set(a)):
         if key not in a:

@@ -1,5 +1,7 @@
 """Evaluate DeepLabV2 on the validation split (multi-scale + flip, optional CRF) ->
-miou.json with per-class IoU, pixel accuracy, image count and the params; saves predictions."""
+miou.json with per-class IoU, pixel accuracy, image count and the params; saves predictions.
+`miou` is the configured protocol; `protocols` (eval_seg.protocols) adds, from the same pass,
+single scale / multi-scale + flip / multi-scale + flip + CRF as separate numbers."""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,7 @@
 """Refine seeds by the PSA random walk over the learned affinity -> refined.h5, and evaluate
-the refined maps (argmax, background channel included) -> refined_miou.json (stage 4)."""
+the refined maps (argmax, background channel included: `miou`) -> refined_miou.json (stage 4);
+`best_threshold_on_gt` adds the official protocol's number (background channel replaced by a
+constant threshold, the best of 100 on the ground truth; not a fair number)."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +25,7 @@ def main() -> str:
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.refine.psa import refine_seeds
-    from pipeline.seeds import evaluate_maps
+    from pipeline.seeds import OFFICIAL_SWEEP, evaluate_maps
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
     out = args.out or d["refined"]
@@ -42,7 +44,7 @@ def main() -> str:
             return f"shard {args.shard[0]}/{args.shard[1]}: {len(ids)} images -> {out}"
     eval_ids = m["splits"][p.get("eval_split", "eval_train")]
     res = evaluate_maps(out, m["root"], eval_ids, m["label_dir"], "probs", None,
-                        class_names=manifest_classes(m))
+                        class_names=manifest_classes(m), sweep=OFFICIAL_SWEEP)
     res.update(params=p, seed_key=key)
     write_json(args.metrics or d["refined_miou"], res)
     return f"refined mIoU {res['miou']:.4f} on {len(eval_ids)} images"

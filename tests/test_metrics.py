@@ -109,3 +109,36 @@ def test_stage_cli_prints_one_line_naming_the_prediction_file(tmp_path, capsys):
     assert ei.value.code == 2 and "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.startswith("ERROR [make_pseudo_labels]:")]
     assert len(lines) == 1 and str(pred / "im1.png") in lines[0] and "[37] (4 pixels)" in lines[0]
+
+
+# ------------------------------------------------------------ background-threshold sweep
+
+
+def test_threshold_sweep_equals_one_confusion_per_threshold():
+    """threshold_sweep_confusion == confusion_matrix(maps_to_label(.., t)) for every t,
+    ties (map value == threshold) included, void GT ignored, no-class images all background."""
+    from pipeline.labels import maps_to_label
+    from pipeline.metrics import threshold_sweep_confusion
+    rng = np.random.default_rng(3)
+    ts = [i / 100 for i in range(100)]
+    for k, dtype in ((3, np.float32), (1, np.float64), (2, np.float16), (0, np.float32)):
+        maps = (rng.integers(0, 41, (k, 9, 7)) / 40).astype(dtype)   # many exact ties with i/100
+        cids = np.array([5, 2, 7][:k])
+        gt = rng.choice([0, 2, 5, 7, 255], (9, 7)).astype(np.uint8)
+        got = threshold_sweep_confusion(maps, cids, gt, ts, 8)
+        assert got.shape == (100, 8, 8)
+        for i, t in enumerate(ts):
+            np.testing.assert_array_equal(got[i], confusion_matrix(maps_to_label(maps, cids, t), gt, 8),
+                                          err_msg=f"k={k} t={t}")
+
+
+def test_threshold_sweep_rejects_bad_input():
+    from pipeline.metrics import PredictionRangeError, threshold_sweep_confusion
+    maps = np.full((1, 2, 2), 0.9, np.float32)
+    gt = np.zeros((2, 2), np.uint8)
+    with pytest.raises(ValueError, match="ascending"):
+        threshold_sweep_confusion(maps, [1], gt, [0.5, 0.2], 3)
+    with pytest.raises(PredictionRangeError, match="img7"):
+        threshold_sweep_confusion(maps, [4], gt, [0.5], 3, name="img7")
+    # a class id outside the set is fine where it is never predicted (below every threshold)
+    assert threshold_sweep_confusion(maps * 0.1, [4], gt, [0.5], 3)[0, 0, 0] == 4

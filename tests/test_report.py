@@ -356,3 +356,39 @@ def test_report_is_one_self_contained_page_that_renders_in_chromium(tiny_dag, tm
     assert r.returncode == 0, r.stderr[-3000:]
     names = list(VOC_CLASSES)
     check_report(d, [f"demo/{m}" for m in methods], names, tmp_path)
+
+
+def test_report_shows_the_protocol_numbers(tmp_path):
+    """Per-class table: seeds / refined at the best threshold on GT (labelled official, not
+    fair) and the three segmentation protocols as columns; comparison page: the protocol table."""
+    from pipeline.utils import write_json
+    names = ["background", "zebra", "yak", "xylophone"]
+    man, chain = make_chain(tmp_path, ["t1", "t2"], ["v1"], classes=names)
+    best = {"miou": 0.625, "bg_threshold": 0.27, "protocol": "official (...)",
+            "iou": {"background": 0.75, "zebra": 0.5, "yak": None}}
+    write_json(chain / "seeds_miou.json", {"iou": {n: 0.5 for n in names}, "miou": 0.5,
+                                           "best_threshold_on_gt": best})
+    seg = {"iou": {n: 0.5 for n in names}, "miou": 0.5, "configured_as": "multi_scale_flip",
+           "protocols": {"single_scale": {"miou": 0.401, "iou": {"background": 0.802, "zebra": 0.0}},
+                         "multi_scale_flip": {"miou": 0.5, "iou": {n: 0.5 for n in names}},
+                         "multi_scale_flip_crf": {"miou": 0.478, "iou": {"background": 0.956, "zebra": 0.0}}}}
+    write_json(chain / "miou.json", seg)
+    write_json(chain / "pseudo_miou.json", {"iou": {n: 0.5 for n in names}, "miou": 0.5,
+                                            "best_threshold_on_gt": {"miou": None, "bg_threshold": None}})
+    table = report.chain_report(man, chain, tmp_path / "out", n_images=1)["iou"].read_text()
+    rows = re.findall(r"<tr>(.*?)</tr>|<tr class='m'>(.*?)</tr>", table)
+    cells = [re.findall(r">([^<>]*)</t[dh]>", a or b) for a, b in rows]
+    assert cells[0][2:] == ["seeds (CAM)", "seeds (CAM), best τ on GT (0.27; official, not fair)",
+                            "refined (PSA RW)", "pseudo labels (CRF)", "DeepLabV2 val",
+                            "DeepLabV2 val, single scale", "DeepLabV2 val, MS + flip",
+                            "DeepLabV2 val, MS + flip + CRF"]
+    assert cells[1][2:] == ["50.0", "75.0", "50.0", "50.0", "50.0", "80.2", "50.0", "95.6"]
+    assert cells[-1][2:] == ["50.0", "62.5", "50.0", "50.0", "50.0", "40.1", "50.0", "47.8"]
+    c = report.comparison_html({"dataset": "d", "rows": [
+        {"method": "acr", "seeds": 41.5, "refined": None, "pseudo": 50.0, "segmentation": 45.2,
+         "own_segmentation": None, "chain_minutes": 7.6, "seeds_best_on_gt": 48.0,
+         "seeds_best_threshold": 0.3, "seg_single_scale": 40.1, "seg_multi_scale_flip": 45.2,
+         "seg_multi_scale_flip_crf": 47.8}]})
+    assert ("<th class='l'>acr</th><td>41.5</td><td>48.0 (τ 0.30)</td><td>–</td><td>–</td>"
+            "<td>50.0</td><td>40.1</td><td>45.2</td><td>47.8</td>") in c
+    assert "not a fair number" in c and "<th>DeepLabV2 MS + flip + CRF</th>" in c

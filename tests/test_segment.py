@@ -261,3 +261,110 @@ def test_bad_label_value_raises(data, tmp_path):
         train_seg(root, ids, pdir, tmp_path / "x.pth", dict(TINY, iters=1, num_threads=2),
                   log=lambda s: None)
     assert torch.get_num_threads() == before  # num_threads is restored even on errors
+
+
+# ------------------------------------------------- test protocols: single scale, MS + flip, + CRF
+
+
+class _TinySeg(torch.nn.Module):
+    """3-class 'segmenter' whose output depends on scale and on flips (stride-4 asymmetric conv)."""
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 5, stride=4, padding=2)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g))
+            self.conv.bias.zero_()
+
+    def forward(self, x):
+        return 2.0 * self.conv(x)
+
+
+def _brute_force_miou(root, ids, model, scales, flip, crf=None):
+    """Each pass run alone by hand, softmax averaged, arg-max, IoU by loops over classes."""
+    from pipeline.refine.crf import dense_crf
+    C = 3
+    inter, union = np.zeros(C), np.zeros(C)
+    for i in ids:
+        img = _read(root / "JPEGImages" / f"{i}.jpg", rgb=True)
+        gt = _read(root / "SegmentationClass" / f"{i}.png")
+        H, W = gt.shape
+        x = to_tensor(img)[None]
+        passes = []
+        for s in scales:
+            xs = x if s == 1.0 else F.interpolate(x, size=(round(H * s), round(W * s)),
+                                                  mode="bilinear", align_corners=False)
+            for f in ((False, True) if flip else (False,)):
+                with torch.no_grad():
+                    out = model(xs.flip(-1) if f else xs)
+                    p = F.interpolate(out, (H, W), mode="bilinear", align_corners=False).softmax(1)[0]
+                passes.append(p.flip(-1) if f else p)
+        prob = (sum(passes) / len(passes)).numpy()
+        if crf:
+            prob = dense_crf(img, prob, **crf)
+        pred = prob.argmax(0)
+        for c in range(C):
+            for y in range(H):
+                for xx in range(W):
+                    if gt[y, xx] == 255:
+                        continue
+                    a, b = pred[y, xx] == c, gt[y, xx] == c
+                    inter[c] += a and b
+                    union[c] += a or b
+    return float(np.mean([inter[c] / union[c] for c in range(C) if union[c] > 0]))
+
+
+ALL = ["single_scale", "multi_scale_flip", "multi_scale_flip_crf"]
+
+
+def test_protocols_match_brute_force_and_leave_the_configured_miou_unchanged(data, tmp_path):
+    from pipeline.segment import DEEPLAB_CRF
+    root, ids = data
+    model = _TinySeg().eval()
+    conf = {"scales": [0.5, 1.0], "flip": True, "crf": None}
+    plain = evaluate(model, root, ids, "SegmentationClass", tmp_path / "a", conf, log=lambda s: None)
+    res = evaluate(model, root, ids, "SegmentationClass", tmp_path / "b", {**conf, "protocols": ALL},
+                   log=lambda s: None)
+    for k in ("miou", "iou", "pixel_accuracy", "mean_accuracy", "num_images"):
+        assert res[k] == plain[k], k                        # the configured number, bit-identical
+    for i in ids:
+        np.testing.assert_array_equal(_read(tmp_path / "a" / f"{i}.png"), _read(tmp_path / "b" / f"{i}.png"))
+    pr = res["protocols"]
+    assert list(pr) == ALL and res["configured_as"] == "multi_scale_flip"
+    ss = _brute_force_miou(root, ids, model, [1.0], False)
+    ms = _brute_force_miou(root, ids, model, [0.5, 1.0], True)
+    crf = _brute_force_miou(root, ids, model, [0.5, 1.0], True, DEEPLAB_CRF)
+    assert ss != ms                                         # the fixture tells them apart
+    assert pr["single_scale"]["miou"] == pytest.approx(ss, abs=1e-12)
+    assert pr["multi_scale_flip"]["miou"] == pytest.approx(ms, abs=1e-12) == res["miou"]
+    assert pr["multi_scale_flip_crf"]["miou"] == pytest.approx(crf, abs=1e-12)
+    assert pr["single_scale"]["scales"] == [1.0] and pr["single_scale"]["flip"] is False
+    assert pr["multi_scale_flip_crf"]["crf"] == DEEPLAB_CRF and pr["multi_scale_flip_crf"]["crf_seconds"] >= 0
+    assert pr["multi_scale_flip"]["same_as_configured"] and not pr["single_scale"]["same_as_configured"]
+
+
+def test_protocols_when_the_configured_one_has_no_scale_1_no_flip_and_a_crf(data, tmp_path):
+    """Every protocol needs its own passes here: an extra scale-1.0 forward, extra flipped
+    forwards, a CRF (the configured one) on the MS + flip probabilities."""
+    root, ids = data
+    model = _TinySeg().eval()
+    crf = {"gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 20, "bilateral_srgb": 10,
+           "bilateral_compat": 5, "iters": 5}
+    conf = {"scales": [0.5, 0.75], "flip": False, "crf": crf}
+    plain = evaluate(model, root, ids[:4], "SegmentationClass", tmp_path / "a", conf, log=lambda s: None)
+    res = evaluate(model, root, ids[:4], "SegmentationClass", tmp_path / "b", {**conf, "protocols": ALL},
+                   log=lambda s: None)
+    assert res["miou"] == plain["miou"] and res["configured_as"] is None
+    assert res["miou"] == pytest.approx(_brute_force_miou(root, ids[:4], model, [0.5, 0.75], False, crf), abs=1e-12)
+    pr = res["protocols"]
+    assert pr["single_scale"]["miou"] == pytest.approx(_brute_force_miou(root, ids[:4], model, [1.0], False), abs=1e-12)
+    assert pr["multi_scale_flip"]["miou"] == pytest.approx(
+        _brute_force_miou(root, ids[:4], model, [0.5, 0.75], True), abs=1e-12)
+    assert pr["multi_scale_flip_crf"]["miou"] == pytest.approx(
+        _brute_force_miou(root, ids[:4], model, [0.5, 0.75], True, crf), abs=1e-12)
+    assert pr["multi_scale_flip_crf"]["crf"] == crf
+    with pytest.raises(ValueError, match="unknown.*multi_scale"):
+        evaluate(model, root, ids[:1], "SegmentationClass", tmp_path / "c",
+                 {**conf, "protocols": ["multi_scale"]}, log=lambda s: None)
