@@ -20,7 +20,8 @@ def _chain(d: Path, seeds=0.25, segm=0.125) -> Path:
          "params": {"seed": 0}, "num_images": 2}))
     (d / "miou.json").write_text(json.dumps(
         {"miou": segm, "iou": {"background": 0.25, "cat": 0.0},
-         "stages": {"seeds": seeds, "segmentation": segm}, "timing": {"seconds": 3.5}}))
+         "stages": {"seeds": seeds, "segmentation": segm}, "timing": {"seconds": 3.5},
+         "protocols": {"single_scale": {"miou": segm / 2, "crf_seconds": 0.25}}}))
     return d
 
 
@@ -35,8 +36,12 @@ def test_write_then_check_round_trips_and_ignores_provenance(tmp_path, capsys):
     # provenance (params, timing) may change without failing the check
     d = json.loads((chain / "miou.json").read_text())
     d["timing"]["seconds"] = 99.0
+    d["protocols"]["single_scale"]["crf_seconds"] = 7.0   # wall clock inside a result section
     (chain / "miou.json").write_text(json.dumps(d))
     assert summary.main(["--check", str(exp), str(chain)]) == 0
+    d["protocols"]["single_scale"]["miou"] = 0.5            # ... but its mIoU is compared
+    (chain / "miou.json").write_text(json.dumps(d))
+    assert summary.main(["--check", str(exp), str(chain)]) == 1
 
 
 def test_check_names_every_changed_value_exactly(tmp_path, capsys):
