@@ -8,6 +8,7 @@ from pipeline.methods.acr import (ACR, acr_maps, consistency_losses, invert_clas
                                   transform_image)
 from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions
+from vit_reference import fd_grad_per_head
 
 
 def perm_matrix(order):
@@ -121,36 +122,11 @@ def test_eq7_eq8_paper_form_against_finite_differences():
     fg = torch.tensor([1, 3])
     out = acr_maps(model, x, fg, layers=[-2, -1], grad_head_reduce="mean_then_relu",
                    layer_reduce="mean", eq8_form="paper")
-    # finite differences: y_c(A + eps E_0j) for each patch j, in blocks 1 and 2
-    blocks = [model.vit.blocks[i].attn for i in (1, 2)]
+    # finite differences of y_c w.r.t. each head's A[0, 1 + j] in blocks 1 and 2; Eq. 7's
+    # paper form takes the head mean of the gradient
     n = 16
-    fd = torch.zeros(2, 2, n, dtype=torch.float64)      # (class, layer, patch)
-    eps = 1e-6
-    for li, blk in enumerate(blocks):
-        inner_forward = blk.forward
-
-        def patched(xx, attn_mask=None, _blk=blk, **kw):
-            m = _blk.inner
-            B, N, _ = xx.shape
-            qkv = m.qkv(xx).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-            a = ((q * m.scale) @ k.transpose(-2, -1)).softmax(-1) + _blk.delta
-            _blk.last_attn = a
-            o = (a @ v).transpose(1, 2).reshape(B, N, -1)
-            return m.proj(o)
-
-        blk.forward = patched
-        for j in range(n):
-            vals = []
-            for s in (+1, -1):
-                d = torch.zeros(1, 2, n + 1, n + 1, dtype=torch.float64)
-                d[0, :, 0, 1 + j] = s * eps          # same perturbation for every head
-                blk.delta = d
-                with torch.no_grad():
-                    vals.append(model(x)[0, fg])
-            # d y / d (shared head entry) = sum over heads; Eq. 7 uses the head mean
-            fd[:, li, j] = (vals[0] - vals[1]) / (2 * eps) / 2
-        blk.forward = inner_forward
+    fd = torch.stack([torch.stack([fd_grad_per_head(model, x, b, int(c)).mean(0) for b in (1, 2)])
+                      for c in fg])                      # (class, layer, patch)
     expect_star = fd.mean(1).clamp_min(0)                 # ReLU(mean over layers)
     assert torch.allclose(out["cams_star"].reshape(2, n), expect_star, atol=1e-6)
     # Eq. 8: M = M* x mean_l A_l[1:, 1:] (head-averaged)

@@ -23,6 +23,7 @@ from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions
 from pipeline.seeds import multiscale_maps
 from pipeline.utils import poly_lr
+from vit_reference import fd_grad_per_head
 
 TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
                      "overrides": {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 3,
@@ -128,40 +129,6 @@ def test_loss_options_keep_paper_forms():
 
 
 # ----------------------------------------------------------------- seeds (Eq. 7 / 8)
-def fd_grad_per_head(model, x, block, c, eps=1e-6):
-    """d y_c / d A_block[h, 0, 1 + j] by central finite differences, for every head h and
-    patch j: the attention of that block gets +-eps at one entry (no autograd)."""
-    blk = model.vit.blocks[block].attn
-    heads = blk.inner.num_heads
-    out = torch.zeros(heads, N_PATCH, dtype=torch.float64)
-
-    def patched(xx, attn_mask=None, **kw):
-        m = blk.inner
-        B, N, _ = xx.shape
-        qkv = m.qkv(xx).reshape(B, N, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        a = ((q * m.scale) @ k.transpose(-2, -1)).softmax(-1) + blk.delta
-        blk.last_attn = a
-        return m.proj((a @ v).transpose(1, 2).reshape(B, N, -1))
-
-    saved = blk.forward
-    blk.forward = patched
-    try:
-        for h in range(heads):
-            for j in range(N_PATCH):
-                vals = []
-                for s in (1, -1):
-                    d = torch.zeros(1, heads, N_PATCH + 1, N_PATCH + 1, dtype=torch.float64)
-                    d[0, h, 0, 1 + j] = s * eps
-                    blk.delta = d
-                    with torch.no_grad():
-                        vals.append(float(model(x)[0, c]))
-                out[h, j] = (vals[0] - vals[1]) / (2 * eps)
-    finally:
-        blk.forward = saved
-    return out
-
-
 def ref_official_maps(model, x, fg, seed_blocks=(1, 2)):
     """Official getam(func='grad') + infer_cam's `A @ M*` with loops:
     M*[j] = ReLU( sum_blocks mean_h ReLU(dy/dA[h,0,1+j]) );
