@@ -14,19 +14,21 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data.transforms import to_tensor
 from .data.classes import VOC_CLASSES
 from .data.voc import load_image, load_mask
+from .inference import multiscale_flip
 from .metrics import confusion_matrix, scores_from_confusion
 from .models.vit import token_stride
 
 
 @torch.no_grad()
 def predict_own(method, model, image: np.ndarray, p: dict, device) -> torch.Tensor:
-    """Multi-scale + flip logits of the method's own head.
+    """Multi-scale + flip logits of the method's own head
+    (:func:`pipeline.inference.multiscale_flip`): per scale (a multiple of the token stride)
+    the mean of the image's and its mirror's upsampled logits, then max (or mean) over scales.
 
     Args:
         method: a plug-in with ``has_seg_head`` (:meth:`Method.segment`).
@@ -42,25 +44,12 @@ def predict_own(method, model, image: np.ndarray, p: dict, device) -> torch.Tens
     merge = p.get("merge", "max")
     if not scales or merge not in ("max", "mean"):
         raise ValueError(f"eval_own_seg: need scales and merge in (max, mean), got {scales}, {merge!r}")
-    H, W = image.shape[:2]
     x = to_tensor(image)[None].to(device)
-    stride = token_stride(model.vit)
-    acc = None
-    for s in scales:
-        h = max(stride, int(round(H * s / stride)) * stride)
-        w = max(stride, int(round(W * s / stride)) * stride)
-        xs = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
-        logit = F.interpolate(method.segment(model, xs, p).float(), size=(H, W), mode="bilinear",
-                              align_corners=False)[0]
-        if p.get("flip", True):
-            lf = F.interpolate(method.segment(model, xs.flip(-1), p).float(), size=(H, W),
-                               mode="bilinear", align_corners=False)[0].flip(-1)
-            logit = (logit + lf) / 2
-        if acc is None:
-            acc = logit
-        else:
-            acc = torch.maximum(acc, logit) if merge == "max" else acc + logit
-    return acc if merge == "max" else acc / len(scales)
+    out = multiscale_flip(lambda xin: method.segment(model, xin, p).float(), x, scales,
+                          flips=(False, True) if p.get("flip", True) else (False,),
+                          resize="stride", stride=token_stride(model.vit), flip_merge="mean",
+                          scale_merge=merge)
+    return out[0]
 
 
 def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str], label_dir: str,

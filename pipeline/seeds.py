@@ -7,7 +7,6 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .accel import Accel
@@ -15,6 +14,7 @@ from .cls import load_classifier
 from .data.transforms import to_tensor
 from .data.classes import VOC_CLASSES
 from .data.voc import load_image, load_mask
+from .inference import multiscale_flip, normalise
 from .labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
 from .metrics import confusion_matrix, scores_from_confusion
 from .models.vit import token_stride
@@ -28,31 +28,25 @@ def normalise_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> 
     ``max``: ``M / (max M + eps)`` (PSA/IRN); ``minmax``: ``(M - min) / (max - min + eps)``
     (AFA/ToCo/MCC). Source: official-settings digest, "Normalising CAMs".
     """
-    if maps.numel() == 0:
-        return maps
-    flat = maps.flatten(1)
-    mx = flat.amax(1).view(-1, 1, 1)
-    if mode == "max":
-        return maps / (mx + eps)
-    if mode == "minmax":
-        mn = flat.amin(1).view(-1, 1, 1)
-        return (maps - mn) / (mx - mn + eps)
-    raise ValueError(f"export_seeds.norm must be max, minmax or mean, got {mode!r}")
+    if mode not in ("max", "minmax"):
+        raise ValueError(f"export_seeds.norm must be max, minmax or mean, got {mode!r}")
+    return normalise(maps, mode, eps)
 
 
 def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
                     device: torch.device, accel: Accel | None = None) -> dict[str, torch.Tensor]:
-    """Sum a method's maps over ``p["scales"]`` and horizontal flips at image size.
+    """Merge a method's maps over ``p["scales"]`` and horizontal flips at image size
+    (:func:`pipeline.inference.multiscale_flip`).
 
     Each scale resizes the image to a multiple of the token stride, the maps are bilinearly
-    upsampled to ``(H, W)``, flipped maps are flipped back, everything is summed, then
-    normalised per class (``p["norm"]``: ``max`` / ``minmax``, see :func:`normalise_maps`,
-    or ``mean``: divided by the number of scale x flip passes, for maps that are already
-    probabilities in [0, 1] such as ViT-PCM's). ``accel`` (:class:`pipeline.accel.Accel`):
-    the method's forward runs under its autocast / memory format; the maps are summed in
-    float32 either way.
+    upsampled to ``(H, W)``, flipped maps are flipped back, merged, then normalised per
+    class (``p["norm"]``: ``max`` / ``minmax``, see :func:`normalise_maps`, or ``mean``:
+    divided by the number of scale x flip passes, for maps that are already probabilities
+    in [0, 1] such as ViT-PCM's). ``accel`` (:class:`pipeline.accel.Accel`): the method's
+    forward runs under its autocast / memory format; the maps are merged in float32 either way.
 
-    Optional keys (absent = the behaviour every method had before them):
+    Optional keys (absent = the method's ``seed_merge`` (:class:`pipeline.methods.base.Method`),
+    then the behaviour every method had before them):
 
     * ``resize_square`` (int or null): scale 1 is the image resized to this square side,
       ignoring the aspect ratio (ACR official ``infer_cam.py`` via ``get_data_from_chunk_val``:
@@ -61,40 +55,57 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
       (ACR official: ``F.interpolate(..., align_corners=True)``).
     * ``norm_eps`` (float, default 1e-5): ``eps`` of :func:`normalise_maps` (ACR official
       min-max: 1e-6).
+    * ``ms_flip_merge`` (``sum`` default | ``max``): how the image's and its mirror's maps of
+      one scale are merged; scales are always summed. ``sum`` adds every pass into one
+      running sum in pass order.
+    * ``ms_relu`` (``after_upsample`` default | ``before_upsample`` | ``after_flip_merge``):
+      where negative map values are clipped. ``after_upsample`` clips each upsampled pass
+      (methods whose ``maps`` are already non-negative: a no-op). The other two ask
+      ``maps`` for pre-ReLU maps (``raw_maps: true``; AFA and MCC honour it, methods
+      without a ReLU in their maps ignore it) and clip at the token grid or after the
+      flip merge. AFA / MCC default (``seed_merge``): ``ms_flip_merge: max``,
+      ``ms_relu: after_flip_merge`` = official ``multi_scale_cam`` (rulixiang/afa and
+      rulixiang/ToCo ``utils/camutils.py``: upsample the raw CAM, max over image and flip,
+      ReLU, sum over scales, min-max). ``ms_flip_merge: sum, ms_relu: before_upsample`` is the
+      form this pipeline used before (ReLU at the token grid, sum over flips).
 
     Returns:
         ``{key: (k, H, W) float32 in [0, 1]}``.
+    Raises:
+        ValueError: unknown ``norm``, ``ms_flip_merge`` or ``ms_relu``.
     """
+    q = {**getattr(method, "seed_merge", {}), **p}
+    norm = q.get("norm", "max")
+    if norm not in ("max", "minmax", "mean"):
+        raise ValueError(f"export_seeds.norm must be max, minmax or mean, got {norm!r}")
+    flip_merge, relu = q.get("ms_flip_merge", "sum"), q.get("ms_relu", "after_upsample")
+    if flip_merge not in ("sum", "max") or relu not in ("after_upsample", "before_upsample",
+                                                         "after_flip_merge"):
+        raise ValueError("export_seeds: ms_flip_merge must be sum or max and ms_relu after_upsample, "
+                         f"before_upsample or after_flip_merge; got {flip_merge!r}, {relu!r}")
+    mp = p if relu == "after_upsample" else {**p, "raw_maps": True}
     H, W = image.shape[:2]
     x0 = to_tensor(image).unsqueeze(0).to(device)
-    stride = token_stride(model.vit)
-    acc: dict[str, torch.Tensor] = {}
-    passes = 0
-    sq = p.get("resize_square")
-    H0, W0 = (int(sq), int(sq)) if sq else (H, W)
-    align = bool(p.get("align_corners", False))
-    for s in p.get("scales", [1.0]):
-        h = max(stride, int(round(H0 * s / stride)) * stride)
-        w = max(stride, int(round(W0 * s / stride)) * stride)
-        xs = F.interpolate(x0, size=(h, w), mode="bilinear", align_corners=False)
-        for flip in ([False, True] if p.get("flip", True) else [False]):
-            xin = xs.flip(-1) if flip else xs
-            if accel is None:
-                out = method.maps(model, xin, fg.to(device), p)
-            else:
-                with accel.autocast():
-                    out = method.maps(model, accel.input(xin), fg.to(device), p)
-            passes += 1
-            for k, m in out.items():
-                up = F.interpolate(m.unsqueeze(0).float(), size=(H, W), mode="bilinear",
-                                   align_corners=align)[0]
-                if flip:
-                    up = up.flip(-1)
-                acc[k] = acc.get(k, 0) + up.clamp_min(0)
-    if p.get("norm", "max") == "mean":
-        return {k: v / passes for k, v in acc.items()}
-    eps = float(p.get("norm_eps", 1e-5))
-    return {k: normalise_maps(v, p.get("norm", "max"), eps) for k, v in acc.items()}
+    sq = q.get("resize_square")
+    fgd = fg.to(device)
+
+    def forward(xin: torch.Tensor) -> dict[str, torch.Tensor]:
+        if accel is None:
+            out = method.maps(model, xin, fgd, mp)
+        else:
+            with accel.autocast():
+                out = method.maps(model, accel.input(xin), fgd, mp)
+        return {k: m.unsqueeze(0).float() for k, m in out.items()}
+
+    acc = multiscale_flip(
+        forward, x0, q.get("scales", [1.0]),
+        flips=(False, True) if q.get("flip", True) else (False,), flip_batch=False,
+        resize="stride", stride=token_stride(model.vit),
+        base_size=(int(sq), int(sq)) if sq else None, relu=relu,
+        align_corners=bool(q.get("align_corners", False)), flip_merge=flip_merge,
+        scale_merge="sum", fold="flat" if flip_merge == "sum" and relu != "after_flip_merge" else "nested",
+        norm="passes" if norm == "mean" else norm, norm_eps=float(q.get("norm_eps", 1e-5)))
+    return {k: v[0] for k, v in acc.items()}
 
 
 def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],

@@ -51,6 +51,7 @@ from .metrics import confusion_matrix, scores_from_confusion
 from .models.deeplab import DeepLabV2
 from .accel import Accel
 from .distributed import setup as dist_setup
+from .inference import multiscale_flip
 from .storage import atomic_directory
 from .utils import ResumeFile, atomic_torch_save, rng_states, set_rng_states
 
@@ -505,41 +506,30 @@ def predict_protocols(model: DeepLabV2, image: np.ndarray, scales: Sequence[floa
     model.eval()
     H, W = image.shape[:2]
     x = to_tensor(image.astype(np.uint8))[None].to(device)
+    # mean over passes = the sum / n, kept apart because the flip-less multi_scale_flip
+    # protocol adds its mirrored passes to the same sum
+    opts = dict(flip_batch=True, resize="round", softmax=True, flip_merge="sum",
+                scale_merge="sum")
+    single: list[torch.Tensor] = []
 
-    def resized(s: float) -> torch.Tensor:
-        if float(s) == 1.0:
-            return x
-        size = (max(1, int(round(H * s))), max(1, int(round(W * s))))
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    def tap(s: float, flipped: bool, m: torch.Tensor) -> None:
+        if single_scale and not single and s == 1.0 and not flipped:
+            single.append(m[0])
 
-    def probs(batch: torch.Tensor) -> torch.Tensor:
-        logits = F.interpolate(model(batch), size=(H, W), mode="bilinear", align_corners=False)
-        return logits.float().softmax(1)
-
-    acc = None
-    extra = None          # flipped passes that the configured protocol did not run
-    single = None
-    n = 0
-    for s in scales:
-        xs = resized(s)
-        batch = torch.cat([xs, xs.flip(-1)], 0) if flip else xs
-        prob = probs(batch)
-        part = prob[0] + prob[1].flip(-1) if flip else prob[0]
-        acc = part if acc is None else acc + part
-        n += 2 if flip else 1
-        if single_scale and single is None and float(s) == 1.0:
-            single = prob[0]
-        if multi_scale_flip and not flip:
-            back = probs(xs.flip(-1))[0].flip(-1)
-            extra = back if extra is None else extra + back
+    acc = multiscale_flip(model, x, scales, flips=(False, True) if flip else (False,),
+                          on_pass=tap, **opts)[0]
+    n = len(scales) * (2 if flip else 1)
     out = {"configured": (acc / n).cpu().numpy().astype(np.float32)}
     if single_scale:
-        if single is None:
-            single = probs(x)[0]
-        out["single_scale"] = single.cpu().numpy().astype(np.float32)
+        if not single:
+            single.append(multiscale_flip(model, x, [1.0], flips=(False,), **opts)[0])
+        out["single_scale"] = single[0].cpu().numpy().astype(np.float32)
     if multi_scale_flip:
-        out["multi_scale_flip"] = (out["configured"] if flip else
-                                   ((acc + extra) / (2 * n)).cpu().numpy().astype(np.float32))
+        if flip:
+            out["multi_scale_flip"] = out["configured"]
+        else:
+            extra = multiscale_flip(model, x, scales, flips=(True,), **opts)[0]
+            out["multi_scale_flip"] = ((acc + extra) / (2 * n)).cpu().numpy().astype(np.float32)
     model.train(was_training)
     return out
 

@@ -179,20 +179,14 @@ def train_time_cams(model: AFANet, x: torch.Tensor, scales=(1.0,), flip: bool = 
     Returns:
         ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the labels).
     """
-    B, _, H, W = x.shape
-    acc = 0
-    for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear",
-                                              align_corners=False)
-        inp = torch.cat([xs, xs.flip(-1)]) if flip else xs
+    from ..inference import OFFICIAL_MS_CAM, multiscale_flip
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
         out = model.run(inp, with_heads=False)
         h, w = out["grid"]
-        c = (out["feat"] @ model.classifier.weight.t()).transpose(1, 2).reshape(inp.shape[0], -1, h, w)
-        c = F.interpolate(c, size=(H, W), mode="bilinear", align_corners=False)
-        if flip:
-            c = torch.maximum(c[:B], c[B:].flip(-1))
-        acc = acc + F.relu(c)
-    return minmax(acc)
+        return (out["feat"] @ model.classifier.weight.t()).transpose(1, 2).reshape(inp.shape[0], -1, h, w)
+    return multiscale_flip(forward, x, scales, flips=(False, True) if flip else (False,),
+                           flip_batch=True, **OFFICIAL_MS_CAM)
 
 
 def denormalise(x: torch.Tensor) -> torch.Tensor:
@@ -220,6 +214,7 @@ class AFA(Method):
 
     name = "afa"
     seed_keys = ("cams", "cams_aff")
+    seed_merge = {"ms_flip_merge": "max", "ms_relu": "after_flip_merge"}   # official multi_scale_cam
     affinity_key = "cams"
     refine_key = "cams"
     has_seg_head = True
@@ -322,16 +317,18 @@ class AFA(Method):
     def maps(self, model: AFANet, x: torch.Tensor, fg: torch.Tensor, p: dict) -> dict[str, torch.Tensor]:
         """``cams``: ReLU(W^T F) (Eq. 2) for the classes ``fg``; ``cams_aff``: one Eq. 6-7
         step of this scale's min-max normalised CAM with σ(Â). Each ``(k, h, w)`` float32 at
-        the token grid (normalised later by the export, ``norm: minmax``)."""
+        the token grid (normalised later by the export, ``norm: minmax``). ``p["raw_maps"]``:
+        ``cams`` before the ReLU (the export's official merge clips after the flip max)."""
         cam, aff = model.cams(x)
-        cam = F.relu(cam[:, fg])
+        raw = cam[:, fg]
+        cam = F.relu(raw)
         h, w = cam.shape[-2:]
         radius = p.get("aff_radius", 8)
         mask = (radius_mask(h, w, radius).to(x.device)
                 if p.get("prop_radius_mask", True) and radius is not None else None)
         prop = propagate_affinity(minmax(cam), torch.sigmoid(aff), float(p.get("alpha", 2.0)),
                                   int(p.get("prop_iters", 1)), mask, float(p.get("prop_eps", 0.0)))
-        return {"cams": cam[0], "cams_aff": prop[0]}
+        return {"cams": (raw if p.get("raw_maps") else cam)[0], "cams_aff": prop[0]}
 
     @torch.no_grad()
     def segment(self, model: AFANet, x: torch.Tensor, p: dict) -> torch.Tensor:

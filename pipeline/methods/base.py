@@ -36,6 +36,9 @@ class Method(ABC):
     #: True if the classifier has its own segmentation head (single-stage methods: AFA, MCC);
     #: then :meth:`segment` gives its logits and stage ``eval_own_seg`` scores them.
     has_seg_head: bool = False
+    #: defaults of the seed export's multi-scale merge (``ms_flip_merge``, ``ms_relu``; see
+    #: :func:`pipeline.seeds.multiscale_maps`) that ``export_seeds`` params override
+    seed_merge: dict = {}
 
     def param_groups(self, model: nn.Module, p: dict) -> list[dict] | None:
         """Optimiser parameter groups ``[{"params": [...], "lr_mult": float}, ...]`` (each

@@ -361,26 +361,14 @@ def train_time_cams(model: MCCNet, x: torch.Tensor, scales=(1.0,), flip: bool = 
         ``(cam, cam_aux)``, each ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the
         image labels before use).
     """
-    B, _, H, W = x.shape
-    acc, acc_aux = 0, 0
-    for s in scales:
-        xs = x if s == 1.0 else F.interpolate(x, size=(int(s * H), int(s * W)), mode="bilinear",
-                                              align_corners=False)
-        inp = torch.cat([xs, xs.flip(-1)]) if flip else xs
-        c, ca = model.cams(inp)
-        c = F.interpolate(c, size=(H, W), mode="bilinear", align_corners=False)
-        ca = F.interpolate(ca, size=(H, W), mode="bilinear", align_corners=False)
-        if flip:
-            c = torch.maximum(c[:B], c[B:].flip(-1))
-            ca = torch.maximum(ca[:B], ca[B:].flip(-1))
-        acc = acc + F.relu(c)
-        acc_aux = acc_aux + F.relu(ca)
+    from ..inference import OFFICIAL_MS_CAM, multiscale_flip
 
-    def mm(m):
-        mn = m.amin((2, 3), keepdim=True)
-        m = m - mn
-        return m / (m.amax((2, 3), keepdim=True) + 1e-5)
-    return mm(acc), mm(acc_aux)
+    def forward(inp: torch.Tensor) -> dict[str, torch.Tensor]:
+        c, ca = model.cams(inp)
+        return {"cam": c, "aux": ca}
+    out = multiscale_flip(forward, x, scales, flips=(False, True) if flip else (False,),
+                          flip_batch=True, **OFFICIAL_MS_CAM)
+    return out["cam"], out["aux"]
 
 
 # ------------------------------------------------------------------------------ the plug-in
@@ -409,6 +397,7 @@ class MCC(Method):
 
     name = "mcc"
     seed_keys = ("cams", "cams_aux")   # final CAM evaluated; the aux CAM kept for inspection
+    seed_merge = {"ms_flip_merge": "max", "ms_relu": "after_flip_merge"}   # official multi_scale_cam
     affinity_key = "cams"
     refine_key = "cams"
     has_seg_head = True
@@ -532,8 +521,11 @@ class MCC(Method):
     def maps(self, model: MCCNet, x: torch.Tensor, fg: torch.Tensor, p: dict) -> dict[str, torch.Tensor]:
         """``{"cams": ReLU(W^T Z^(L)), "cams_aux": ReLU(W_aux^T Z^(aux))}`` for the classes
         ``fg``, each ``(k, h, w)`` float32 at the token grid (normalised later by the export;
-        ``norm: minmax`` for MCC)."""
+        ``norm: minmax`` for MCC). ``p["raw_maps"]``: before the ReLU (the export's official
+        merge clips after the flip max)."""
         cam, cam_aux = model.cams(x)
+        if p.get("raw_maps"):
+            return {"cams": cam[0, fg], "cams_aux": cam_aux[0, fg]}
         return {"cams": F.relu(cam[0, fg]), "cams_aux": F.relu(cam_aux[0, fg])}
 
     @torch.no_grad()
