@@ -320,19 +320,42 @@ def affinity_label_from_seg(seg_label: torch.Tensor, radius: int | None = None,
     return aff
 
 
-def affinity_loss_afa(aff_logits: torch.Tensor, aff_label: torch.Tensor) -> torch.Tensor:
-    """AFA Eq. 5: ``1/N+ Σ_{R+} (1 - σ(A)) + 1/N- Σ_{R-} σ(A)``.
+AFF_LOSS_FORMS = ("code", "paper")
+
+
+def affinity_loss_afa(aff_logits: torch.Tensor, aff_label: torch.Tensor,
+                      form: str = "code") -> torch.Tensor:
+    """AFA's affinity loss L_aff (paper Eq. 5; official ``utils/losses.py: get_aff_loss``).
+
+    With ``s = σ(A)``, ``R+`` the pairs labelled 1 and ``R-`` those labelled 0:
+
+    * ``form="code"`` (default, official ``get_aff_loss``, half of Eq. 5):
+      ``½ Σ_{R+}(1 - s) / (N+ + 1) + ½ Σ_{R-} s / (N- + 1)`` — each term halved, and the
+      official counts carry ``+ 1`` (so a term without pairs is 0, never a division by 0);
+    * ``form="paper"`` (Eq. 5 as printed, this project's old default):
+      ``Σ_{R+}(1 - s) / N+ + Σ_{R-} s / N-`` (a term without pairs is 0).
 
     Args:
-        aff_logits: ``(B, n, n)`` predicted affinity A (before the sigmoid).
-        aff_label: ``(B, n, n)`` 1 positive, 0 negative, anything else ignored.
+        aff_logits: ``(B, n, n)`` float, predicted affinity A before the sigmoid (the
+            official head applies the sigmoid inside the network; same thing).
+        aff_label: ``(B, n, n)`` int, 1 positive, 0 negative, anything else (255) ignored.
+        form: ``"code"`` | ``"paper"``.
     Returns:
-        scalar; a term without pairs is 0. (The official code halves both terms.)
+        scalar float tensor; ``code`` in [0, 1), ``paper`` in [0, 2].
+    Raises:
+        ValueError: unknown ``form`` or shapes differ.
     """
+    if form not in AFF_LOSS_FORMS:
+        raise ValueError(f"methods.afa aff_loss must be one of {AFF_LOSS_FORMS}, got {form!r}")
+    if aff_logits.shape != aff_label.shape:
+        raise ValueError(f"affinity_loss_afa: logits {tuple(aff_logits.shape)} vs labels "
+                         f"{tuple(aff_label.shape)}")
     s = torch.sigmoid(aff_logits)
     pos, neg = (aff_label == 1).to(s.dtype), (aff_label == 0).to(s.dtype)
-    return (((1 - s) * pos).sum() / pos.sum().clamp_min(1)
-            + (s * neg).sum() / neg.sum().clamp_min(1))
+    lp, ln = ((1 - s) * pos).sum(), (s * neg).sum()
+    if form == "code":
+        return 0.5 * lp / (pos.sum() + 1) + 0.5 * ln / (neg.sum() + 1)
+    return lp / pos.sum().clamp_min(1) + ln / neg.sum().clamp_min(1)
 
 
 # ------------------------------------------------------------- propagation (AFA Eq. 6, 7)

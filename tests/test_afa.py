@@ -137,3 +137,134 @@ def test_maps_and_segment():
     assert afa.has_seg_head and not get_method("cam").has_seg_head
     with pytest.raises(NotImplementedError):
         get_method("cam").segment(None, x, {})
+
+
+# ------------------------------------- official-code defaults (issue 14; rulixiang/afa)
+
+def brute_aff_loss_official(a, lab):
+    """utils/losses.py get_aff_loss, pair by pair: ½ Σ+(1-s)/(N+ + 1) + ½ Σ- s/(N- + 1)."""
+    pos = neg = 0.0
+    npos = nneg = 0
+    B, n, _ = lab.shape
+    for b in range(B):
+        for i in range(n):
+            for j in range(n):
+                s = 1 / (1 + math.exp(-float(a[b, i, j])))
+                if int(lab[b, i, j]) == 1:
+                    pos, npos = pos + (1 - s), npos + 1
+                elif int(lab[b, i, j]) == 0:
+                    neg, nneg = neg + s, nneg + 1
+    return 0.5 * pos / (npos + 1) + 0.5 * neg / (nneg + 1)
+
+
+def test_aff_loss_official_default_vs_pairs_and_by_hand():
+    from pipeline.single_stage import affinity_loss_afa
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 3, (2, 5, 5), generator=g)
+    lab[lab == 2] = 255
+    assert affinity_loss_afa(a, lab).item() == pytest.approx(brute_aff_loss_official(a, lab), rel=1e-12)
+    # by hand: s = 0.5 everywhere; 2 positives, 1 negative, 1 ignored
+    z = torch.zeros(1, 2, 2, dtype=torch.float64)
+    lab2 = torch.tensor([[[1, 0], [255, 1]]])
+    assert affinity_loss_afa(z, lab2).item() == pytest.approx(0.5 * 1.0 / 3 + 0.5 * 0.5 / 2)  # 7/24
+    assert affinity_loss_afa(z, lab2, "paper").item() == pytest.approx(1.0 / 2 + 0.5 / 1)      # 1.0
+    # no pairs at all: 0 (official +1 counts), not nan
+    assert affinity_loss_afa(z, torch.full((1, 2, 2), 255)).item() == 0.0
+    with pytest.raises(ValueError, match="aff_loss"):
+        affinity_loss_afa(z, lab2, "mean")
+
+
+def brute_prop_official(cams, labels, aff_sig, radius, h, w, bg, eps):
+    """scripts/dist_train_voc.py + utils/camutils.py propagte_aff_cam_with_bkg, loop form:
+    mask pairs beyond the Chebyshev radius, square, divide each column by its sum + eps,
+    softmax over [bg; present classes] per pixel, maps @ aff."""
+    B, C = labels.shape
+    n = h * w
+    out = torch.zeros(B, C + 1, n, dtype=torch.float64)
+    for b in range(B):
+        A = torch.zeros(n, n, dtype=torch.float64)
+        for i in range(n):
+            for j in range(n):
+                if max(abs(i // w - j // w), abs(i % w - j % w)) <= radius:
+                    A[i, j] = float(aff_sig[b, i, j]) ** 2
+        for j in range(n):
+            A[:, j] = A[:, j] / (A[:, j].sum() + eps)
+        keys = [0] + [c + 1 for c in range(C) if labels[b, c] > 0]
+        full = torch.cat([torch.full((1, h, w), bg, dtype=torch.float64),
+                          cams[b].double()]).reshape(C + 1, n)
+        v = full[keys]
+        sm = torch.exp(v) / torch.exp(v).sum(0, keepdim=True)
+        for r, k in enumerate(keys):
+            for j in range(n):
+                out[b, k, j] = sum(sm[r, i] * A[i, j] for i in range(n))
+    return out.reshape(B, C + 1, h, w)
+
+
+def test_propagation_uses_largest_scale_affinity_on_its_grid(monkeypatch):
+    """Default prop_affinity: largest_scale = official multi_scale_cam_with_aff_mat: the
+    affinity of the max(cam_scales) forward (unflipped image), the CAM resized to that grid,
+    the radius mask of that grid; then the official propagation (loops)."""
+    import pipeline.methods.afa as afa_mod
+    from pipeline.single_stage import propagate_cams_with_bkg
+    afa = get_method("afa")
+    torch.manual_seed(1)
+    p = {**TINY, "cam_scales": [1.0, 1.5], "aff_radius": 2, "prop_eps": 0.1,
+         "warmup_cls_iters": 0, "warmup_aff_iters": 0}
+    m = afa.build_model(p, 4).eval()
+    with torch.no_grad():
+        m.aff_proj.weight.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+    calls = []
+    real = afa_mod.propagate_cams_with_bkg
+
+    def spy(cg, yy, aff, bg, *a):
+        calls.append((cg, aff, bg, a))
+        return real(cg, yy, aff, bg, *a)
+    monkeypatch.setattr(afa_mod, "propagate_cams_with_bkg", spy)
+    out = m.run(x)
+    afa.pseudo_labels(m, x, y, out["aff"], out["grid"], p, propagate=True)
+    assert len(calls) == 2
+    cg, aff, bg, (alpha, iters, mask, eps) = calls[1]
+    assert cg.shape[-2:] == (12, 12) and aff.shape == (2, 144, 144)          # 1.5 x 32 / 4
+    with torch.no_grad():                                                   # independent forward
+        x15 = F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
+        m.run(x15)
+        exp_aff = torch.sigmoid(m.affinity(1))
+    torch.testing.assert_close(aff, exp_aff)
+    cams = train_time_cams(m, x, [1.0, 1.5], True) * y[:, :, None, None]
+    torch.testing.assert_close(cg, F.interpolate(cams, size=(12, 12), mode="bilinear", align_corners=False))
+    got = propagate_cams_with_bkg(cg[:, :, :4, :4].contiguous(), y,
+                                  aff.reshape(2, 12, 12, 12, 12)[:, :4, :4, :4, :4].reshape(2, 16, 16),
+                                  0.35, 2.0, 1, radius_mask(4, 4, 2), 0.1)
+    ref = brute_prop_official(cg[:, :, :4, :4], y,
+                              aff.reshape(2, 12, 12, 12, 12)[:, :4, :4, :4, :4].reshape(2, 16, 16),
+                              2, 4, 4, 0.35, 0.1)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    # the old option: the training forward's affinity at the crop grid
+    calls.clear()
+    afa.pseudo_labels(m, x, y, out["aff"], out["grid"], {**p, "prop_affinity": "train_forward"}, True)
+    assert calls[0][0].shape[-2:] == (8, 8)
+    torch.testing.assert_close(calls[0][1], torch.sigmoid(out["aff"]))
+    with pytest.raises(ValueError, match="prop_affinity"):
+        afa.pseudo_labels(m, x, y, out["aff"], out["grid"], {**p, "prop_affinity": "x"}, True)
+
+
+def test_lreg_off_by_default_and_aff_loss_option():
+    afa = get_method("afa")
+    m = afa.build_model(TINY, 20).train()
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, 20)
+    y[0, 3] = y[1, 7] = 1
+    p = {**TINY, "warmup_cls_iters": 0, "warmup_aff_iters": 5}
+    torch.manual_seed(3)
+    loss, parts = afa.loss(m, x, y, p, torch.Generator(), it=0)
+    assert parts["reg"] == 0.0                                   # official: reg_loss commented out
+    assert loss.item() == pytest.approx(parts["cls"] + 0.1 * parts["seg"] + 0.1 * parts["aff"], rel=1e-5)
+    _, pp = afa.loss(m, x, y, {**p, "lambdas": [0.1, 0.1, 0.01], "aff_loss": "paper"},
+                     torch.Generator(), it=0)
+    assert pp["reg"] > 0
+    assert pp["aff"] > 1.5 * parts["aff"]                        # unhalved Eq. 5 vs official half
+    with pytest.raises(ValueError, match="aff_loss"):
+        afa.loss(m, x, y, {**p, "aff_loss": "bad"}, torch.Generator(), it=0)

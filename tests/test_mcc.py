@@ -219,3 +219,85 @@ def test_mcc_plugin_loss_maps_segment():
     assert out["cams"].shape == (2, 8, 8) and out["cams_aux"].shape == (2, 8, 8)
     assert (out["cams"] >= 0).all()
     assert m.segment(model, x[:1], {}).shape == (1, 21, 8, 8)
+
+
+# ------------------------------------------ official MCCLoss (issue 14; fwu11/MCC model/losses.py)
+
+def brute_mcc_official(q, k, pos, tau, eps=1e-4):
+    """MCCLoss.forward written as loops: per image, per teacher view g: Σ over positives of
+    -log(e+ / (e+ + Σneg + eps)), then ONCE (the for-else) -log(1 / (1 + Σneg + eps));
+    summed over g, / G / (#pos + 1e-4); mean over all images."""
+    B, G, _ = q.shape
+    total = 0.0
+    for b in range(B):
+        loss_b = 0.0
+        npos = int(sum(bool(v) for v in pos[b]))
+        for g in range(G):
+            e = [math.exp(float(np.dot(q[b, g], k[b, j])) / tau) for j in range(k.shape[1])]
+            negs = sum(v for j, v in enumerate(e) if not pos[b, j])
+            for j in range(k.shape[1]):
+                if pos[b, j]:
+                    loss_b += -math.log(e[j] / (e[j] + negs + eps))
+            loss_b += -math.log(1 / (1 + negs + eps))
+        total += loss_b / G / (npos + 1e-4)
+    return total / B
+
+
+def test_info_nce_code_matches_official_loops_and_hand_case():
+    from pipeline.methods.mcc import info_nce_code
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(3, 2, 5))                       # two teacher (global) views, as official
+    k = rng.normal(size=(3, 7, 5))
+    pos = np.array([[1, 1, 0, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1]], bool)
+    got = info_nce_code(torch.tensor(q), torch.tensor(k), torch.tensor(pos), 0.5).item()
+    assert got == pytest.approx(brute_mcc_official(q, k, pos, 0.5), rel=1e-10)
+    # G = 1 given as (B, d)
+    got1 = info_nce_code(torch.tensor(q[:, 0]), torch.tensor(k), torch.tensor(pos), 0.5).item()
+    assert got1 == pytest.approx(brute_mcc_official(q[:, :1], k, pos, 0.5), rel=1e-10)
+    # by hand: q = 0 -> every e = 1; 1 positive, 2 negatives: S = 2
+    # per positive -log(1/(1+2+eps)) = log(3+eps); extra -log(1/(1+2+eps)) = log(3+eps)
+    qz, kz = torch.zeros(1, 1, 3, dtype=torch.float64), torch.ones(1, 3, 3, dtype=torch.float64)
+    pz = torch.tensor([[True, False, False]])
+    assert info_nce_code(qz, kz, pz, 0.5).item() == pytest.approx(2 * math.log(3 + 1e-4) / (1 + 1e-4))
+    # differs from the paper reading (no extra term, no mean over all images)
+    assert got != pytest.approx(info_nce(torch.tensor(q[:, 0]), torch.tensor(k), torch.tensor(pos), 0.5).item())
+    with pytest.raises(ValueError):
+        info_nce_code(torch.tensor(q), torch.tensor(k), torch.tensor(pos[:, :3]), 0.5)
+
+
+def test_mcc_loss_defaults_are_official(monkeypatch):
+    """Default: info_nce code, the student's global view a positive (first column), raw
+    projector outputs; the paper options call info_nce on L2-normalised q, k."""
+    import pipeline.methods.mcc as mcc_mod
+    from pipeline.methods import get_method
+    seen = {}
+
+    def spy(name, fn):
+        def f(q, k, pos, tau, *a):
+            seen[name] = (q, k, pos)
+            return fn(q, k, pos, tau, *a)
+        monkeypatch.setattr(mcc_mod, name, f)
+    spy("info_nce_code", mcc_mod.info_nce_code)
+    spy("info_nce", mcc_mod.info_nce)
+    torch.manual_seed(0)
+    m = get_method("mcc")
+    p = {**TINY, "n_local": 3, "mask_scale": 2, "cam_scales": [1.0], "seg_start_iter": 10}
+    model = m.build_model(p, 20)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, 20)
+    y[0, 3] = y[1, 7] = 1
+    m.loss(model, x, y, p, torch.Generator().manual_seed(0), it=0)
+    q, k, pos = seen.pop("info_nce_code")
+    assert "info_nce" not in seen
+    assert k.shape[:2] == (2, 4) and pos[:, 0].all()                  # global view + 3 locals
+    with torch.no_grad():
+        cls, _, _ = model.tokens(x)
+        torch.testing.assert_close(k[:, 0], model.proj(cls))          # raw, not re-normalised
+    assert not torch.allclose(q.norm(dim=-1), torch.ones(2))
+    m.loss(model, x, y, {**p, "info_nce": "paper", "global_positive": False, "normalize": True},
+           torch.Generator().manual_seed(0), it=0)
+    q, k, pos = seen.pop("info_nce")
+    assert k.shape[:2] == (2, 3)
+    torch.testing.assert_close(k.norm(dim=-1), torch.ones(2, 3))
+    with pytest.raises(ValueError, match="info_nce"):
+        m.loss(model, x, y, {**p, "info_nce": "x"}, torch.Generator(), it=0)

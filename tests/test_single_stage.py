@@ -192,7 +192,7 @@ def test_affinity_loss_afa_eq5():
             pos, npos = pos + 1 - s, npos + 1
         elif lab[b, i, j] == 0:
             neg, nneg = neg + s, nneg + 1
-    assert affinity_loss_afa(a, lab).item() == pytest.approx(pos / npos + neg / nneg, rel=1e-12)
+    assert affinity_loss_afa(a, lab, "paper").item() == pytest.approx(pos / npos + neg / nneg, rel=1e-12)
 
 
 # ------------------------------------------------------------------ propagation (Eq. 6-7)

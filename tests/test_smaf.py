@@ -186,3 +186,69 @@ def test_acr_teacher_per_image_path(tmp_path):
     assert torch.equal(student.classifier.weight, teacher.vit.head.weight)
     loss, parts = m.loss(student, x, y, p, torch.Generator())
     assert torch.isfinite(loss) and parts["mac"] > 0
+
+
+# ------------------------- official student loss (issue 14; bupt-ai-cz/SMAF adaptation_modelv2.py)
+
+def test_student_softmax_with_background_matches_pixel_loops(teacher_ckpt):
+    """Default student_target softmax_bg: student map = per-pixel softmax over K+1 channels
+    (background included, official ``F.softmax(cam, dim=1)`` over the EPS net's 21 outputs),
+    compared by MSE with the reactivated target INCLUDING its background channel
+    (``rectified = cat(fg * label, 0.2) / max``), mean over B x (K+1) x h x w."""
+    import math
+    from pipeline.methods.smaf import student_maps_bg
+    from pipeline.models.vit import patch_tokens
+    m = SMAF()
+    p = {**TINY, "teacher": "cam", "teacher_scales": [1.0], "teacher_flip": False, "alpha": 100.0}
+    torch.manual_seed(2)
+    student = m.build_model(p, 5)
+    assert student.bg_classifier.weight.shape == (1, 24)
+    m.setup(student, p, {"teacher": str(teacher_ckpt)})
+    with torch.no_grad():
+        student.bg_classifier.weight.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 1, 0, 0]])
+    logits, P = student_maps_bg(student, x)
+    assert P.shape == (2, 6, 4, 4)
+    with torch.no_grad():
+        _, f = patch_tokens(student.vit, x)
+        W = torch.cat([student.bg_classifier.weight, student.classifier.weight]).double()
+        ref = torch.zeros(2, 6, 16, dtype=torch.float64)
+        for b in range(2):
+            for n in range(16):
+                z = [float(W[c] @ f[b, n].double()) for c in range(6)]
+                s = sum(math.exp(v) for v in z)
+                for c in range(6):
+                    ref[b, c, n] = math.exp(z[c]) / s
+    torch.testing.assert_close(P.double(), ref.reshape(2, 6, 4, 4), atol=1e-5, rtol=1e-5)
+    # the loss: target with the background channel, by loops
+    tgt = m.targets(x, y, (4, 4), p, keep_background=True)
+    assert tgt.shape == (2, 6, 4, 4)
+    torch.testing.assert_close(tgt[:, 1:], m.targets(x, y, (4, 4), p))
+    fraw = m.targets(x, y, (4, 4), {**p, "reactivate": False})     # denoised F, no Eq. 8
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                v = [0.2] + [float(fraw[b, c, i, j]) for c in range(5)]
+                for c in range(6):
+                    assert float(tgt[b, c, i, j]) == pytest.approx(v[c] / max(v), rel=1e-5, abs=1e-7)
+    loss, parts = m.loss(student, x, y, p, torch.Generator())
+    mse = sum((float(P[b, c, i, j]) - float(tgt[b, c, i, j])) ** 2 for b in range(2)
+              for c in range(6) for i in range(4) for j in range(4)) / (2 * 6 * 16)
+    assert parts["mac"] == pytest.approx(mse, rel=1e-4)
+    loss.backward()
+    assert student.bg_classifier.weight.grad.abs().sum() > 0
+    # the old option: ReLU(WF)/max against the K foreground channels only
+    pf = {**p, "student_target": "foreground"}
+    st2 = m.build_model(pf, 5)
+    assert getattr(st2, "bg_classifier", None) is None
+    m.setup(st2, pf, {"teacher": str(teacher_ckpt)})
+    _, parts2 = m.loss(st2, x, y, pf, torch.Generator())
+    _, mo = student_maps(st2, x)
+    assert parts2["mac"] == pytest.approx(mac_loss(m.targets(x, y, (4, 4), pf), mo).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="student_target"):
+        m.build_model({**p, "student_target": "softmax"}, 5)
+    with pytest.raises(ValueError, match="reactivate"):
+        m.loss(student, x, y, {**p, "reactivate": False}, torch.Generator())
+    with pytest.raises(ValueError, match="bg_classifier"):
+        student_maps_bg(st2, x)

@@ -15,8 +15,10 @@ One network trained end to end on image-level labels:
 * segmentation head: a SegFormer-style MLP decoder over ``seg_levels`` blocks' tokens
   (the paper uses MiT's four stages), trained with cross-entropy (ignore 255) on the
   PAR-refined pseudo labels, then on the propagated ones;
-* total (Eq. 12): ``L_cls + λ1 L_seg + λ2 L_aff + λ3 L_reg`` with (0.1, 0.1, 0.01);
-  ``L_reg`` = :func:`pipeline.single_stage.local_consistency_loss` (pure PyTorch).
+* total (Eq. 12): ``L_cls + λ1 L_seg + λ2 L_aff + λ3 L_reg``; paper (0.1, 0.1, 0.01), default
+  (0.1, 0.1, 0) because the official ``scripts/dist_train_voc.py`` comments ``reg_loss`` out
+  (``lambdas: [0.1, 0.1, 0.01]`` is the paper's reading); ``L_reg`` =
+  :func:`pipeline.single_stage.local_consistency_loss` (pure PyTorch).
 
 Schedule (paper Sec. 4.1): classification only for ``warmup_cls_iters`` (2,000); then
 ``L_aff``, ``L_seg`` (target: PAR-refined CAM label) and ``L_reg``; from
@@ -24,13 +26,26 @@ Schedule (paper Sec. 4.1): classification only for ``warmup_cls_iters`` (2,000);
 affinity-propagated label (official code: switch at 6,000).
 
 Choices where the paper is silent or paper and code differ (all under ``methods.afa`` in
-params.yaml):
+params.yaml). Policy (project issue 14): the official code's behaviour is the default, the
+paper's literal reading an option; table: ``docs/methods/afa.md``.
+
+* ``aff_loss: code`` (default) — official ``utils/losses.py: get_aff_loss``:
+  ``½·Σ+/(N+ + 1) + ½·Σ-/(N- + 1)``, half of Eq. 5; ``paper`` = Eq. 5 unhalved (old default).
+  See :func:`pipeline.single_stage.affinity_loss_afa`.
+* ``prop_affinity: largest_scale`` (default) — official ``utils/camutils.py:
+  multi_scale_cam_with_aff_mat`` returns the affinity of the forward at the largest of
+  ``cam_scales`` (1.5 in the official config) of the unflipped image, and
+  ``scripts/dist_train_voc.py`` resizes the label-masked CAM to that forward's token grid
+  (``infer_size``), masks pairs beyond the radius on that grid (``attn_mask_infer``) and
+  propagates there; ``train_forward`` (old default) uses the affinity of the training
+  forward at the crop's grid (Eq. 6-7 do not say which forward). With ``cam_scales: [1.0]``
+  both give the same affinity (the largest scale is the crop itself).
 
 * ``aff_attention: logits`` — S is the pre-softmax ``QK^T/sqrt(d)`` of Eq. 1 (paper);
   ``softmax`` uses the post-softmax attention. ``aff_layers: [-2, -1]``: the last two blocks
   (official code; the paper names no block). The MLP is one 1x1 conv with bias (code).
 * ``aff_ignore_diagonal: false`` (code keeps pairs (i, i) as positives); ``aff_radius: 8``.
-* Eq. 5 unhalved (paper; the code halves both terms). Eq. 6 row normalisation without eps
+* Eq. 6 row normalisation without eps
   (paper; ``prop_eps: 0.1`` is the code's column sums + 0.1); one step (``prop_iters``),
   pairs beyond ``aff_radius`` zeroed before the power (code; ``prop_radius_mask``).
 * PAR: ``par.variant: paper`` (separate w1/w2 scales); code: one scale. Run on the image
@@ -40,7 +55,7 @@ params.yaml):
   gradients.
 * ``seg_loss: ce`` (paper: "commonly used cross-entropy"); ``balanced`` = the code's mean of
   background and foreground CE.
-* L_reg: bilateral Potts energy on PAR's sparse dilated neighbourhood at ``reg_scale`` (0.5)
+* L_reg (off by default, see Eq. 12 above): bilateral Potts energy on PAR's sparse dilated neighbourhood at ``reg_scale`` (0.5)
   of the crop (rloss uses a dense permutohedral filter; σ_rgb 15, σ_xy 100 as there).
 * Seeds: ``cams`` (Eq. 2, normalised by the export: ``norm: minmax``) and ``cams_aff``:
   Eq. 7 applied to each scale's min-max normalised CAM with that scale's ``σ(Â)`` (no
@@ -54,6 +69,7 @@ import torch.nn.functional as F
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.vit import create_vit, num_prefix_tokens, patch_grid
+from ..single_stage import AFF_LOSS_FORMS
 from ..single_stage import (PAR, affinity_label_from_seg, affinity_loss_afa, combine_high_low,
                             local_consistency_loss, maps_to_par_label, par_input, propagate_affinity,
                             propagate_cams_with_bkg, radius_mask, refine_cams_with_bkg)
@@ -189,6 +205,35 @@ def train_time_cams(model: AFANet, x: torch.Tensor, scales=(1.0,), flip: bool = 
                            flip_batch=True, **OFFICIAL_MS_CAM)
 
 
+PROP_AFFINITY = ("largest_scale", "train_forward")
+
+
+@torch.no_grad()
+def scale_affinity(model: AFANet, x: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Affinity logits of the forward of ``x`` resized by ``scale`` (no gradients).
+
+    Official ``utils/camutils.py: multi_scale_cam_with_aff_mat`` keeps the affinity of the
+    largest scale's forward (``aff_mat[np.argmax(scales)]``) and uses it for the unflipped
+    images; this runs that forward (image only, no flip: the flipped half is never used).
+    The resize is the one of the training CAMs: bilinear to ``(int(s*H), int(s*W))``.
+
+    Args:
+        x: ``(B, 3, H, W)`` normalised images; scale: > 0.
+    Returns:
+        ``(aff (B, n, n) float logits Â, symmetric; (h, w) the token grid of that forward)``.
+    Raises:
+        ValueError: ``scale <= 0``.
+    """
+    if scale <= 0:
+        raise ValueError(f"methods.afa cam_scales must be > 0, got {scale}")
+    H, W = x.shape[-2:]
+    xs = x if scale == 1.0 else F.interpolate(x, size=(int(scale * H), int(scale * W)),
+                                              mode="bilinear", align_corners=False)
+    out = model.run(xs, with_heads=False)
+    return model.affinity(num_prefix_tokens(model.vit)), out["grid"]
+
+
 def denormalise(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised ``(B, 3, H, W)`` -> RGB in [0, 1]."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
@@ -244,11 +289,20 @@ class AFA(Method):
             ``refined`` (B, H, W) int64: PAR-refined CAM label (Eq. 4 via β_h/β_l + PAR);
             ``aff_label`` (B, n, n): Eq. 5 pair labels from ``refined`` at the token grid;
             ``propagated`` (B, H, W), only with ``propagate``: Eq. 6-7 + PAR, high/low.
+            The affinity is ``prop_affinity``'s: ``largest_scale`` (official, default) = the
+            forward at ``max(cam_scales)`` on its own grid (:func:`scale_affinity`);
+            ``train_forward`` = ``aff_logits`` at ``grid``.
+        Raises:
+            ValueError: unknown ``prop_affinity``.
         """
+        mode = p.get("prop_affinity", "largest_scale")
+        if mode not in PROP_AFFINITY:
+            raise ValueError(f"methods.afa prop_affinity must be one of {PROP_AFFINITY}, got {mode!r}")
         bh, bl = float(p.get("bg_high", 0.55)), float(p.get("bg_low", 0.35))
         down = int(p.get("par_down_scale", 2))
         with torch.no_grad():
-            cams = train_time_cams(model, x, p.get("cam_scales", [1.0, 0.5, 1.5]),
+            scales = p.get("cam_scales", [1.0, 0.5, 1.5])
+            cams = train_time_cams(model, x, scales,
                                    bool(p.get("cam_flip", True))) * y[:, :, None, None]
             img = denormalise(x)
             par = self._par(p, x.device)
@@ -261,10 +315,14 @@ class AFA(Method):
                    "aff_label": affinity_label_from_seg(small, radius, 255,
                                                         bool(p.get("aff_ignore_diagonal", False)))}
             if propagate:
-                cg = F.interpolate(cams, size=(h, w), mode="bilinear", align_corners=False)
-                mask = (radius_mask(h, w, radius).to(x.device)
+                if mode == "largest_scale":
+                    aff_p, (hp, wp) = scale_affinity(model, x, float(max(scales)))
+                else:
+                    aff_p, (hp, wp) = aff_logits.detach(), (h, w)
+                cg = F.interpolate(cams, size=(hp, wp), mode="bilinear", align_corners=False)
+                mask = (radius_mask(hp, wp, radius).to(x.device)
                         if p.get("prop_radius_mask", True) and radius is not None else None)
-                aff = torch.sigmoid(aff_logits.detach())
+                aff = torch.sigmoid(aff_p)
                 prop = [propagate_cams_with_bkg(cg, y, aff, bg, float(p.get("alpha", 2.0)),
                                                 int(p.get("prop_iters", 1)), mask,
                                                 float(p.get("prop_eps", 0.0)))
@@ -281,10 +339,18 @@ class AFA(Method):
             x: ``(B, 3, S, S)`` normalised images; y: ``(B, C)`` multi-hot labels.
             p: ``train_cls`` params with ``methods.afa.train_cls``.
             it: iteration (0-based); None: ``self.iteration`` (set by the trainer).
+            Settings (``p``): ``aff_loss`` (``code`` official half Eq. 5 | ``paper``),
+            ``lambdas`` (default ``[0.1, 0.1, 0.0]``: L_reg off as in the official script;
+            paper ``[0.1, 0.1, 0.01]``), ``prop_affinity`` (see :meth:`pseudo_labels`).
         Returns:
             ``(loss, {"cls", "seg", "aff", "reg", "prop"})`` (prop: 1 once the segmentation
             target is the propagated label).
+        Raises:
+            ValueError: unknown ``aff_loss`` / ``prop_affinity`` / ``seg_loss``.
         """
+        aff_form = p.get("aff_loss", "code")
+        if aff_form not in AFF_LOSS_FORMS:
+            raise ValueError(f"methods.afa aff_loss must be one of {AFF_LOSS_FORMS}, got {aff_form!r}")
         it = int(self.iteration if it is None else it)
         warm_cls = int(p.get("warmup_cls_iters", 2000))
         warm_aff = int(p.get("warmup_aff_iters", 4000))
@@ -294,11 +360,11 @@ class AFA(Method):
             return l_cls, {"cls": l_cls.item(), "seg": 0.0, "aff": 0.0, "reg": 0.0, "prop": 0.0}
         propagate = it >= warm_cls + warm_aff
         tg = self.pseudo_labels(model, x, y, out["aff"], out["grid"], p, propagate)
-        l_aff = affinity_loss_afa(out["aff"], tg["aff_label"])
+        l_aff = affinity_loss_afa(out["aff"], tg["aff_label"], aff_form)
         label = tg["propagated"] if propagate else tg["refined"]
         seg = F.interpolate(out["seg"], size=label.shape[-2:], mode="bilinear", align_corners=False)
         l_seg = seg_loss(seg, label, p.get("seg_loss", "ce"))
-        lam1, lam2, lam3 = (float(v) for v in p.get("lambdas", [0.1, 0.1, 0.01]))
+        lam1, lam2, lam3 = (float(v) for v in p.get("lambdas", [0.1, 0.1, 0.0]))
         if lam3 > 0:
             rs = float(p.get("reg_scale", 0.5))
             size = (max(1, int(x.shape[-2] * rs)), max(1, int(x.shape[-1] * rs)))

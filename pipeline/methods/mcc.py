@@ -24,20 +24,32 @@ One network, ToCo-style (Ru et al., CVPR 2023), trained end to end on image-leve
 * total (Eq. 7): ``L_cls + L_cls^aux + w_seg L_seg + λ_a L_aff + λ_m L_mcc``.
 
 Choices where the paper is silent, or where paper and official code differ (all exposed
-under ``methods.mcc.train_cls`` in params.yaml):
+under ``methods.mcc.train_cls`` in params.yaml). Policy (project issue 14): the official
+code's behaviour is the default, the paper's literal reading an option; table:
+``docs/methods/mcc.md``.
+
+* The contrast (official ``model/losses.py: MCCLoss``, default ``info_nce: code``,
+  ``global_positive: true``, ``normalize: false``): per image the InfoNCE terms of every
+  positive view, plus ONE extra term ``-log(1 / (1 + Σ_neg e^{q k-/τ} + ε))`` (the ``for``
+  loop's ``else`` branch, run once after the loop), summed over the teacher's global views,
+  divided by (#global views x (#positives + 1e-4)), averaged over ALL images; the student's
+  projections of the global view(s) count as positives (``flags[:, :2] = 1`` in
+  ``utils/camutils.py: cam_to_attn_mask``; the official data feeds two augmented global
+  views, here the one training view); the projector outputs are used raw (the DINO head's
+  own bottleneck L2 norm stays). See :func:`info_nce_code`. Paper reading (old default):
+  ``info_nce: paper``, ``global_positive: false``, ``normalize: true`` (:func:`info_nce`).
 
 * ``mask_ratio`` 0.75 (paper text and Fig. 7); the official script uses 0.95.
 * Local views are the training image itself under different key masks (paper, Fig. 1); the
   official code feeds a separately colour-jittered crop of it.
 * The global class token is detached before the EMA ("global") projector (official code,
   MoCo's key branch); gradients reach the encoder through the local class tokens.
-* ``normalize: true``: projected q and k are L2-normalised, so ``q k / τ`` is a cosine over
-  τ (MoCo; Eq. 10 does not say). The official DINO-style head ends in a weight-normalised
-  linear layer whose raw outputs are multiplied; ``normalize: false`` keeps raw outputs.
-* Eq. 10 per image, averaged over the images with at least one positive; an image without
-  positives contributes nothing (Eq. 10 is a sum over an empty set). The official loss
-  also adds ``-log(1 / (1 + Σ exp(q k⁻/τ)))`` per image and counts the student's own
-  global tokens as positives (``global_positive: true`` reproduces the latter).
+* ``normalize: true`` (option): projected q and k are L2-normalised, so ``q k / τ`` is a
+  cosine over τ (MoCo; Eq. 10 does not say). The official DINO-style head ends in a
+  weight-normalised linear layer whose raw outputs are multiplied (``normalize: false``,
+  default).
+* ``info_nce: paper`` (option): Eq. 10 per image, averaged over the images with at least one
+  positive; an image without positives contributes nothing (a sum over an empty set).
 * L_aff: Eq. 12 as printed (``cos``, weights 1, diagonal pairs ignored, all pairs of the
   image); the official code uses ``|cos|`` (``abs_cos: true``) and halves both terms.
 * w_seg = 0.1 and the segmentation loss starts at ``seg_start_iter`` (official code:
@@ -172,6 +184,56 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, tau: float,
     if not bool(has.any()):
         return (logits * 0).sum()
     per_img = (per * posf).sum(1)[has] / n_pos[has]
+    return per_img.mean()
+
+
+INFO_NCE_FORMS = ("code", "paper")
+
+
+def info_nce_code(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, tau: float,
+                  eps: float = 1e-4) -> torch.Tensor:
+    """The contrast as the official ``model/losses.py: MCCLoss.forward`` computes it.
+
+    With ``e_{g,j} = exp(q_g · k_j / τ)`` (teacher view ``g``, student view ``j``) and, per
+    image and teacher view, ``S_g = Σ_{j negative} e_{g,j}``::
+
+        L_b = 1/(G (P_b + 1e-4)) Σ_g [ Σ_{j positive} -log(e_{g,j} / (e_{g,j} + S_g + ε))
+                                        - log(1 / (1 + S_g + ε)) ]
+        L   = 1/B Σ_b L_b
+
+    The extra ``-log(1/(1 + S_g + ε))`` is added ONCE per image and teacher view (the
+    ``for ... else`` of the official loop; ``P_b`` still counts only the positives). Every
+    image counts in the mean, also one without positives — then ``L_b`` is the extra term
+    over ``G·1e-4`` (large), which the official code never meets because the global views
+    are always positive (pass them in ``k`` with ``pos`` True: ``global_positive``).
+
+    Args:
+        q: ``(B, G, d)`` float, teacher projections of the G global views (official G = 2;
+            here 1), or ``(B, d)`` for G = 1. Raw (not re-normalised) in the official code.
+        k: ``(B, L, d)`` float, student projections (official: the G global views first,
+            then the local views).
+        pos: ``(B, L)`` bool, positive flags; the others are negatives.
+        tau: temperature τ > 0 (official ``--temp`` 0.5).
+        eps: ε of the official code, 1e-4 (both in the log terms and next to ``P_b``).
+    Returns:
+        scalar float tensor >= 0.
+    Raises:
+        ValueError: shapes do not match or ``tau <= 0``.
+    """
+    if q.dim() == 2:
+        q = q[:, None]
+    if tau <= 0:
+        raise ValueError(f"methods.mcc tau must be > 0, got {tau}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or pos.shape != k.shape[:2]:
+        raise ValueError(f"info_nce_code: q {tuple(q.shape)}, k {tuple(k.shape)}, pos {tuple(pos.shape)}")
+    G = q.shape[1]
+    logits = torch.einsum("bgd,bld->bgl", q, k) / tau              # (B, G, L)
+    e = logits.exp()
+    posf = pos.to(e.dtype)[:, None]                                 # (B, 1, L)
+    neg = (e * (1 - posf)).sum(-1, keepdim=True)                    # (B, G, 1) S_g
+    per = -(logits - torch.log(e + neg + eps))                      # -log(e / (e + S + eps))
+    extra = torch.log(1 + neg[..., 0] + eps)                        # (B, G) -log(1/(1+S+eps))
+    per_img = ((per * posf).sum(-1) + extra).sum(-1) / G / (pos.to(e.dtype).sum(-1) + 1e-4)
     return per_img.mean()
 
 
@@ -436,6 +498,9 @@ class MCC(Method):
             x: ``(B, 3, S, S)`` normalised images; y: ``(B, C)`` multi-hot foreground labels.
             p: ``train_cls`` params with the ``methods.mcc.train_cls`` keys.
             generator: CPU torch Generator for the key masks.
+            Contrast settings: ``info_nce`` (``code`` = :func:`info_nce_code`, official
+            ``MCCLoss``; ``paper`` = :func:`info_nce`), ``global_positive`` (default true,
+            official), ``normalize`` (default false, official raw outputs).
             it: current iteration (0-based); None: ``self.iteration`` (set by the trainer).
         Returns:
             ``(loss, {"cls", "cls_aux", "aff", "mcc", "seg", "pos_frac"})``.
@@ -477,12 +542,18 @@ class MCC(Method):
         k = model.proj(local_cls).view(B, n_local, -1)
         with torch.no_grad():
             q = model.proj_ema(out["cls"].detach())
-        if p.get("global_positive", False):
+        if p.get("global_positive", True):      # official: student global views are positives
             k = torch.cat([model.proj(out["cls"])[:, None], k], 1)
             flags = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), flags], 1)
-        if p.get("normalize", True):
+        if p.get("normalize", False):           # paper reading (MoCo); official: raw outputs
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        l_mcc = info_nce(q, k, flags, float(p.get("tau", 0.5)))
+        form = p.get("info_nce", "code")
+        if form == "code":
+            l_mcc = info_nce_code(q, k, flags, float(p.get("tau", 0.5)))
+        elif form == "paper":
+            l_mcc = info_nce(q, k, flags, float(p.get("tau", 0.5)))
+        else:
+            raise ValueError(f"methods.mcc info_nce must be one of {INFO_NCE_FORMS}, got {form!r}")
 
         # L_seg: decoder vs PAR-refined pseudo labels of the final CAM
         w_seg = float(p.get("w_seg", 0.1))

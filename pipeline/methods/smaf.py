@@ -14,15 +14,28 @@ A frozen teacher — the trained classifier of another method of this pipeline
 * denoise (Sec. 3.3): ``F^k = 0`` for classes absent from the image labels;
 * reactivate (Eq. 8): a background channel set to ``thr`` (0.2) is stacked and every pixel is
   divided by its max over the K+1 channels; the K foreground channels are the target ``F'``;
-* Eq. 9 / Eq. 3 / Eq. 1: ``L = L_cls + alpha * L_mac`` with
-  ``L_mac = 1/K sum_k mean_{ij} (F'^k - M_o^k)^2`` (all K classes; absent ones have target 0)
-  and ``L_cls`` the multi-label soft-margin loss (Eq. 3) of the student.
+* Eq. 9 / Eq. 3 / Eq. 1: ``L = L_cls + alpha * L_mac`` with ``L_cls`` the multi-label
+  soft-margin loss (Eq. 3) of the student and ``L_mac`` a mean squared error whose form is
+  ``student_target`` (policy, project issue 14: official code default, paper option; table
+  ``docs/methods/smaf.md``):
+
+  - ``softmax_bg`` (default, official ``smaf/models/adaptation_modelv2.py``: ``cam =
+    F.softmax(cam, dim=1)`` over the student's K+1 channels, ``MSELoss()(cam, rectified)``
+    with ``rectified = cat(fg * label, 0.2) / max``): the student has a background channel
+    (``bg_classifier``, a bias-free linear layer beside the K-class one, from scratch), its
+    map is ``softmax([w_bg F ; W F])`` over all K+1 channels, compared with the whole
+    reactivated target INCLUDING its background channel: ``L_mac = mean over K+1 channels``.
+    Needs ``reactivate: true``.
+  - ``foreground`` (old default, the paper's Eq. 7/9 reading): ``M_o = ReLU(W F)`` divided
+    per class by its max (``student_norm``), ``L_mac = 1/K sum_k mean_{ij} (F'^k - M_o^k)^2``
+    over the K foreground channels only (absent ones have target 0).
 
 Student: a :class:`ViTClassifier` with a pooled head (``student_head``: ``gmp`` as the
 ``cam`` teacher, ``gap`` as in the paper's EPS network), initialised from the teacher
 (``init_from_teacher``; the paper initialises both branches from the same pre-trained model).
-Its map ``M_o = ReLU(W F)`` is divided per class by its spatial max (``student_norm: max``,
-the paper's "normalized to [0, 1]", EPS code) so it is comparable to ``F'``.
+With ``student_target: foreground`` its map ``M_o = ReLU(W F)`` is divided per class by its
+spatial max (``student_norm: max``, the paper's "normalized to [0, 1]") so it is comparable
+to ``F'``.
 
 Ablations (paper Tables 3-5): ``teacher_scales`` (e.g. ``[1.0]`` single scale, ``[0.5, 1.0]``
 small-scale fusion), ``teacher_flip``, ``reactivate: false`` (target = denoised ``F``).
@@ -106,6 +119,37 @@ def student_maps(model: ViTClassifier, x: torch.Tensor, norm: str = "max",
     return logits, cam.reshape(x.shape[0], -1, h, w)
 
 
+STUDENT_TARGETS = ("softmax_bg", "foreground")
+
+
+def student_maps_bg(model: ViTClassifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official student map (``adaptation_modelv2.py``: softmax over all K+1 channels).
+
+    Args:
+        model: student with ``classifier`` (K rows) and ``bg_classifier`` (1 row), both
+            bias-free ``Linear(D, .)`` (built by :meth:`SMAF.build_model` with
+            ``student_target: softmax_bg``).
+        x: ``(B, 3, H, W)`` normalised images.
+    Returns:
+        ``(logits (B, K) pooled class logits, P (B, K+1, h, w))`` with ``P`` the per-pixel
+        softmax of ``[w_bg F ; W F]`` (background FIRST, this project's convention; the
+        official network puts it last, which does not change the MSE): float, in (0, 1),
+        summing to 1 over channels.
+    Raises:
+        ValueError: the model has no ``bg_classifier``.
+    """
+    if getattr(model, "bg_classifier", None) is None:
+        raise ValueError("methods.smaf student_target softmax_bg needs a student with a background "
+                         "channel (bg_classifier); build it with SMAF.build_model")
+    _, f = patch_tokens(model.vit, x)                          # (B, n, D)
+    pooled = f.amax(1) if model.head_type == "gmp" else f.mean(1)
+    logits = model.classifier(pooled)
+    w = torch.cat([model.bg_classifier.weight, model.classifier.weight], 0)   # (K+1, D)
+    cam = torch.einsum("kd,bnd->bkn", w, f).softmax(1)
+    h, w_ = patch_grid(model.vit, x.shape[-2], x.shape[-1])
+    return logits, cam.reshape(x.shape[0], -1, h, w_)
+
+
 @torch.no_grad()
 def teacher_class_maps(method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                        p: dict, key: str | None = None) -> torch.Tensor:
@@ -134,7 +178,7 @@ def teacher_class_maps(method: Method, model: nn.Module, x: torch.Tensor, y: tor
 def fused_teacher_targets(method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                           grid: tuple[int, int], scales=(0.5, 1.0, 1.5, 2.0), flip: bool = True,
                           reactivate_thr: float | None = 0.2, map_params: dict | None = None,
-                          key: str | None = None) -> torch.Tensor:
+                          key: str | None = None, keep_background: bool = False) -> torch.Tensor:
     """SMAF target of a batch: Eq. 5-6 fusion, denoising, Eq. 8 reactivation.
 
     Args:
@@ -142,9 +186,17 @@ def fused_teacher_targets(method: Method, model: nn.Module, x: torch.Tensor, y: 
         grid: the student's token grid at scale 1.
         scales: image scales; each is resized to a multiple of the teacher's token stride.
         reactivate_thr: background value of Eq. 8, or None to skip reactivation.
+        keep_background: return the reactivated background channel too (official target
+            ``rectified``, for ``student_target: softmax_bg``).
     Returns:
-        ``(B, K, h, w)`` float32 in [0, 1] (foreground channels only).
+        ``(B, K, h, w)`` float32 in [0, 1] (foreground channels), or ``(B, K+1, h, w)``
+        background first with ``keep_background``.
+    Raises:
+        ValueError: ``keep_background`` without reactivation (no background channel).
     """
+    if keep_background and reactivate_thr is None:
+        raise ValueError("methods.smaf student_target softmax_bg needs reactivate: true (the "
+                         "background channel of the target is Eq. 8's)")
     stride = token_stride(model.vit)
     maps = []
     for s in scales:
@@ -158,7 +210,8 @@ def fused_teacher_targets(method: Method, model: nn.Module, x: torch.Tensor, y: 
     f = denoise(fuse_maps(maps, grid), y)
     if reactivate_thr is None:
         return f
-    return reactivate(f, float(reactivate_thr))[:, 1:]
+    r = reactivate(f, float(reactivate_thr))
+    return r if keep_background else r[:, 1:]
 
 
 class SMAF(Method):
@@ -169,10 +222,22 @@ class SMAF(Method):
         self.teacher: tuple[Method, nn.Module] | None = None
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
+        """Student :class:`ViTClassifier` (pooled head); with ``student_target: softmax_bg``
+        (default) also ``bg_classifier``, a bias-free ``Linear(D, 1)`` background channel.
+
+        Raises:
+            ValueError: unknown ``student_head`` or ``student_target``.
+        """
         head = p.get("student_head", "gmp")
         if head not in ("gmp", "gap"):
             raise ValueError(f"methods.smaf.student_head must be gmp or gap, got {head!r}")
-        return ViTClassifier({**p, "head": head}, num_classes)
+        tgt = p.get("student_target", "softmax_bg")
+        if tgt not in STUDENT_TARGETS:
+            raise ValueError(f"methods.smaf.student_target must be one of {STUDENT_TARGETS}, got {tgt!r}")
+        model = ViTClassifier({**p, "head": head}, num_classes)
+        if tgt == "softmax_bg":
+            model.bg_classifier = nn.Linear(model.vit.num_features, 1, bias=False)
+        return model
 
     def setup(self, model, p, inputs, device="cpu"):
         """Load the frozen teacher and (``init_from_teacher``) copy its weights.
@@ -207,8 +272,10 @@ class SMAF(Method):
             w = w.weight if w is not None else getattr(tmodel.vit, "head", None).weight
             model.classifier.weight.data.copy_(w.detach())
 
-    def targets(self, x: torch.Tensor, y: torch.Tensor, grid: tuple[int, int], p: dict) -> torch.Tensor:
-        """Refined fused teacher maps ``F'`` ``(B, K, h, w)`` for a batch (see module doc)."""
+    def targets(self, x: torch.Tensor, y: torch.Tensor, grid: tuple[int, int], p: dict,
+                keep_background: bool = False) -> torch.Tensor:
+        """Refined fused teacher maps ``F'`` ``(B, K, h, w)`` for a batch (see module doc);
+        ``(B, K+1, h, w)`` background first with ``keep_background``."""
         if self.teacher is None:
             raise RuntimeError("SMAF.setup (teacher loading) must run before the loss")
         tm, tmodel = self.teacher
@@ -217,12 +284,28 @@ class SMAF(Method):
                                      scales=p.get("teacher_scales", [0.5, 1.0, 1.5, 2.0]),
                                      flip=bool(p.get("teacher_flip", True)), reactivate_thr=thr,
                                      map_params=p.get("teacher_maps", {}),
-                                     key=p.get("teacher_key"))
+                                     key=p.get("teacher_key"), keep_background=keep_background)
 
     def loss(self, model, x, y, p, generator):
-        """Eq. 1: ``L_cls + alpha * L_mac`` on one batch."""
-        logits, mo = student_maps(model, x, p.get("student_norm", "max"))
-        target = self.targets(x, y, tuple(mo.shape[-2:]), p)
+        """Eq. 1: ``L_cls + alpha * L_mac`` on one batch.
+
+        ``student_target: softmax_bg`` (official): MSE between the student's K+1-channel
+        softmax (:func:`student_maps_bg`) and the reactivated target with its background
+        channel; ``foreground`` (paper): MSE of ``ReLU(W F)/max`` against ``F'`` over the K
+        foreground channels. Returns ``(loss, {"cls", "mac"})``.
+
+        Raises:
+            ValueError: unknown ``student_target``; ``softmax_bg`` with ``reactivate: false``
+                or a student without ``bg_classifier``.
+        """
+        tgt = p.get("student_target", "softmax_bg")
+        if tgt == "softmax_bg":
+            logits, mo = student_maps_bg(model, x)
+        elif tgt == "foreground":
+            logits, mo = student_maps(model, x, p.get("student_norm", "max"))
+        else:
+            raise ValueError(f"methods.smaf.student_target must be one of {STUDENT_TARGETS}, got {tgt!r}")
+        target = self.targets(x, y, tuple(mo.shape[-2:]), p, keep_background=tgt == "softmax_bg")
         l_cls = multilabel_loss(logits, y)
         l_mac = mac_loss(target, mo)
         loss = l_cls + float(p.get("alpha", 100.0)) * l_mac
