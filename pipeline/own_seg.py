@@ -21,7 +21,8 @@ from .data.transforms import to_tensor
 from .data.classes import VOC_CLASSES
 from .data.voc import load_image, load_mask
 from .metrics import confusion_matrix, scores_from_confusion
-from .models.vit import token_stride
+from .models.backbones import model_normalisation
+from .models.vit import input_stride
 
 
 @torch.no_grad()
@@ -43,8 +44,8 @@ def predict_own(method, model, image: np.ndarray, p: dict, device) -> torch.Tens
     if not scales or merge not in ("max", "mean"):
         raise ValueError(f"eval_own_seg: need scales and merge in (max, mean), got {scales}, {merge!r}")
     H, W = image.shape[:2]
-    x = to_tensor(image)[None].to(device)
-    stride = token_stride(model.vit)
+    x = to_tensor(image, *model_normalisation(model))[None].to(device)
+    stride = input_stride(model)
     acc = None
     for s in scales:
         h = max(stride, int(round(H * s / stride)) * stride)

@@ -17,7 +17,8 @@ from .data.classes import VOC_CLASSES
 from .data.voc import load_image, load_mask
 from .labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
 from .metrics import confusion_matrix, scores_from_confusion
-from .models.vit import token_stride
+from .models.backbones import model_normalisation
+from .models.vit import input_stride
 from .storage import MapReader, MapWriter
 from .utils import get_device
 
@@ -66,8 +67,8 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
         ``{key: (k, H, W) float32 in [0, 1]}``.
     """
     H, W = image.shape[:2]
-    x0 = to_tensor(image).unsqueeze(0).to(device)
-    stride = token_stride(model.vit)
+    x0 = to_tensor(image, *model_normalisation(model)).unsqueeze(0).to(device)
+    stride = input_stride(model)
     acc: dict[str, torch.Tensor] = {}
     passes = 0
     sq = p.get("resize_square")
