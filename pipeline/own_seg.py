@@ -21,7 +21,8 @@ from .data.classes import VOC_CLASSES
 from .data.voc import load_image, load_mask
 from .inference import multiscale_flip
 from .metrics import confusion_matrix, scores_from_confusion
-from .models.vit import token_stride
+from .models.backbones import model_normalisation
+from .models.vit import input_stride
 
 
 @torch.no_grad()
@@ -44,10 +45,10 @@ def predict_own(method, model, image: np.ndarray, p: dict, device) -> torch.Tens
     merge = p.get("merge", "max")
     if not scales or merge not in ("max", "mean"):
         raise ValueError(f"eval_own_seg: need scales and merge in (max, mean), got {scales}, {merge!r}")
-    x = to_tensor(image)[None].to(device)
+    x = to_tensor(image, *model_normalisation(model))[None].to(device)
     out = multiscale_flip(lambda xin: method.segment(model, xin, p).float(), x, scales,
                           flips=(False, True) if p.get("flip", True) else (False,),
-                          resize="stride", stride=token_stride(model.vit), flip_merge="mean",
+                          resize="stride", stride=input_stride(model), flip_merge="mean",
                           scale_merge=merge)
     return out[0]
 

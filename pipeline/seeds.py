@@ -17,7 +17,8 @@ from .data.voc import load_image, load_mask
 from .inference import multiscale_flip, normalise
 from .labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
 from .metrics import confusion_matrix, scores_from_confusion
-from .models.vit import token_stride
+from .models.backbones import model_normalisation
+from .models.vit import input_stride
 from .storage import MapReader, MapWriter
 from .utils import get_device
 
@@ -85,7 +86,7 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
                          f"before_upsample or after_flip_merge; got {flip_merge!r}, {relu!r}")
     mp = p if relu == "after_upsample" else {**p, "raw_maps": True}
     H, W = image.shape[:2]
-    x0 = to_tensor(image).unsqueeze(0).to(device)
+    x0 = to_tensor(image, *model_normalisation(model)).unsqueeze(0).to(device)
     sq = q.get("resize_square")
     fgd = fg.to(device)
 
@@ -100,7 +101,7 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
     acc = multiscale_flip(
         forward, x0, q.get("scales", [1.0]),
         flips=(False, True) if q.get("flip", True) else (False,), flip_batch=False,
-        resize="stride", stride=token_stride(model.vit),
+        resize="stride", stride=input_stride(model),
         base_size=(int(sq), int(sq)) if sq else None, relu=relu,
         align_corners=bool(q.get("align_corners", False)), flip_merge=flip_merge,
         scale_merge="sum", fold="flat" if flip_merge == "sum" and relu != "after_flip_merge" else "nested",

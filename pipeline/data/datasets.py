@@ -9,16 +9,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import to_tensor
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from .voc import NUM_CLASSES, labels_to_multihot, load_image
 
 
 def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,
                       scale_range: Sequence[float], hflip: bool = True,
-                      label: np.ndarray | None = None, ignore: int = 255):
+                      label: np.ndarray | None = None, ignore: int = 255,
+                      fill: Sequence[float] = IMAGENET_MEAN):
     """Random rescale, horizontal flip and ``crop x crop`` crop (pad where smaller).
 
-    The image is padded with the ImageNet mean colour (zero after normalisation); a label map
+    The image is padded with the colour ``fill * 255`` (``fill``: the normalisation mean, so
+    the padding is zero after normalisation; default ImageNet's); a label map
     given alongside is transformed identically (nearest) and padded with ``ignore``.
 
     Args:
@@ -40,7 +42,7 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,
         lab = None if lab is None else lab[:, ::-1]
     ph, pw = max(crop, nh), max(crop, nw)
     canvas = np.empty((ph, pw, 3), np.uint8)
-    canvas[:] = (np.array([0.485, 0.456, 0.406]) * 255).astype(np.uint8)
+    canvas[:] = (np.array(fill, dtype=np.float64) * 255).astype(np.uint8)
     valid = np.zeros((ph, pw), bool)
     lcanvas = np.full((ph, pw), ignore, np.uint8)
     oy, ox = int(rng.integers(0, ph - nh + 1)), int(rng.integers(0, pw - nw + 1))
@@ -64,17 +66,23 @@ class ClassificationDataset(Dataset):
     so that its long side is an integer drawn uniformly from ``[lo, hi]`` (both included;
     PSA / ACR ``RandomResizeLong``, ACR official ``[int(0.9 crop), int(crop / 0.875)]`` =
     ``[345, 438]`` at crop 384), then flipped and cropped as usual.
+
+    ``mean`` / ``std``: the input normalisation of :func:`pipeline.data.transforms.to_tensor`
+    (the backbone's, :func:`pipeline.models.backbones.backbone_normalisation`; default
+    ImageNet's); the padding colour is ``mean``.
     """
 
     def __init__(self, root: str | Path, ids: Sequence[str], labels: Mapping[str, Sequence[int]],
                  crop: int, scale_range: Sequence[float] | None = (1.0, 1.0), hflip: bool = True,
                  seed: int = 0, num_classes: int = NUM_CLASSES,
-                 resize_long: Sequence[int] | None = None):
+                 resize_long: Sequence[int] | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.root, self.ids, self.labels = Path(root), list(ids), labels
         self.crop, self.hflip = int(crop), hflip
         self.scale_range = tuple(scale_range) if scale_range else (1.0, 1.0)
         self.resize_long = tuple(int(v) for v in resize_long) if resize_long else None
         self.seed, self.epoch, self.num_classes = seed, 0, num_classes
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -90,6 +98,6 @@ class ClassificationDataset(Dataset):
         if self.resize_long:
             target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
             sr = (target / max(image.shape[:2]),) * 2
-        img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip)
+        img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean)
         y = labels_to_multihot(self.labels[iid], self.num_classes)
-        return to_tensor(img), torch.from_numpy(y), i
+        return to_tensor(img, self.mean, self.std), torch.from_numpy(y), i

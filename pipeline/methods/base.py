@@ -121,6 +121,9 @@ class ViTClassifier(nn.Module):
     ``head``: ``"cls_token"`` (timm's linear head on the class token; ACR), ``"gmp"`` /
     ``"gap"`` (global max / average pooling of patch tokens, then a bias-free linear layer
     acting as a 1x1 conv, so CAM = ``W^T F``; the CAM baseline).
+
+    ``backbone.stem`` (optional): a hybrid ViT on a pretrained CNN stem
+    (:func:`pipeline.models.vit.create_vit`).
     """
 
     def __init__(self, p: dict, num_classes: int):
@@ -130,7 +133,8 @@ class ViTClassifier(nn.Module):
             raise ValueError(f"train_cls.head must be cls_token, gmp or gap, got {self.head_type!r}")
         bb = p["backbone"]
         n_vit = num_classes if self.head_type == "cls_token" else 0
-        self.vit = create_vit(bb["name"], n_vit, bb.get("pretrained"), bb.get("overrides"))
+        self.vit = create_vit(bb["name"], n_vit, bb.get("pretrained"), bb.get("overrides"),
+                              stem=bb.get("stem"))
         if self.head_type != "cls_token":
             self.classifier = nn.Linear(self.vit.num_features, num_classes, bias=False)
 

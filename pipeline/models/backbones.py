@@ -181,6 +181,23 @@ def input_normalisation(pretrained: Any) -> tuple[tuple[float, ...], tuple[float
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+def backbone_normalisation(backbone: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of a ``backbone:`` params section: :func:`input_normalisation` of
+    its ``pretrained``, or of ``stem.pretrained`` for a hybrid ViT whose pixels enter through
+    a pretrained CNN stem (:func:`pipeline.models.vit.create_vit`). The one rule the trainer
+    (:func:`pipeline.cls.train_classifier`) and the classifier loader use; they record the
+    result on the model as ``model.input_norm`` (see :func:`model_normalisation`).
+    """
+    stem = backbone.get("stem")
+    return input_normalisation((stem or backbone).get("pretrained"))
+
+
+def model_normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``model.input_norm`` (set by the trainer / :func:`pipeline.cls.load_classifier` from
+    :func:`backbone_normalisation`); ImageNet's for a model built without them."""
+    return getattr(model, "input_norm", None) or (IMAGENET_MEAN, IMAGENET_STD)
+
+
 def weights_dir() -> Path:
     """Where converted weights are cached: ``$WSSS_WEIGHTS_DIR``, default ``data/weights``
     (relative to the working directory, the repository root for the stages; git-ignored)."""

@@ -56,24 +56,36 @@ class CapturingAttention(nn.Module):
 
 
 def create_vit(name: str, num_classes: int, pretrained: str | None = None,
-               overrides: dict | None = None) -> nn.Module:
+               overrides: dict | None = None, stem: dict | None = None) -> nn.Module:
     """Create a timm ViT with attention capture on every block.
 
     Args:
         name: timm model name, e.g. ``vit_base_r50_s16_384`` (ACR paper, ViT-hybrid-B),
             ``deit_small_patch16_224`` (ACR Table 6), ``vit_tiny_patch16_224`` (CPU).
         num_classes: foreground classes (20 for VOC); the class-token head predicts them.
-        pretrained: see :func:`pipeline.models.backbones.create_backbone`.
+        pretrained: see :func:`pipeline.models.backbones.create_backbone` (of the ViT; with
+            ``stem``, of the blocks only: ``none`` or a local file, loaded non-strictly).
         overrides: extra timm kwargs (``img_size``, ``patch_size``, ``embed_dim``, ``depth``,
             ``num_heads``...). ``dynamic_img_size=True`` is always set so multi-scale inputs
             interpolate the position embedding.
+        stem: a hybrid ViT (:func:`hybrid_stem`): ``{name, pretrained, stride}`` of a timm CNN
+            whose feature map at ``stride`` (default 16) replaces the patch embedding
+            through timm's ``HybridEmbed`` (1x1 projection, ``patch_size`` 1), the shape of
+            ACR's ViT-hybrid (ResNet-50 stem + ViT-B), e.g. ``{name: tf_efficientnet_lite0,
+            pretrained: pypi:efficientnet-lite0}``.
     Returns:
         The timm model; ``model.blocks[i].attn`` is a :class:`CapturingAttention`.
     Raises:
-        ValueError: the model has no ``blocks[*].attn`` (not a ViT).
+        ValueError: the model has no ``blocks[*].attn`` (not a ViT), or the stem has no
+            feature map at ``stride``.
     """
     kw = dict(overrides or {})
     kw.setdefault("dynamic_img_size", True)
+    if stem:
+        from functools import partial
+        from timm.layers import HybridEmbed
+        kw["embed_layer"] = partial(HybridEmbed, backbone=hybrid_stem(stem))
+        kw["patch_size"] = 1     # every stem cell is one token (timm's hybrid default)
     model = create_backbone(name, pretrained, num_classes=num_classes, **kw)
     if not hasattr(model, "blocks") or not all(hasattr(b, "attn") for b in model.blocks):
         raise ValueError(f"timm model {name!r} is not a ViT with blocks[*].attn")
@@ -81,6 +93,37 @@ def create_vit(name: str, num_classes: int, pretrained: str | None = None,
         if not isinstance(b.attn, CapturingAttention):
             b.attn = CapturingAttention(b.attn)
     return model
+
+
+class _StemTo(nn.Module):
+    """A timm CNN run up to its intermediate ``index`` (later stages pruned): ``x`` -> that
+    feature map ``(B, C, h, w)``."""
+
+    def __init__(self, net: nn.Module, index: int):
+        super().__init__()
+        net.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
+        self.net, self.index = net, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_intermediates(x, indices=[self.index], intermediates_only=True)[-1]
+
+
+def hybrid_stem(stem: dict) -> nn.Module:
+    """The CNN stem of a hybrid ViT: timm ``stem["name"]`` with ``stem["pretrained"]`` weights
+    (:func:`pipeline.models.backbones.create_backbone`) run up to its feature map whose
+    reduction is ``stem["stride"]`` (default 16; EfficientNet-Lite0: ``blocks.4``, 112
+    channels); later stages and the head are pruned (timm ``prune_intermediate_layers``).
+
+    Raises:
+        ValueError: no feature map of the network has that reduction.
+    """
+    stride = int(stem.get("stride", 16))
+    net = create_backbone(stem["name"], stem.get("pretrained"), num_classes=0)
+    red = [int(f["reduction"]) for f in net.feature_info]
+    if stride not in red:
+        raise ValueError(f"hybrid stem {stem['name']!r} has no feature map at stride {stride} "
+                         f"(its strides: {red})")
+    return _StemTo(net, len(red) - 1 - red[::-1].index(stride))
 
 
 def attentions(model: nn.Module) -> list[torch.Tensor]:
@@ -100,6 +143,13 @@ def patch_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
 def token_stride(model: nn.Module) -> int:
     """Pixels per token side (16 for ViT-B/16 and the R50 hybrid)."""
     return int(model.patch_embed.feat_ratio())
+
+
+def input_stride(classifier: nn.Module) -> int:
+    """Pixels per map cell of a method's classifier: its ``input_stride`` (CNN trunks,
+    :class:`pipeline.models.cnn_cam.CNNCAM`) or the token stride of its ``.vit``."""
+    s = getattr(classifier, "input_stride", None)
+    return int(s) if s is not None else token_stride(classifier.vit)
 
 
 def num_prefix_tokens(model: nn.Module) -> int:

