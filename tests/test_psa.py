@@ -32,7 +32,7 @@ def test_search_offsets_half_disk():
 
 @pytest.mark.parametrize("h,w,r", [(7, 9, 3), (5, 4, 5), (1, 6, 2)])
 def test_pair_indices_match_naive(h, w, r):
-    fr, to, oid = pair_indices(h, w, r)
+    fr, to, oid = pair_indices(h, w, r, pairs="all")   # the paper's "every pair" option
     got = {(int(a), int(b)) for a, b in zip(fr, to)}
     assert len(got) == len(fr)  # each pair once
     naive = set()
@@ -58,22 +58,24 @@ def test_downsample_label_centre_pixel():
 
 def test_pair_labels_and_loss_hand_computed():
     # 1 x 3 grid, radius 2 -> pairs (0,1) and (1,2) only
+    # (pairs="all": the official set starts no pair on a 1-row grid with radius 2)
     labels = torch.tensor([[[0, 0, 7]]])
-    bg, fg, neg = pair_labels(labels, 2)
+    assert not pair_labels(labels, 2)[0].numel()
+    bg, fg, neg = pair_labels(labels, 2, pairs="all")
     assert bg.tolist() == [[True, False]] and fg.tolist() == [[False, False]]
     assert neg.tolist() == [[False, True]]
     f = torch.tensor([[[[0.0, 0.5, 2.0]], [[1.0, 1.0, 1.0]]]], requires_grad=True)  # (1,2,1,3)
     a01, a12 = math.exp(-0.25), math.exp(-0.75)
-    loss = affinity_loss(f, labels, radius=2)
+    loss = affinity_loss(f, labels, radius=2, pairs="all")
     ref = -math.log(a01 + 1e-5) / 4 + 0.0 / 4 - math.log(1 + 1e-5 - a12) / 2
     assert loss.item() == pytest.approx(ref, rel=1e-5)
     loss.backward()
     assert torch.isfinite(f.grad).all() and f.grad.abs().sum() > 0
     # ignored pixels: pairs touching 255 vanish; all-ignored -> loss 0, no NaN
     lab2 = torch.tensor([[[255, 3, 3]]])
-    bg, fg, neg = pair_labels(lab2, 2)
+    bg, fg, neg = pair_labels(lab2, 2, pairs="all")
     assert fg.tolist() == [[False, True]] and not bg.any() and not neg.any()
-    assert affinity_loss(f, torch.full((1, 1, 3), 255)).item() == 0.0
+    assert affinity_loss(f, torch.full((1, 1, 3), 255), pairs="all").item() == 0.0
     with pytest.raises(ValueError):
         affinity_loss(f, torch.zeros(1, 1, 4, dtype=torch.long))
 
@@ -115,24 +117,26 @@ def test_dense_random_walk_matches_naive_loop():
     f = torch.rand(5, 4, 5, dtype=torch.float64)
     maps = torch.rand(3, 4, 5, dtype=torch.float64)
     W = _naive_w(f, 3, 2.0)
-    np.testing.assert_allclose(psa.affinity_matrix_dense(f, 3, 2.0).numpy(), W, atol=1e-12)
+    np.testing.assert_allclose(psa.affinity_matrix_dense(f, 3, 2.0, pairs="all").numpy(), W,
+                               atol=1e-12)
     T = W / W.sum(0, keepdims=True)
     ref = maps.numpy().reshape(3, -1) @ np.linalg.matrix_power(T, 2 ** 3)
-    got = random_walk_dense(f, maps, radius=3, beta=2.0, logt=3)
+    got = random_walk_dense(f, maps, radius=3, beta=2.0, logt=3, pairs="all")
     np.testing.assert_allclose(got.numpy().reshape(3, -1), ref, atol=1e-10)
 
 
+@pytest.mark.parametrize("pairs", ["official", "all"])
 @pytest.mark.parametrize("radius,beta,logt", [(5, 8, 8), (3, 2, 4), (2, 1, 0), (4, 8, 6)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sparse_random_walk_equals_dense(radius, beta, logt, dtype):
+def test_sparse_random_walk_equals_dense(radius, beta, logt, dtype, pairs):
     g = torch.Generator().manual_seed(radius * 100 + logt)
     f = (torch.randn(8, 12, 15, generator=g) * 0.3).to(dtype)
     maps = torch.rand(4, 12, 15, generator=g).to(dtype)
-    d = random_walk_dense(f, maps, radius, beta, logt)
-    s = random_walk(f, maps, radius, beta, logt)
+    d = random_walk_dense(f, maps, radius, beta, logt, pairs)
+    s = random_walk(f, maps, radius, beta, logt, pairs)
     assert s.shape == (4, 12, 15)
     # columns of T sum to 1: constant maps are fixed points
-    const = random_walk(f, torch.full_like(maps, 0.3), radius, beta, logt)
+    const = random_walk(f, torch.full_like(maps, 0.3), radius, beta, logt, pairs)
     assert (const - 0.3).abs().max().item() < 1e-5
     dn, sn = d / d.sum(0), s / s.sum(0)
     assert (dn - sn).abs().max().item() < 1e-5
@@ -145,7 +149,7 @@ def test_random_walk_respects_affinity_boundary():
     maps = torch.zeros(2, 10, 10)
     maps[0, 4, 1] = 1.0                     # a single seed in the left region
     maps[1] = 0.05                          # weak uniform competitor
-    out = random_walk(f, maps, radius=5, beta=8, logt=8)
+    out = random_walk(f, maps, radius=5, beta=8, logt=8, pairs="all")
     left, right = out[0, :, :5], out[0, :, 5:]
     assert left.min() > 10 * right.max()    # mass stays on its side of the boundary
     assert left.std() / left.mean() < 0.05  # and diffuses ~uniformly within it
@@ -185,8 +189,9 @@ def _synthetic_dataset(root, n=4, h=48, w=64):
 
 def test_train_and_refine_end_to_end(tmp_path):
     ids = _synthetic_dataset(tmp_path)
+    # radius 3: a 6x6 cell grid has no official (interior-start) pairs at radius 5
     params = dict(TINY_NET, crop=48, resize_long=None, scale_range=[0.9, 1.1],
-                  color_jitter=None, batch_size=2, iters=3, lr=0.01, radius=5,
+                  color_jitter=None, batch_size=2, iters=3, lr=0.01, radius=3,
                   crf=dict(iters=3), num_workers=0, log_every=2, seed=0)
     out = tmp_path / "aff.pth"
     logs = []
@@ -196,6 +201,7 @@ def test_train_and_refine_end_to_end(tmp_path):
     assert m["iters"] == 3 and [e["iter"] for e in m["loss_curve"]] == [2, 3]
     assert all(np.isfinite(e["loss"]) for e in m["loss_curve"])
     assert m["label_fractions"]["fg"] > 0 and m["label_fractions"]["bg"] > 0
+    assert m["loss_curve"][0]["loss"] > 0     # the official pair set is not empty here
     ck = torch.load(out, weights_only=False)
     assert set(ck) == {"state_dict", "params"} and ck["params"]["feature_dim"] == 14
     with pytest.raises(ValueError, match="unknown"):
@@ -203,7 +209,7 @@ def test_train_and_refine_end_to_end(tmp_path):
                                dict(params, bogus=1), out, log=logs.append)
 
     psa.refine_seeds(tmp_path, ids, tmp_path / "seeds.h5", "cams", out, tmp_path / "ref.h5",
-                     dict(radius=5, beta=8, logt=4, bg_alpha=16), log=logs.append)
+                     dict(radius=3, beta=8, logt=4, bg_alpha=16), log=logs.append)
     with MapReader(tmp_path / "ref.h5") as r:
         assert sorted(r.ids) == sorted(ids)
         probs, cids, size = r.read("img1", "probs")
@@ -222,7 +228,7 @@ def test_affinity_net_learns_fixed_batch():
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     losses = []
     for _ in range(12):
-        loss = affinity_loss(net(x), y, radius=3)
+        loss = affinity_loss(net(x), y, radius=3, pairs="all")
         opt.zero_grad()
         loss.backward()
         opt.step()
