@@ -89,6 +89,21 @@ def load_manifest(path: str) -> dict:
                                 f"`snakemake {path}` first") from None
 
 
+def parse_stage(ap: argparse.ArgumentParser, stage: str) -> tuple[argparse.Namespace, dict, dict, dict]:
+    """Parse a chain stage's command line and load what every such stage needs.
+
+    Returns:
+        ``(args, default_paths(args), stage_config(args, stage), manifest)``: the parsed
+        arguments, the chain's default artifact paths (:func:`pipeline.paths.artifacts`), the
+        stage's merged params and the dataset manifest (``--manifest`` or the default one).
+    Raises:
+        FileNotFoundError: the manifest is missing (names the stage that writes it).
+    """
+    args = ap.parse_args()
+    d = default_paths(args)
+    return args, d, stage_config(args, stage), load_manifest(args.manifest or d["manifest"])
+
+
 def run_cli(stage: str, main: Callable[[], str | None]) -> None:
     """Run ``main`` with logging set up; turn known user errors into one-line messages."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",

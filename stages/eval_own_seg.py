@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -13,10 +13,7 @@ def main() -> str:
     add_manifest(ap)
     ap.add_argument("--model", default=None, help="classifier checkpoint (default .../cls/model.pt)")
     ap.add_argument("--out", default=None, help="metrics json (default .../own_seg_miou.json)")
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "eval_own_seg")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "eval_own_seg")
     from pipeline.data.classes import manifest_classes
     from pipeline.own_seg import evaluate_own_seg
     from pipeline.utils import get_device, write_json

@@ -4,7 +4,7 @@ and, labelled `best_threshold_on_gt`, the official protocol's number: the best o
 background thresholds i/100 scored on the ground truth (not a fair number)."""
 from __future__ import annotations
 
-from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -12,10 +12,7 @@ def main() -> str:
     add_manifest(ap)
     ap.add_argument("--seeds", default=None, help="seeds HDF5 (default .../seeds.h5)")
     ap.add_argument("--out", default=None, help="metrics json (default .../seeds_miou.json)")
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "eval_seeds")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "eval_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.seeds import OFFICIAL_SWEEP, evaluate_maps

@@ -8,7 +8,7 @@ import json
 import logging
 import os
 
-from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, parse_stage, parser, run_cli
 
 
 def gather_stages(files) -> dict:
@@ -37,10 +37,7 @@ def main() -> str:
     ap.add_argument("--own-seg", default=None,
                     help="own_seg_miou.json of the method's own segmentation head, gathered as "
                          "`own_segmentation` when not null (default: the chain's, if it exists)")
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "eval_seg")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "eval_seg")
     from pipeline.data.classes import manifest_classes
     from pipeline.segment import evaluate, load_model
     from pipeline.utils import get_device, write_json

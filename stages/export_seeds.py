@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import (add_manifest, add_shard_args, default_paths, load_manifest, parser, run_cli,
-                            stage_config)
+from stages._common import add_manifest, add_shard_args, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -13,10 +12,7 @@ def main() -> str:
     ap.add_argument("--model", default=None, help="classifier checkpoint (default .../cls/model.pt)")
     ap.add_argument("--out", default=None, help="HDF5 output (default .../seeds.h5)")
     add_shard_args(ap)
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "export_seeds")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "export_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.seeds import export_seeds
     from pipeline.shards import merge_map_files, shard_ids

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import (add_manifest, add_shard_args, default_paths, load_manifest, parser, run_cli,
-                            stage_config)
+from stages._common import add_manifest, add_shard_args, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -17,10 +16,7 @@ def main() -> str:
     ap.add_argument("--metrics", default=None, help="default .../pseudo_miou.json")
     ap.add_argument("--workers", type=int, default=1, help="processes (Snakemake passes {threads})")
     add_shard_args(ap)
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "make_pseudo_labels")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "make_pseudo_labels")
     from pipeline.data.classes import manifest_classes
     from pipeline.pseudo import evaluate_label_dir, make_pseudo_labels
     from pipeline.utils import write_json

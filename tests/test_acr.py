@@ -8,7 +8,7 @@ from pipeline.methods.acr import (ACR, acr_maps, consistency_losses, invert_clas
                                   transform_image)
 from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions
-from vit_reference import fd_grad_per_head
+from vit_reference import fd_grad_per_head, tiny_vit
 
 
 def perm_matrix(order):
@@ -107,9 +107,7 @@ def test_l1_reductions_by_hand():
     assert la.item() == pytest.approx(0.125) and lf.item() == pytest.approx(0.125)
 
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
-                     "overrides": {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 3,
-                                   "num_heads": 2}}}
+TINY = {"backbone": tiny_vit(patch=8, dim=24, depth=3)}
 
 
 def test_eq7_eq8_paper_form_against_finite_differences():

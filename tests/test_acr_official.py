@@ -23,11 +23,9 @@ from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions
 from pipeline.seeds import multiscale_maps
 from pipeline.utils import poly_lr
-from vit_reference import fd_grad_per_head
+from vit_reference import fd_grad_per_head, tiny_vit
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
-                     "overrides": {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 3,
-                                   "num_heads": 2}}}
+TINY = {"backbone": tiny_vit(patch=8, dim=24, depth=3)}
 H = W = 4          # token grid of a 32 x 32 input
 N_PATCH = H * W
 

@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from pipeline.methods import get_method
 from pipeline.methods.afa import AFANet, minmax, seg_loss, train_time_cams
 from pipeline.single_stage import propagate_affinity, radius_mask
+from vit_reference import tiny_vit
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
-                     "overrides": {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 3,
-                                   "num_heads": 2}},
+TINY = {"backbone": tiny_vit(patch=4, dim=16, depth=3),
         "decoder_dim": 8, "aff_layers": [-2, -1], "cam_scales": [1.0], "cam_flip": True,
         "par": {"dilations": [1, 2], "num_iter": 2}, "reg_dilations": [1, 2]}
 
@@ -95,12 +94,19 @@ def test_seg_loss_modes():
     assert seg_loss(logits, lab, "balanced").item() == pytest.approx(bal.item(), rel=1e-6)
 
 
-def test_warmup_schedule_and_loss_terms():
+def _afa_batch():
+    """The AFA plug-in, a tiny AFA network in train mode, 2 random 32 x 32 images and their
+    labels (class 3 in the first, class 7 in the second, 20 classes)."""
     afa = get_method("afa")
     m = afa.build_model(TINY, 20).train()
     x = torch.randn(2, 3, 32, 32)
     y = torch.zeros(2, 20)
     y[0, 3] = y[1, 7] = 1
+    return afa, m, x, y
+
+
+def test_warmup_schedule_and_loss_terms():
+    afa, m, x, y = _afa_batch()
     p = {**TINY, "warmup_cls_iters": 2, "warmup_aff_iters": 2}
     g = torch.Generator()
     l0, parts0 = afa.loss(m, x, y, p, g, it=1)            # classification only
@@ -252,11 +258,7 @@ def test_propagation_uses_largest_scale_affinity_on_its_grid(monkeypatch):
 
 
 def test_lreg_off_by_default_and_aff_loss_option():
-    afa = get_method("afa")
-    m = afa.build_model(TINY, 20).train()
-    x = torch.randn(2, 3, 32, 32)
-    y = torch.zeros(2, 20)
-    y[0, 3] = y[1, 7] = 1
+    afa, m, x, y = _afa_batch()
     p = {**TINY, "warmup_cls_iters": 0, "warmup_aff_iters": 5}
     torch.manual_seed(3)
     loss, parts = afa.loss(m, x, y, p, torch.Generator(), it=0)

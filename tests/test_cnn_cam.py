@@ -1,6 +1,5 @@
 """The CNN CAM baseline (EfficientNet-Lite trunk), the input normalisation that follows the
 backbone's weights, and the hybrid ViT on a pretrained EfficientNet-Lite stem."""
-import importlib.util
 
 import numpy as np
 import pytest
@@ -12,8 +11,7 @@ from pipeline.data.voc import load_image
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from pipeline.methods.base import ViTClassifier
 from pipeline.methods.cam import CAM
-from pipeline.models.backbones import (PYPI_WEIGHTS, backbone_normalisation, create_backbone,
-                                       model_normalisation, pypi_weights_file)
+from pipeline.models.backbones import backbone_normalisation, create_backbone, model_normalisation
 from pipeline.models.cnn_cam import CNNCAM
 from pipeline.models.vit import attentions, input_stride, patch_grid, token_stride
 from pipeline.seeds import multiscale_maps
@@ -26,22 +24,6 @@ def _cnn(head="gap", **kw):
     torch.manual_seed(0)
     p = {"backbone": {"name": "tf_efficientnet_lite0", "pretrained": None}, "head": head, **kw}
     return CNNCAM(p, 20).eval()
-
-
-@pytest.fixture(scope="module")
-def lite0_cache(tmp_path_factory):
-    w = PYPI_WEIGHTS["efficientnet-lite0"]
-    if importlib.util.find_spec(w.module) is None:
-        pytest.skip(f"{w.package} is not installed")
-    d = tmp_path_factory.mktemp("weights")
-    pypi_weights_file(LITE0, d)
-    return d
-
-
-@pytest.fixture
-def use_cache(lite0_cache, monkeypatch):
-    monkeypatch.setenv("WSSS_WEIGHTS_DIR", str(lite0_cache))
-    return lite0_cache
 
 
 # ------------------------------------------------------------------------ CNN CAM model

@@ -14,9 +14,9 @@ from pipeline.methods import get_method
 from pipeline.methods.afa import AFANet
 from pipeline.methods.mcc import MCCNet
 from pipeline.seeds import multiscale_maps
+from vit_reference import tiny_vit
 
-BB = {"name": "vit_tiny_patch16_224", "pretrained": None,
-      "overrides": {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 3, "num_heads": 2}}
+BB = tiny_vit(patch=4, dim=16, depth=3)
 
 
 def _net(seed=0):
@@ -132,44 +132,49 @@ def test_dict_outputs_on_pass_and_errors():
 
 
 # --------------------------------------------------------------- AFA / MCC seed export
+def _export_inputs(img, scales, stride):
+    """The export's resized inputs, one per scale: sides rounded to multiples of the stride."""
+    H, W = img.shape[:2]
+    x = to_tensor(img)[None]
+    for s in scales:
+        h = max(stride, round(H * s / stride) * stride)
+        w = max(stride, round(W * s / stride) * stride)
+        yield F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def _minmax(total, eps):
+    """Per class (m - min) / (max - min + eps) of a (K, H, W) map."""
+    mn = total.flatten(1).min(1).values[:, None, None]
+    mx = total.flatten(1).max(1).values[:, None, None]
+    return (total - mn) / (mx - mn + eps)
+
+
 def camutils_reference(cam_fn, img, scales, stride=4, eps=1e-5):
     """multi_scale_cam (camutils.py): per scale the raw CAM of the image and of its flip,
     upsampled (bilinear, align_corners=False), max(image, flip back), ReLU; summed over
     scales; per class (m - min) / (max - min + 1e-5). Input sizes: the export's (multiples
     of the token stride)."""
     H, W = img.shape[:2]
-    x = to_tensor(img)[None]
     total = 0
-    for s in scales:
-        h = max(stride, round(H * s / stride) * stride)
-        w = max(stride, round(W * s / stride) * stride)
-        xs = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    for xs in _export_inputs(img, scales, stride):
         up = lambda c: F.interpolate(c[None], size=(H, W), mode="bilinear", align_corners=False)[0]
         a = up(cam_fn(xs))
         b = up(cam_fn(xs.flip(-1))).flip(-1)
         total = total + F.relu(torch.max(a, b))
-    mn = total.flatten(1).min(1).values[:, None, None]
-    mx = total.flatten(1).max(1).values[:, None, None]
-    return (total - mn) / (mx - mn + eps)
+    return _minmax(total, eps)
 
 
 def legacy_reference(cam_fn, img, scales, stride=4, eps=1e-5):
     """The previous export: ReLU at the token grid, each pass upsampled, summed over flips
     and scales, min-max."""
     H, W = img.shape[:2]
-    x = to_tensor(img)[None]
     total = 0
-    for s in scales:
-        h = max(stride, round(H * s / stride) * stride)
-        w = max(stride, round(W * s / stride) * stride)
-        xs = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    for xs in _export_inputs(img, scales, stride):
         for f in (False, True):
             m = F.interpolate(F.relu(cam_fn(xs.flip(-1) if f else xs))[None], size=(H, W),
                               mode="bilinear", align_corners=False)[0]
             total = total + (m.flip(-1) if f else m)
-    mn = total.flatten(1).min(1).values[:, None, None]
-    mx = total.flatten(1).max(1).values[:, None, None]
-    return (total - mn) / (mx - mn + eps)
+    return _minmax(total, eps)
 
 
 def _afa():

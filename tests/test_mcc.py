@@ -11,10 +11,9 @@ from pipeline.methods.mcc import (MCCNet, Projector, affinity_loss, discretise_l
                                   draw_key_masks, ema_update, info_nce, key_mask_bias,
                                   positive_flags)
 from pipeline.models.vit import attentions
+from vit_reference import tiny_vit
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
-                     "overrides": {"img_size": 32, "patch_size": 4, "embed_dim": 16, "depth": 3,
-                                   "num_heads": 2}},
+TINY = {"backbone": tiny_vit(patch=4, dim=16, depth=3),
         "aux_layer": -2, "decoder_channels": 8, "proj_hidden": 16, "proj_bottleneck": 8,
         "proj_dim": 12, "proj_layers": 2}
 

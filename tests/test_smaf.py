@@ -7,10 +7,9 @@ from pipeline.cls import make_optimizer
 from pipeline.methods import get_method
 from pipeline.methods.smaf import (SMAF, denoise, fuse_maps, fused_teacher_targets, mac_loss,
                                    reactivate, student_maps)
+from vit_reference import tiny_vit
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
-                     "overrides": {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2,
-                                   "num_heads": 2}}}
+TINY = {"backbone": tiny_vit(patch=8, dim=24, depth=2)}
 
 
 def bilinear(img, oh, ow):

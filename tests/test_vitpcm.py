@@ -11,10 +11,9 @@ from pipeline.methods.vitpcm import (ViTPCM, bpm, equivariance_loss, invert_patc
                                      mce_loss, merge_class_labels, pcm_scores, with_background)
 from pipeline.models.vit import patch_tokens
 from pipeline.seeds import maps_to_label
+from vit_reference import tiny_vit
 
-TINY = {"backbone": {"name": "vit_tiny_patch16_224", "pretrained": None,
-                     "overrides": {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2,
-                                   "num_heads": 2}}}
+TINY = {"backbone": tiny_vit(patch=8, dim=24, depth=2)}
 
 
 def test_softmax_then_gmp_matches_loops():

