@@ -97,7 +97,7 @@ def _loop_radius_mask(h: int, w: int, radius: int) -> np.ndarray:
 
 def radius_mask(dataset: str) -> dict:
     """AFA/MCC local-window radius mask: vectorised library function vs Python double loop."""
-    from pipeline.single_stage import radius_mask as rm
+    from pipeline.methods.common.token_affinity import radius_mask as rm
     h = w = 32   # AFA: 512 crop at stride 16, radius 8
     tl, ref = timeit(lambda: _loop_radius_mask(h, w, 8), repeat=1)
     tv, got = timeit(lambda: rm(h, w, 8).numpy(), repeat=5)
@@ -140,7 +140,7 @@ def _par_loop(img: np.ndarray, masks: np.ndarray, dilations, num_iter=10, w1=0.3
 
 def par(dataset: str) -> dict:
     """AFA PAR: the library module vs the same equations as per-pixel Python loops."""
-    from pipeline.single_stage import PAR
+    from pipeline.methods.common.par import PAR
     torch.manual_seed(0)
     img = torch.rand(1, 3, 24, 24, dtype=torch.float64)
     masks = torch.rand(1, 3, 24, 24, dtype=torch.float64)

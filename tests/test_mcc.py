@@ -192,7 +192,6 @@ def test_affinity_loss_matches_brute_force():
 # ------------------------------------------------------------------- plug-in smoke test
 
 def test_mcc_plugin_loss_maps_segment():
-    pytest.importorskip("pipeline.single_stage")
     from pipeline.methods import get_method
     torch.manual_seed(0)
     m = get_method("mcc")

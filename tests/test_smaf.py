@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cls import make_optimizer
+from pipeline.cls import load_classifier, make_optimizer
 from pipeline.methods import get_method
 from pipeline.methods.smaf import (SMAF, denoise, fuse_maps, fused_teacher_targets, mac_loss,
                                    reactivate, student_maps)
@@ -91,7 +91,6 @@ def teacher_ckpt(tmp_path_factory):
 
 def test_fused_targets_match_per_image_teacher_maps(teacher_ckpt):
     """Batched teacher path vs CAM.maps image by image, scale by scale, flips undone by hand."""
-    from pipeline.cls import load_classifier
     cam, teacher, _ = load_classifier(teacher_ckpt)
     torch.manual_seed(2)
     x = torch.randn(2, 3, 32, 32)
@@ -120,12 +119,11 @@ def test_fused_targets_match_per_image_teacher_maps(teacher_ckpt):
 
 
 def test_student_starts_from_teacher_and_loss_trains_student_only(teacher_ckpt):
-    from pipeline.cls import load_classifier
     _, teacher, _ = load_classifier(teacher_ckpt)
     m = SMAF()
     p = {**TINY, "teacher": "cam", "teacher_scales": [0.5, 1.0], "alpha": 100.0}
     student = m.build_model(p, 5)
-    m.setup(student, p, {"teacher": str(teacher_ckpt)})
+    m.setup(student, p, {"teacher": load_classifier(teacher_ckpt)})
     x = torch.randn(2, 3, 32, 32)
     fg = torch.tensor([0, 3])
     assert torch.allclose(m.maps(student.eval(), x[:1], fg, {})["cams"],
@@ -141,7 +139,7 @@ def test_student_starts_from_teacher_and_loss_trains_student_only(teacher_ckpt):
     assert mo.shape == (2, 5, 4, 4) and mo.amax((-2, -1)).max() <= 1.0
     with pytest.raises(ValueError, match="teacher"):
         SMAF().setup(m.build_model({**p, "teacher": "acr"}, 5), {**p, "teacher": "acr"},
-                     {"teacher": str(teacher_ckpt)})
+                     {"teacher": load_classifier(teacher_ckpt)})
     with pytest.raises(FileNotFoundError):
         SMAF().setup(student, p, {})
 
@@ -159,7 +157,6 @@ def test_sgd_option():
 def test_acr_teacher_per_image_path(tmp_path):
     """A non-CAM teacher (acr, gradient maps) goes through its own maps() per image; the
     student copies its trunk and class-token head."""
-    from pipeline.cls import load_classifier
     from pipeline.methods.acr import acr_maps
     torch.manual_seed(4)
     acr = get_method("acr")
@@ -181,7 +178,7 @@ def test_acr_teacher_per_image_path(tmp_path):
     m = SMAF()
     p = {**TINY, "teacher": "acr", "teacher_key": "cams_star", "teacher_scales": [1.0]}
     student = m.build_model(p, 5)
-    m.setup(student, p, {"teacher": str(path)})
+    m.setup(student, p, {"teacher": load_classifier(path)})
     assert torch.equal(student.classifier.weight, teacher.vit.head.weight)
     loss, parts = m.loss(student, x, y, p, torch.Generator())
     assert torch.isfinite(loss) and parts["mac"] > 0
@@ -202,7 +199,7 @@ def test_student_softmax_with_background_matches_pixel_loops(teacher_ckpt):
     torch.manual_seed(2)
     student = m.build_model(p, 5)
     assert student.bg_classifier.weight.shape == (1, 24)
-    m.setup(student, p, {"teacher": str(teacher_ckpt)})
+    m.setup(student, p, {"teacher": load_classifier(teacher_ckpt)})
     with torch.no_grad():
         student.bg_classifier.weight.normal_()
     x = torch.randn(2, 3, 32, 32)
@@ -241,7 +238,7 @@ def test_student_softmax_with_background_matches_pixel_loops(teacher_ckpt):
     pf = {**p, "student_target": "foreground"}
     st2 = m.build_model(pf, 5)
     assert getattr(st2, "bg_classifier", None) is None
-    m.setup(st2, pf, {"teacher": str(teacher_ckpt)})
+    m.setup(st2, pf, {"teacher": load_classifier(teacher_ckpt)})
     _, parts2 = m.loss(st2, x, y, pf, torch.Generator())
     _, mo = student_maps(st2, x)
     assert parts2["mac"] == pytest.approx(mac_loss(m.targets(x, y, (4, 4), pf), mo).item(), rel=1e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods.acr import transform_image
+from pipeline.methods.common.tokens import transform_image
 from pipeline.methods.vitpcm import (ViTPCM, bpm, equivariance_loss, invert_patch_grid,
                                      mce_loss, merge_class_labels, pcm_scores, with_background)
 from pipeline.models.vit import patch_tokens

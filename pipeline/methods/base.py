@@ -67,18 +67,23 @@ class Method(ABC):
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
         """Classifier for ``num_classes`` foreground classes from the ``train_cls`` params."""
 
-    def setup(self, model: nn.Module, p: dict, inputs: dict[str, str],
+    def setup(self, model: nn.Module, p: dict, inputs: dict[str, Classifier],
               device: torch.device | str = "cpu") -> None:
         """Optional hook run once by :func:`pipeline.cls.train_classifier` after
         :meth:`build_model` and before the first :meth:`loss` (no-op by default).
 
-        Methods that need other artifacts of the DAG (e.g. SMAF's frozen teacher) load them
-        here and may initialise ``model`` from them.
+        Methods that need other trained classifiers of the DAG (e.g. SMAF's frozen teacher)
+        get them here, already loaded by the trainer (the host owns checkpoint loading, a
+        plug-in never imports :mod:`pipeline.cls`), and may initialise ``model`` from them.
 
         Args:
             model: the freshly built classifier (already on ``device``).
             p: ``train_cls`` params.
-            inputs: extra input artifacts by name, e.g. ``{"teacher": ".../cls/model.pt"}``.
+            inputs: the trainer's extra input classifiers by name, each loaded by
+                :func:`pipeline.cls.load_classifier` onto ``device`` as a :data:`Classifier`
+                ``(method, model, params)`` (model in eval mode), e.g. ``{"teacher": ...}``;
+                empty when the stage has none.
+            device: the training device.
         """
 
     @abstractmethod
@@ -107,6 +112,12 @@ class Method(ABC):
             ``{key: (k, h, w) float32 >= 0}`` at the model's token/feature resolution, one
             entry per ``seed_keys``; not yet normalised.
         """
+
+
+#: A trained classifier as :func:`pipeline.cls.load_classifier` returns it and
+#: :meth:`Method.setup` receives it: ``(method, model, params)`` — the plug-in that trained
+#: it, its model (on the device, eval mode) and its ``train_cls`` params.
+Classifier = tuple[Method, nn.Module, dict]
 
 
 def multilabel_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

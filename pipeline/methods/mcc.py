@@ -73,6 +73,9 @@ import torch.nn.functional as F
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ..models.vit import create_vit, num_prefix_tokens, patch_grid
 from .base import Method, multilabel_loss
+from .common.cam_labels import cam_to_label, refine_cams_with_bkg
+from .common.par import PAR
+from .common.token_affinity import affinity_label_from_seg
 
 # ----------------------------------------------------------------------------- masks (Eq. 1-3)
 
@@ -505,7 +508,6 @@ class MCC(Method):
         Returns:
             ``(loss, {"cls", "cls_aux", "aff", "mcc", "seg", "pos_frac"})``.
         """
-        from ..single_stage import affinity_label_from_seg, cam_to_label
         if it is None:
             it = int(self.iteration)
         self._ema = float(p.get("ema", 0.9))
@@ -572,7 +574,6 @@ class MCC(Method):
 
     def _seg_label(self, x, cam, y, p):
         """PAR-refined pseudo label ``(B, H, W)`` int64 of the label-masked final CAM."""
-        from ..single_stage import refine_cams_with_bkg
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
         img = (x * std + mean).clamp(0, 1)
@@ -582,7 +583,6 @@ class MCC(Method):
                                         **p.get("par_call", {})).long()
 
     def _par(self, p, device):
-        from ..single_stage import PAR
         if getattr(self, "_par_mod", None) is None:
             self._par_mod = PAR(**p.get("par", {})).to(device)
         return self._par_mod

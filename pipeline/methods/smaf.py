@@ -3,7 +3,7 @@
 ``bupt-ai-cz/SMAF``, digest in ``shared/reference/official-settings.md``).
 
 A frozen teacher — the trained classifier of another method of this pipeline
-(``methods.smaf.train_cls.teacher``: ``cam`` default, ``acr`` possible), loaded from
+(``methods.smaf.train_cls.teacher``: ``cam`` default, ``acr`` possible), loaded by the trainer from
 ``results/{dataset}/{teacher}/cls/model.pt`` — produces targets for a student CAM network:
 
 * Eq. 2: class-aware maps ``M = ReLU(f(I))`` of the teacher (its own ``maps``: CAM
@@ -240,23 +240,24 @@ class SMAF(Method):
         return model
 
     def setup(self, model, p, inputs, device="cpu"):
-        """Load the frozen teacher and (``init_from_teacher``) copy its weights.
+        """Keep the frozen teacher (loaded by the trainer, ``inputs["teacher"]``, a
+        :data:`~pipeline.methods.base.Classifier`) and (``init_from_teacher``) copy its weights.
 
         Raises:
-            FileNotFoundError: no ``teacher`` input given or the checkpoint is missing.
-            ValueError: the checkpoint is not of ``p["teacher"]`` or its backbone differs
-                from the student's (``train_cls.backbone``).
+            FileNotFoundError: no ``teacher`` input given (the trainer raises it for a missing
+                checkpoint).
+            ValueError: the teacher is not of ``p["teacher"]`` or its backbone differs from
+                the student's (``train_cls.backbone``).
         """
-        from ..cls import load_classifier
         name = p.get("teacher", "cam")
-        path = inputs.get("teacher")
-        if not path:
+        teacher = inputs.get("teacher")
+        if teacher is None:
             raise FileNotFoundError(f"smaf needs the trained `{name}` classifier: pass "
                                     f"--teacher results/<dataset>/{name}/cls/model.pt")
-        tm, tmodel, _ = load_classifier(path, device)
+        tm, tmodel, _ = teacher
         if tm.name != name:
-            raise ValueError(f"{path} is a `{tm.name}` classifier but methods.smaf.train_cls."
-                             f"teacher is `{name}`")
+            raise ValueError(f"the teacher checkpoint is a `{tm.name}` classifier but "
+                             f"methods.smaf.train_cls.teacher is `{name}`")
         tmodel.eval()   # frozen: not in the optimiser, targets computed without grad (acr's
         # gradient maps differentiate w.r.t. attention only, so parameters keep requires_grad)
         self.teacher = (tm, tmodel)

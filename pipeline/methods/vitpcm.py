@@ -18,8 +18,8 @@ Model (supplementary Sec. 1):
 Equivariance loss (official code ``compute_cce_loss``; not in the paper): a second view
 ``T(x)``, ``T`` in {hflip, vflip, rot90, rot270}, is classified; its patch predictions are
 mapped back to the original token order with ``f^{-1}`` (the token permutation of
-:func:`pipeline.methods.acr.inverse_token_permutation`) and trained by cross entropy towards
-the stop-gradient, label-merged predictions of the first view
+:func:`pipeline.methods.common.tokens.inverse_token_permutation`) and trained by cross entropy
+towards the stop-gradient, label-merged predictions of the first view
 (:func:`merge_class_labels`: absent classes zeroed, each class divided by its spatial max,
 renormalised per patch). Choices where the code does something heavier: the official second
 view is a 2x2 mosaic of independently affine-augmented crops and its target comes from an
@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 
 from ..models.vit import create_vit, patch_grid, patch_tokens
-from .acr import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
+from .common.tokens import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
 from .base import Method
 
 

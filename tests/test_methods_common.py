@@ -1,5 +1,6 @@
-"""Shared single-stage library (pipeline/single_stage.py) against independent brute-force
-constructions: explicit loops over pixels / pairs, dense formulas, hand-computed values."""
+"""Shared method helpers (pipeline/methods/common: PAR, CAM-to-label, token affinity) and AFA's
+losses (pipeline/methods/afa.py) against independent brute-force constructions: explicit loops
+over pixels / pairs, dense formulas, hand-computed values."""
 import itertools
 import math
 
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.single_stage import (PAR, affinity_label_from_seg, affinity_loss_afa, cam_to_label,
-                                   combine_high_low, dilated_neighbours, local_consistency_loss,
-                                   propagate_affinity, propagate_cams_with_bkg, radius_mask,
-                                   refine_cams_with_bkg, transition_matrix)
+from pipeline.methods.afa import affinity_loss_afa, local_consistency_loss
+from pipeline.methods.common.cam_labels import cam_to_label, combine_high_low, refine_cams_with_bkg
+from pipeline.methods.common.par import PAR, dilated_neighbours
+from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,
+                                                    propagate_cams_with_bkg, radius_mask,
+                                                    transition_matrix)
 
 OFFS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 
@@ -124,7 +127,7 @@ def test_refine_cams_with_bkg_identity_par_equals_thresholding():
 
 def test_maps_to_par_label_batched_equals_per_image_loop():
     """The batched gather of valid channels = running PAR per image on its valid channels."""
-    from pipeline.single_stage import maps_to_par_label
+    from pipeline.methods.common.par import maps_to_par_label
     g = torch.Generator().manual_seed(9)
     B, C = 3, 5
     img = torch.rand(B, 3, 12, 10, generator=g, dtype=torch.float64)
@@ -266,7 +269,7 @@ def test_local_consistency_loss_loop_reference():
 
 
 def test_par_is_differentiable_and_list_maps_match_separate_calls():
-    from pipeline.single_stage import maps_to_par_label
+    from pipeline.methods.common.par import maps_to_par_label
     g = torch.Generator().manual_seed(11)
     img = torch.rand(2, 3, 8, 8, generator=g, dtype=torch.float64)
     m = torch.rand(2, 2, 8, 8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -280,7 +283,7 @@ def test_par_is_differentiable_and_list_maps_match_separate_calls():
 
 
 def test_par_precomputed_kernel_gives_same_labels():
-    from pipeline.single_stage import par_input
+    from pipeline.methods.common.par import par_input
     g = torch.Generator().manual_seed(12)
     img = torch.rand(2, 3, 12, 12, generator=g)
     cams = torch.rand(2, 3, 6, 6, generator=g)
