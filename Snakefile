@@ -11,14 +11,15 @@
 # shell-command builder, sharding) and one rule file per step.
 from snakemake.utils import validate
 
-from pipeline.config import check_complete
+from pipeline.config import check_complete, resolve_profiles
 from pipeline.config import validate as validate_keys
 
 configfile: "params.yaml"
 report: "report/workflow.rst"   # the landing page of `snakemake --report report.html`
 validate_keys(config)   # misspelt keys stop here, named with the closest valid key, before any job runs
 validate(config, "workflow/schemas/config.schema.yaml")   # structure and types (JSON Schema)
-check_complete(config)
+check_complete(config)   # as written: every profile lists every stage (DVC params)
+config.update(resolve_profiles(config))   # `profiles.<d>.inherit: <parent>`, as load_params does
 
 
 include: "workflow/rules/common.smk"

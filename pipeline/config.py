@@ -13,6 +13,13 @@
 A profile's stage section may hold ``by_method: {<method>: {...}}``: dataset-specific
 method settings (e.g. which seed kind to refine with a from-scratch CPU backbone).
 
+A profile may start with ``inherit: <parent>`` and list only what differs: it is its parent's
+(resolved) profile with its own sections deep-merged over it (:func:`resolve_profiles`, applied
+by :func:`load_params` and by the Snakefile right after Snakemake loads params.yaml; chains are
+allowed, cycles and unknown parents are refused). It still lists every stage (``{}`` = as the
+parent) for DVC, which reads params.yaml itself and so tracks only the child's own keys
+(README, "Reproduce with DVC").
+
 :func:`stage_params` merges them for one stage; the Snakefile declares exactly this dict as
 the rule's ``params`` and dvc.yaml lists the same keys (``seed``, ``datasets.<d>``,
 ``profiles.<d>.<stage>``, ``methods.<m>.<stage>``), so editing a value reruns only the
@@ -56,8 +63,9 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
-def load_params(path: str | Path = "params.yaml") -> dict:
-    """Read params.yaml.
+def load_params(path: str | Path = "params.yaml", resolve: bool = True) -> dict:
+    """Read params.yaml; with ``resolve`` (default) profile inheritance is resolved
+    (:func:`resolve_profiles`), ``resolve=False`` gives the file as written (what DVC reads).
 
     Raises:
         ConfigError: the file is missing or not a YAML mapping.
@@ -68,7 +76,7 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     cfg = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{p} must be a YAML mapping")
-    return cfg
+    return resolve_profiles(cfg) if resolve else cfg
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -80,6 +88,56 @@ def deep_merge(base: dict, over: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+#: ``profiles.<d>.inherit: <parent>``: the profile is ``<parent>`` with its own sections over it
+INHERIT = "inherit"
+
+
+def resolve_profiles(cfg: dict) -> dict:
+    """Resolve ``inherit:`` in ``profiles``: the single place profile inheritance happens.
+
+    ``profiles.<child>`` with ``inherit: <parent>`` becomes ``deep_merge(<parent resolved>,
+    <child without inherit>)``: the child's values win, mappings (stage sections,
+    ``by_method.<m>``, ``backbone``) merge key by key, and a child value that is not a
+    mapping (``null``, a list) replaces the parent's. Parents may inherit in turn.
+
+    Returns:
+        ``cfg`` itself when no profile inherits, else a shallow copy with a new ``profiles``
+        (no ``inherit`` keys left); ``cfg`` is not modified. Idempotent.
+    Raises:
+        ConfigError: a parent that is not a profile, or a cycle (naming the chain).
+    """
+    profiles = cfg.get("profiles")
+    if not isinstance(profiles, dict) or not any(
+            isinstance(p, dict) and INHERIT in p for p in profiles.values()):
+        return cfg
+    done: dict = {}
+
+    def resolve(name: str, chain: tuple) -> Any:
+        if name in done:
+            return done[name]
+        prof = profiles[name]
+        if not isinstance(prof, dict) or INHERIT not in prof:
+            done[name] = prof
+            return prof
+        parent = prof[INHERIT]
+        if not isinstance(parent, str) or parent not in profiles:
+            raise ConfigError(
+                f"params.yaml: `profiles.{name}.{INHERIT}: {parent}` names no profile"
+                f"{_suggest(str(parent), profiles)}; profiles are {sorted(profiles)} (name one of "
+                f"them, or remove `{INHERIT}` and list every stage section)")
+        if parent in chain or parent == name:
+            cycle = " -> ".join((*chain, name, parent))
+            raise ConfigError(
+                f"params.yaml: `profiles.{name}.{INHERIT}` makes a cycle ({cycle}); remove "
+                f"`{INHERIT}` from one profile of the cycle and give it its stage sections")
+        base = resolve(parent, (*chain, name))
+        own = {k: v for k, v in prof.items() if k != INHERIT}
+        done[name] = deep_merge(base if isinstance(base, dict) else {}, own)
+        return done[name]
+
+    return {**cfg, "profiles": {name: resolve(name, ()) for name in profiles}}
 
 
 def _get(cfg: dict, *keys: str) -> Any:
@@ -138,6 +196,10 @@ def check_complete(cfg: dict) -> None:
     Every ``methods.<m>`` must have a mapping (``{}`` allowed) for each of
     :data:`METHOD_STAGES`, and every ``profiles.<d>`` a section for each of :data:`STAGES`.
 
+    Run it on the config as written (``load_params(..., resolve=False)``; the Snakefile calls
+    it before resolving): an inheriting profile (``inherit: <parent>``) must still list every
+    stage, ``{}`` for "as the parent", because DVC reads params.yaml without resolving.
+
     Raises:
         ConfigError: naming every missing key and how to add it.
     """
@@ -183,7 +245,9 @@ def validate(cfg: dict) -> None:
     * ``report``: ``gallery_images`` (a positive integer);
     * every ``profiles.<d>.<stage>`` key (recursively, except free-form mappings such as
       ``backbone.overrides``) must exist in the reference profile ``profiles.voc`` — the
-      paper-scale profile lists every setting; ``by_method.<m>`` must name a defined method.
+      paper-scale profile lists every setting; ``by_method.<m>`` must name a defined method;
+    * ``profiles.<d>.inherit`` must name another profile without a cycle; an inheriting
+      profile is checked after resolution (its own keys and its parent's, against ``voc``).
 
     Raises:
         ConfigError: naming the bad key, where it is, and the closest valid key.
@@ -208,7 +272,7 @@ def validate(cfg: dict) -> None:
             if name not in (cfg.get(kind) or {}):
                 raise ConfigError(f"params.yaml: run.{kind} lists `{name}`, which `{kind}` does "
                                   f"not define{_suggest(name, cfg.get(kind) or {})}")
-    profiles = cfg.get("profiles") or {}
+    profiles = resolve_profiles(cfg).get("profiles") or {}
     ref = profiles.get(REFERENCE_PROFILE) or {}
 
     def walk(node: dict, schema: dict, where: str) -> None:
@@ -251,6 +315,7 @@ def stage_params(cfg: dict, dataset: str, method: str | None, stage: str) -> dic
     check_names(cfg, dataset, method)
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; stages are {STAGES}")
+    cfg = resolve_profiles(cfg)   # a no-op on a config from load_params / the Snakefile
     prof = copy.deepcopy(_get(cfg, "profiles", dataset).get(stage, {}) or {})
     by_method = prof.pop("by_method", None) or {}
     out: dict = {"data": copy.deepcopy(_get(cfg, "datasets", dataset)),

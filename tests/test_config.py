@@ -129,3 +129,97 @@ def test_schema_checks_structure_and_types(edit, ok):
     else:
         with pytest.raises(WorkflowError):
             validate_schema(cfg, str(SCHEMA))
+
+
+# ------------------------------------------------------------------ profiles.<d>.inherit
+def _inheriting_cfg(**profiles) -> dict:
+    return {"seed": 0, "datasets": {d: {"root": d} for d in profiles},
+            "methods": {"m": {st: {} for st in METHOD_STAGES}}, "profiles": profiles}
+
+
+def test_child_profile_gets_the_parents_keys_and_its_own_win():
+    from pipeline.config import resolve_profiles
+    cfg = _inheriting_cfg(
+        base={"train_cls": {"iters": 10, "lr": 0.1, "backbone": {"name": "a", "overrides": {"x": 1}},
+                            "by_method": {"m": {"iters": 20, "crop": 8}}},
+              "eval_seg": {"flip": True}},
+        mid={"inherit": "base", "train_cls": {"lr": 0.2, "backbone": {"overrides": None}}},
+        leaf={"inherit": "mid", "train_cls": {"by_method": {"m": {"iters": 30}}}, "eval_seg": {}})
+    raw = copy.deepcopy(cfg)
+    r = resolve_profiles(cfg)["profiles"]
+    assert cfg == raw   # not modified in place
+    assert r["mid"] == {"train_cls": {"iters": 10, "lr": 0.2, "backbone": {"name": "a", "overrides": None},
+                                      "by_method": {"m": {"iters": 20, "crop": 8}}},
+                        "eval_seg": {"flip": True}}
+    assert r["leaf"]["train_cls"]["by_method"] == {"m": {"iters": 30, "crop": 8}}   # chain: base -> mid -> leaf
+    assert r["leaf"]["train_cls"]["lr"] == 0.2 and r["leaf"]["eval_seg"] == {"flip": True}
+    assert stage_params(cfg, "leaf", "m", "train_cls")["iters"] == 30   # stage_params resolves a raw config too
+    assert resolve_profiles(resolve_profiles(cfg)) == resolve_profiles(cfg)
+
+
+@pytest.mark.parametrize("profiles, expected", [
+    ({"a": {"inherit": "b"}, "b": {"inherit": "a"}}, "`profiles.b.inherit` makes a cycle (a -> b -> a)"),
+    ({"a": {"inherit": "a"}}, "`profiles.a.inherit` makes a cycle (a -> a)"),
+    ({"a": {}, "b": {"inherit": "aa"}}, "`profiles.b.inherit: aa` names no profile (did you mean `a`?)"),
+])
+def test_inheritance_cycle_or_unknown_parent_is_refused(profiles, expected):
+    from pipeline.config import resolve_profiles, validate
+    for check in (resolve_profiles, validate):
+        with pytest.raises(ConfigError) as e:
+            check(_inheriting_cfg(**profiles))
+        assert expected in str(e.value)
+
+
+def test_misspelt_key_in_an_inheriting_profile_is_named():
+    from pipeline.config import validate
+    raw = load_params(REPO / "params.yaml", resolve=False)
+    assert raw["profiles"]["coco"]["inherit"] == "voc"
+    validate(raw)
+    raw["profiles"]["coco"]["eval_seeds"]["bg_treshold"] = 0.3
+    with pytest.raises(ConfigError, match=r"`profiles.coco.eval_seeds.bg_treshold` \(did you mean `bg_threshold`\?\)"):
+        validate(raw)
+
+
+def test_repository_params_as_written_list_every_stage():
+    """DVC reads params.yaml unresolved: an inheriting profile still lists every stage."""
+    check_complete(load_params(REPO / "params.yaml", resolve=False))
+
+
+def test_coco_resolves_to_voc_except_its_own_keys():
+    """Every coco stage's params equal voc's, except the data and exactly the leaves coco sets."""
+    raw = load_params(REPO / "params.yaml", resolve=False)
+    cfg = load_params(REPO / "params.yaml")
+    own = raw["profiles"]["coco"]
+
+    def leaves(d, pre=()):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, (*pre, k))
+            else:
+                yield (*pre, k), v
+
+    def drop(d, path):
+        for k in path[:-1]:
+            d = d.get(k) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.pop(path[-1], None)
+
+    n = 0
+    for m in [None, *sorted(cfg["methods"])]:
+        for st in STAGES:
+            v, c = stage_params(cfg, "voc", m, st), stage_params(cfg, "coco", m, st)
+            assert c["data"] == cfg["datasets"]["coco"]
+            sec = copy.deepcopy(own.get(st) or {})
+            by = sec.pop("by_method", {}) or {}
+            keys = [p for p, _ in leaves(sec)] + [p for p, _ in leaves(by.get(m) or {})]
+            for p, val in list(leaves(sec)) + list(leaves(by.get(m) or {})):
+                node = c
+                for k in p:
+                    node = node[k]
+                assert node == val, (m, st, p)   # the child's value wins
+            for p in [("data",), *keys]:
+                drop(v, p)
+                drop(c, p)
+            assert c == v, (m, st)
+            n += len(keys)
+    assert n > 0
