@@ -22,11 +22,13 @@ $(BIN)/.installed: $(LOCK) pyproject.toml
 ## only the project venv (.venv) from the lock
 install: $(BIN)/.installed
 
-## regenerate the lock from pyproject.toml + requirements/lock.in (needs uv: `pip install uv`)
+## regenerate the lock from pyproject.toml + requirements/lock.in (needs uv: `pip install uv`),
+## then the rules' conda environment from it (workflow/envs/wsss.yaml)
 lock:
 	uv pip compile pyproject.toml --all-extras -c requirements/lock.in --generate-hashes \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --index-url https://pypi.org/simple --custom-compile-command "make lock" -o $(LOCK)
+	$(PYTHON) requirements/conda_env.py $(LOCK) workflow/envs/wsss.yaml
 
 ## the main job on the embedded synthetic `demo` dataset (ACR chain), then its mIoU summary
 ## (+ its report figures and the one-file HTML report, report.html)

@@ -10,6 +10,7 @@ rule train_cls:
     benchmark: chain_benchmark("train_cls")
     threads: 2
     resources: mem_mb=8000, gpu=gpus
+    conda: "../envs/wsss.yaml"
     shell: stage_shell("train_cls", "--out {output.model} --metrics {output.metrics}", launch=True)
 
 
@@ -26,4 +27,5 @@ rule eval_seeds:
     benchmark: chain_benchmark("eval_seeds")
     threads: 1
     resources: mem_mb=2000, gpu=0
+    conda: "../envs/wsss.yaml"
     shell: stage_shell("eval_seeds", "--seeds {input.seeds} --out {output}")

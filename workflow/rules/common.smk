@@ -3,24 +3,28 @@
 # one sharding mechanism. Functions live here only (snakemake --lint: rules and functions are
 # not mixed in one file).
 #
-# Two --lint items, reported for each shell rule, are deliberate (not fixed):
-# * `Specify a conda environment or container for each rule`: the whole project runs in one
-#   Python environment (pyproject.toml; `pip install -e .`), the interpreter running Snakemake;
-#   a conda env per rule would install torch once per rule for no isolation gain.
-# * `Shell command directly uses variable PY`: PY is that interpreter (sys.executable). Passing
-#   it as a param would rerun every job whenever the venv moves (params are recorded per
-#   output), and rewriting the command template would rerun every existing output too
-#   (Snakemake records the template as the rule's code), so it stays a global.
+# Jobs run `python -m stages.<stage>`. Without `--sdm conda` that `python` is the interpreter
+# running Snakemake (the project venv): its folder goes first on the PATH the jobs inherit.
+# With `--sdm conda` each rule's `conda:` environment (workflow/envs/wsss.yaml, the lock's
+# versions) is activated in the job and its `python` comes first instead.
 import json
 import os
 import sys
 
+from snakemake.exceptions import WorkflowError
 from snakemake.io import is_flagged
 
 from pipeline.config import stage_params
 from pipeline.paths import artifacts, manifest
 
-PY = sys.executable            # the interpreter running Snakemake (the project venv)
+envvars: "PATH"
+
+_BIN = os.path.dirname(sys.executable)
+if not os.path.isfile(os.path.join(_BIN, "python")):
+    raise WorkflowError(f"Snakemake runs under {sys.executable}, but its folder has no `python` "
+                        f"for the jobs; run it from the project venv (`make install`, then "
+                        f"`.venv/bin/snakemake ...`) or another venv/conda environment.")
+os.environ["PATH"] = _BIN + os.pathsep + os.environ.get("PATH", "")
 DATASETS = sorted(config["datasets"])
 METHODS = sorted(config["methods"])
 GENERATED = [d for d in DATASETS if config["datasets"][d].get("generate")]
@@ -124,12 +128,12 @@ ENV = "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} "
 
 def stage_shell(stage, args, env=ENV, launch=False):
     """The command of a chain stage (one (dataset, method)):
-    `<env>{PY} -m stages.<stage> --dataset .. --method .. --params-json .. --manifest .. <args>`
+    `<env>python -m stages.<stage> --dataset .. --method .. --params-json .. --manifest .. <args>`
     with the log. ``launch``: through stages._launch, which starts torchrun when
     {resources.gpu} > 1. The returned template is the rule's code for Snakemake's rerun
     triggers: keep it byte-identical when refactoring."""
     mod = f"stages._launch {{resources.gpu}} stages.{stage}" if launch else f"stages.{stage}"
-    return (f"{env}{{PY}} -m {mod} --dataset {{wildcards.dataset}} --method {{wildcards.method}}"
+    return (f"{env}python -m {mod} --dataset {{wildcards.dataset}} --method {{wildcards.method}}"
             f" --params-json {{params.p:q}} --manifest {{input.manifest}} {args} > {{log}} 2>&1")
 
 
@@ -179,6 +183,7 @@ def per_image_stage(stage, *, input, args, output, opts="", env=ENV, threads=2, 
         benchmark: chain_benchmark(stage)
         threads: threads
         resources: mem_mb=mem_mb, gpu=0 if SHARDS > 1 else gpu   # shards use the GPU, the merge does not
+        conda: "../envs/wsss.yaml"
         shell: stage_shell(stage, f"{args} {' '.join(out)}{tail}" + (" --merge {input.parts}" if SHARDS > 1 else ""), env)
 
     rule:
@@ -190,6 +195,7 @@ def per_image_stage(stage, *, input, args, output, opts="", env=ENV, threads=2, 
         benchmark: chain_benchmark(f"{stage}.{{shard}}")
         threads: threads
         resources: mem_mb=mem_mb, gpu=gpu
+        conda: "../envs/wsss.yaml"
         shell: stage_shell(stage, f"{args} --out {{output}}{tail} --shard {{wildcards.shard}}/{{params.n}}", env)
 
 

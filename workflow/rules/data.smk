@@ -9,7 +9,8 @@ rule download_voc:
     benchmark: "results/voc/benchmarks/download_voc.tsv"
     threads: 1
     resources: mem_mb=4000, gpu=0
-    shell: "{PY} -m stages.download --dest data/voc 2>&1 | tee {log}"
+    conda: "../envs/wsss.yaml"
+    shell: "python -m stages.download --dest data/voc 2>&1 | tee {log}"
 
 
 rule download_coco:
@@ -20,7 +21,8 @@ rule download_coco:
     benchmark: "results/coco/benchmarks/download_coco.tsv"
     threads: 1
     resources: mem_mb=4000, gpu=0
-    shell: "{PY} -m stages.download_coco --dest data/coco 2>&1 | tee {log}"
+    conda: "../envs/wsss.yaml"
+    shell: "python -m stages.download_coco --dest data/coco 2>&1 | tee {log}"
 
 
 if "coco" in CONVERTED:
@@ -34,7 +36,8 @@ if "coco" in CONVERTED:
         benchmark: "results/coco/benchmarks/prepare_coco.tsv"
         threads: 1
         resources: mem_mb=8000, gpu=0
-        shell: "{PY} -m stages.prepare_coco --dataset coco --params-json {params.p:q} 2>&1 | tee {log}"
+        conda: "../envs/wsss.yaml"
+        shell: "python -m stages.prepare_coco --dataset coco --params-json {params.p:q} 2>&1 | tee {log}"
 
 
 rule make_dataset:
@@ -46,7 +49,8 @@ rule make_dataset:
     wildcard_constraints: dataset="|".join(GENERATED) if GENERATED else "^$"
     threads: 1
     resources: mem_mb=2000, gpu=0
-    shell: "{PY} -m stages.make_dataset --dataset {wildcards.dataset} --params-json {params.p:q} --out {output}/VOC2012 > {log} 2>&1"
+    conda: "../envs/wsss.yaml"
+    shell: "python -m stages.make_dataset --dataset {wildcards.dataset} --params-json {params.p:q} --out {output}/VOC2012 > {log} 2>&1"
 
 
 rule prepare_dataset:
@@ -59,4 +63,5 @@ rule prepare_dataset:
     benchmark: "results/{dataset}/benchmarks/prepare_dataset.tsv"
     threads: 1
     resources: mem_mb=2000, gpu=0
-    shell: "{PY} -m stages.prepare_dataset --dataset {wildcards.dataset} --params-json {params.p:q} --out {output} 2>&1 | tee {log}"
+    conda: "../envs/wsss.yaml"
+    shell: "python -m stages.prepare_dataset --dataset {wildcards.dataset} --params-json {params.p:q} --out {output} 2>&1 | tee {log}"

@@ -9,6 +9,7 @@ rule train_affinity:
     benchmark: chain_benchmark("train_affinity")
     threads: 2
     resources: mem_mb=8000, gpu=gpu
+    conda: "../envs/wsss.yaml"
     shell: stage_shell("train_affinity", "--seeds {input.seeds} --out {output.model} --metrics {output.metrics}")
 
 

@@ -15,7 +15,8 @@ rule compare:
     benchmark: "results/{dataset}/benchmarks/compare.tsv"
     threads: 1
     resources: mem_mb=2000, gpu=0
-    shell: "{PY} -m stages.compare --dataset {wildcards.dataset} --methods {params.methods} --out {output.md} > {log} 2>&1"
+    conda: "../envs/wsss.yaml"
+    shell: "python -m stages.compare --dataset {wildcards.dataset} --methods {params.methods} --out {output.md} > {log} 2>&1"
 
 
 rule report_figures:
@@ -40,7 +41,8 @@ rule report_figures:
     benchmark: chain_benchmark("report_figures")
     threads: 1
     resources: mem_mb=2000, gpu=0
-    shell: "{PY} -m stages.report_figures --manifest {input.manifest} --chain results/{wildcards.dataset}/{wildcards.method} --out-dir results/{wildcards.dataset}/{wildcards.method}/report --gallery-images {params.n} > {log} 2>&1"
+    conda: "../envs/wsss.yaml"
+    shell: "python -m stages.report_figures --manifest {input.manifest} --chain results/{wildcards.dataset}/{wildcards.method} --out-dir results/{wildcards.dataset}/{wildcards.method}/report --gallery-images {params.n} > {log} 2>&1"
 
 
 rule report_comparison:
@@ -53,4 +55,5 @@ rule report_comparison:
     log: "results/{dataset}/logs/report_comparison.log"
     threads: 1
     resources: mem_mb=1000, gpu=0
-    shell: "{PY} -m stages.report_figures --comparison {input.js} --out {output} > {log} 2>&1"
+    conda: "../envs/wsss.yaml"
+    shell: "python -m stages.report_figures --comparison {input.js} --out {output} > {log} 2>&1"

@@ -10,6 +10,7 @@ rule train_seg:
     benchmark: chain_benchmark("train_seg")
     threads: 2
     resources: mem_mb=8000, gpu=gpus
+    conda: "../envs/wsss.yaml"
     shell: stage_shell("train_seg", "--pseudo {input.labels} --out {output.model} --metrics {output.metrics}", launch=True)
 
 
@@ -22,6 +23,7 @@ rule eval_own_seg:
     benchmark: chain_benchmark("eval_own_seg")
     threads: 2
     resources: mem_mb=4000, gpu=gpu
+    conda: "../envs/wsss.yaml"
     shell: stage_shell("eval_own_seg", "--model {input.model} --out {output}")
 
 
@@ -36,4 +38,5 @@ rule eval_seg:
     benchmark: chain_benchmark("eval_seg")
     threads: 2
     resources: mem_mb=4000, gpu=gpu
+    conda: "../envs/wsss.yaml"
     shell: stage_shell("eval_seg", "--model {input.model} --out {output.metrics} --predictions {output.predictions} --stage-metrics {input.seeds} {input.refined} {input.pseudo} --own-seg {input.own}")
