@@ -11,8 +11,8 @@ from pipeline.config import load_params, stage_params
 from pipeline.data.transforms import to_tensor
 from pipeline.inference import OFFICIAL_MS_CAM, multiscale_flip
 from pipeline.methods import get_method
-from pipeline.methods.afa import AFANet
-from pipeline.methods.mcc import MCCNet
+from pipeline.methods.afa.model import AFANet
+from pipeline.methods.mcc.model import MCCNet
 from pipeline.seeds import multiscale_maps
 from vit_reference import tiny_vit
 
