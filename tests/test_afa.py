@@ -11,11 +11,9 @@ from pipeline.methods import get_method
 from pipeline.methods.afa.losses import seg_loss
 from pipeline.methods.afa.model import AFANet, minmax, train_time_cams
 from pipeline.methods.common.token_affinity import propagate_affinity, radius_mask
-from vit_reference import tiny_vit
+from vit_reference import tiny_afa
 
-TINY = {"backbone": tiny_vit(patch=4, dim=16, depth=3),
-        "decoder_dim": 8, "aff_layers": [-2, -1], "cam_scales": [1.0], "cam_flip": True,
-        "par": {"dilations": [1, 2], "num_iter": 2}, "reg_dilations": [1, 2]}
+TINY = {**tiny_afa(), "cam_scales": [1.0], "cam_flip": True}
 
 
 def _model(**kw):

@@ -11,11 +11,9 @@ from pipeline.methods.mcc.losses import (affinity_loss, discretise_levels, draw_
                                          key_mask_bias, positive_flags)
 from pipeline.methods.mcc.model import MCCNet, Projector, ema_update
 from pipeline.models.vit import attentions
-from vit_reference import tiny_vit
+from vit_reference import tiny_mcc
 
-TINY = {"backbone": tiny_vit(patch=4, dim=16, depth=3),
-        "aux_layer": -2, "decoder_channels": 8, "proj_hidden": 16, "proj_bottleneck": 8,
-        "proj_dim": 12, "proj_layers": 2}
+TINY = tiny_mcc()
 
 
 # ------------------------------------------------------------------ key masks (Eq. 1-3)
