@@ -21,7 +21,8 @@ def main() -> str:
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.refine.psa import refine_seeds
-    from pipeline.seeds import OFFICIAL_SWEEP, evaluate_maps
+    from pipeline.engine.evaluator import OFFICIAL_SWEEP
+    from pipeline.seeds import evaluate_maps
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
     out = args.out or d["refined"]
