@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -49,7 +48,7 @@ from .data.voc import IGNORE_INDEX, DatasetError, load_image
 from .models.deeplab import DeepLabV2
 from .accel import Accel
 from .distributed import setup as dist_setup
-from .utils import ResumeFile, atomic_torch_save, rng_states, set_rng_states
+from .engine.trainer import LossList, PolySchedule, Trainer
 
 # Paper-scale defaults (DeepLab-v2, VOC 2012 aug). CPU profiles override them in params.yaml.
 DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
@@ -318,8 +317,6 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
 
 
 def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dict:
-    from tqdm import tqdm
-
     ids = list(ids)
     if not ids:
         raise DatasetError("train_seg got an empty id list; check the training split file.")
@@ -343,20 +340,19 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dic
     acc.prepare(model)
     net = dd.wrap(model, torch.device(device))   # DDP under torchrun, else the model itself
     groups = model.param_groups()
-    base_lrs = [float(p["lr"]) * g["lr_mult"] for g in groups]
-    opt = torch.optim.SGD([{"params": g["params"], "lr": lr} for g, lr in zip(groups, base_lrs)],
+    opt = torch.optim.SGD([{"params": g["params"], "lr": float(p["lr"]) * g["lr_mult"]}
+                           for g in groups],
                           lr=float(p["lr"]), momentum=float(p["momentum"]),
                           weight_decay=float(p["weight_decay"]))
 
-    curve: list[dict] = []
-    window: list[float] = []
-    start = 0
-    resume = ResumeFile(out_path, p, int(p["checkpoint_every"] or 0), "train_seg", log)
-    st = resume.load(model, opt, map_location=device)
-    if st is not None:
-        start, curve, window = st["it"], st["curve"], st["window"]
-        acc.load_state_dict(st.get("scaler"))
-        set_rng_states(st)
+    schedule = PolySchedule(float(p["lr"]), iters, float(p["poly_power"]), multiply_first=True)
+    trainer = Trainer("train_seg", model, opt, schedule, [g["lr_mult"] for g in groups], out_path,
+                      p, int(p["checkpoint_every"] or 0), log_every, log, LossList(),
+                      acc=acc, dd=dd, device=device,
+                      log_line=lambda row: (f"[train_seg] iter {row['iter']}/{iters} loss "
+                                            f"{row['loss']:.4f} "
+                                            f"lr {opt.param_groups[0]['lr']:.3g}"))
+    start = trainer.it
     ds = _SegTrainSet(root, ids, pseudo_dir, p["crop"], p["scale_range"], p["num_classes"])
     sampler = _SeededSampler(len(ds), iters * bs, seed, start=start * bs)
     nw = int(p["num_workers"])
@@ -367,47 +363,19 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dic
                         pin_memory=str(device).startswith("cuda"),
                         persistent_workers=False)
 
-    t0 = time.time()
-    bar = tqdm(total=iters, initial=start, desc="train_seg", file=sys.stderr,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not dd.is_main)
-    for it, (x, y) in enumerate(loader, start=start):
-        factor = (1.0 - it / iters) ** float(p["poly_power"])
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * factor
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+    def step(batch, it):
+        x = batch[0].to(device, non_blocking=True)
+        y = batch[1].to(device, non_blocking=True)
         denom = None
         if dd.enabled:     # global labelled-pixel count / world (see seg_loss)
             denom = dd.sum_((y != IGNORE_INDEX).sum()).clamp(min=1).double() / dd.world
-        with acc.autocast():
-            loss = seg_loss(net(acc.input(x)), y, denom)
-        value = dd.mean([float(loss.detach())], device)[0]
-        if not math.isfinite(value):
-            raise FloatingPointError(f"train_seg: loss is {value} at iteration {it + 1}; "
-                                     f"lower `lr` (now {p['lr']}).")
-        opt.zero_grad(set_to_none=True)
-        acc.backward_step(loss, opt)
-        window.append(value)
-        bar.update(1)
-        if (it + 1) % log_every == 0 or it + 1 == iters:
-            m = float(np.mean(window))
-            curve.append({"iter": it + 1, "loss": m})
-            window = []
-            bar.set_postfix(loss=f"{m:.4f}")
-            if dd.is_main:
-                log(f"[train_seg] iter {it + 1}/{iters} loss {m:.4f} "
-                    f"lr {opt.param_groups[0]['lr']:.3g}")
-        if resume.due(it + 1, iters) and dd.is_main:
-            resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it + 1, curve=curve,
-                        window=window, **({"scaler": acc.state_dict()} if acc.scaler else {}),
-                        **rng_states())
-    bar.close()
-    wall = time.time() - t0
+        return seg_loss(net(acc.input(x)), y, denom), {}
 
-    if dd.is_main:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_torch_save({"state_dict": state, "params": p, "num_classes": int(p["num_classes"])},
-                          out_path)
-        resume.remove()
+    t0 = time.time()
+    curve = trainer.run(loader, step)
+    wall = time.time() - t0
+    trainer.save_checkpoint(lambda: {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "params": p, "num_classes": int(p["num_classes"])})
     return {"loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else math.nan,
             "wall_time_s": wall, "iters": iters, "num_images": len(ids), "params": p}
