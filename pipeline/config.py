@@ -237,15 +237,23 @@ def _suggest(key: str, known) -> str:
     return f" (did you mean `{m[0]}`?)" if m else ""
 
 
+def unknown_key(where: str, key: str, known, valid: str) -> ConfigError:
+    """The error of a misspelt or misplaced key: ``params.yaml: unknown key `<where>.<key>`
+    (did you mean `<closest of known>`?); <valid>`` (used by :func:`validate` and
+    :meth:`pipeline.settings.StageSettings.from_params`)."""
+    return ConfigError(f"params.yaml: unknown key `{where}.{key}`{_suggest(key, known)}; {valid}")
+
+
 def validate(cfg: dict) -> None:
     """Catch misspelt or misplaced keys before anything runs.
 
     * top level: ``seed``, ``run``, ``datasets``, ``methods``, ``profiles``, ``report``;
     * ``run``: ``datasets`` / ``methods`` naming defined ones, ``shards``, ``gpus``;
     * ``report``: ``gallery_images`` (a positive integer);
-    * every ``profiles.<d>.<stage>`` key (recursively, except free-form mappings such as
-      ``backbone.overrides``) must exist in the reference profile ``profiles.voc`` — the
-      paper-scale profile lists every setting; ``by_method.<m>`` must name a defined method;
+    * every ``profiles.<d>.<stage>`` key must exist in the reference profile ``profiles.voc``
+      (recursively, except free-form mappings such as ``backbone.overrides``) or be a field of
+      the stage's settings class (:func:`pipeline.settings.profile_keys`: e.g. ``split``,
+      ``num_threads``, whose defaults live there); ``by_method.<m>`` must name a defined method;
     * ``profiles.<d>.inherit`` must name another profile without a cycle; an inheriting
       profile is checked after resolution (its own keys and its parent's, against ``voc``).
 
@@ -274,8 +282,9 @@ def validate(cfg: dict) -> None:
                                   f"not define{_suggest(name, cfg.get(kind) or {})}")
     profiles = resolve_profiles(cfg).get("profiles") or {}
     ref = profiles.get(REFERENCE_PROFILE) or {}
+    from pipeline.settings import SETTINGS, profile_keys   # (imports this module)
 
-    def walk(node: dict, schema: dict, where: str) -> None:
+    def walk(node: dict, schema: dict, where: str, fields: tuple = (), valid: str = "") -> None:
         for k, v in node.items():
             if k == "by_method":
                 for m in v or {}:
@@ -283,9 +292,9 @@ def validate(cfg: dict) -> None:
                         raise ConfigError(f"params.yaml: `{where}.by_method.{m}` names no method"
                                           f"{_suggest(m, cfg.get('methods') or {})}")
                 continue
-            if k not in schema:
-                raise ConfigError(f"params.yaml: unknown key `{where}.{k}`{_suggest(k, schema)}; "
-                                  f"valid keys are those of profiles.{REFERENCE_PROFILE}")
+            if k not in schema and k not in fields:
+                raise unknown_key(where, k, [*schema, *fields],
+                                  f"valid keys are those of profiles.{REFERENCE_PROFILE}{valid}")
             if isinstance(v, dict) and isinstance(schema.get(k), dict) and k not in FREE_FORM:
                 walk(v, schema[k], f"{where}.{k}")
 
@@ -294,7 +303,9 @@ def validate(cfg: dict) -> None:
             if st not in STAGES:
                 raise ConfigError(f"params.yaml: unknown stage `profiles.{d}.{st}`{_suggest(st, STAGES)}")
             if d != REFERENCE_PROFILE and isinstance(sec, dict):
-                walk(sec, ref.get(st) or {}, f"profiles.{d}.{st}")
+                cls = SETTINGS.get(st)
+                walk(sec, ref.get(st) or {}, f"profiles.{d}.{st}", profile_keys(st),
+                     f" and the fields of pipeline.settings.{cls.__name__}" if cls else "")
     for m, sec in (cfg.get("methods") or {}).items():
         for st in sec or {}:
             if st not in STAGES:
@@ -329,3 +340,18 @@ def stage_params(cfg: dict, dataset: str, method: str | None, stage: str) -> dic
         if over:
             out = deep_merge(out, over)
     return out
+
+
+def method_keys(cfg: dict, dataset: str, method: str | None, stage: str) -> dict[str, str]:
+    """The keys of :func:`stage_params` that the method sets, each with the section it comes
+    from: ``methods.<method>.<stage>``, or ``profiles.<dataset>.<stage>.by_method.<method>``
+    (merged last, so it wins). :meth:`pipeline.settings.StageSettings.from_params` keeps
+    those that are not stage fields for the method's plug-in, and names the section when it
+    refuses one."""
+    if method is None:
+        return {}
+    cfg = resolve_profiles(cfg)
+    msec = (_get(cfg, "methods", method) or {}).get(stage) or {}
+    by = ((_get(cfg, "profiles", dataset).get(stage) or {}).get("by_method") or {}).get(method) or {}
+    return {**{k: f"methods.{method}.{stage}" for k in msec},
+            **{k: f"profiles.{dataset}.{stage}.by_method.{method}" for k in by}}

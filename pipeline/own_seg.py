@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,10 +22,11 @@ from .engine.evaluator import Evaluator
 from .inference import multiscale_flip
 from .models.backbones import model_normalisation
 from .models.vit import input_stride
+from .settings import EvalOwnSeg
 
 
 @torch.no_grad()
-def predict_own(method, model, image: np.ndarray, p: dict, device) -> torch.Tensor:
+def predict_own(method, model, image: np.ndarray, p: EvalOwnSeg | Mapping, device) -> torch.Tensor:
     """Multi-scale + flip logits of the method's own head
     (:func:`pipeline.inference.multiscale_flip`): per scale (a multiple of the token stride)
     the mean of the image's and its mirror's upsampled logits, then max (or mean) over scales.
@@ -34,29 +35,33 @@ def predict_own(method, model, image: np.ndarray, p: dict, device) -> torch.Tens
         method: a plug-in with ``has_seg_head`` (:meth:`Method.segment`).
         model: its trained network (eval mode), with ``.vit`` (token stride).
         image: ``(H, W, 3)`` uint8 RGB.
-        p: ``scales`` (default [1.0]), ``flip`` (default True), ``merge`` (``max`` | ``mean``).
+        p: :class:`pipeline.settings.EvalOwnSeg` (``scales``, ``flip``, ``merge``: ``max`` |
+            ``mean``; defaults there) or a mapping of its keys (converted here); the
+            plug-in's ``segment`` gets the keys as given, but the stage's own (``HOST_KEYS``).
     Returns:
         ``(C + 1, H, W)`` float32 logits (background first).
     Raises:
         ValueError: empty ``scales`` or unknown ``merge``.
     """
-    scales = list(p.get("scales", [1.0]))
-    merge = p.get("merge", "max")
+    s = EvalOwnSeg.of(p)
+    scales, merge = list(s.scales), s.merge
     if not scales or merge not in ("max", "mean"):
         raise ValueError(f"eval_own_seg: need scales and merge in (max, mean), got {scales}, {merge!r}")
     x = to_tensor(image, *model_normalisation(model))[None].to(device)
-    out = multiscale_flip(lambda xin: method.segment(model, xin, p).float(), x, scales,
-                          flips=(False, True) if p.get("flip", True) else (False,),
+    view = s.as_dict(exclude=EvalOwnSeg.HOST_KEYS)
+    out = multiscale_flip(lambda xin: method.segment(model, xin, view).float(), x, scales,
+                          flips=(False, True) if s.flip else (False,),
                           resize="stride", stride=input_stride(model), flip_merge="mean",
                           scale_merge=merge)
     return out[0]
 
 
 def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str], label_dir: str,
-                     p: dict, device, log: Callable[[str], None] = print,
+                     p: EvalOwnSeg | Mapping, device, log: Callable[[str], None] = print,
                      class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """mIoU of the own segmentation head of the classifier checkpoint ``model_path`` over
-    the ``len(class_names)`` classes (background first; the manifest's ``classes``).
+    the ``len(class_names)`` classes (background first; the manifest's ``classes``); ``p``:
+    :class:`pipeline.settings.EvalOwnSeg` or its params (converted once here).
 
     Returns:
         ``scores_from_confusion`` (miou, iou per VOC class, accuracies) + ``num_images``,
@@ -65,6 +70,7 @@ def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str
     Raises:
         FileNotFoundError: missing checkpoint; DatasetError: missing image/mask.
     """
+    s = EvalOwnSeg.of(p)
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"classifier checkpoint {model_path} not found; run the train_cls stage.")
     ck = torch.load(model_path, map_location="cpu", weights_only=False)
@@ -76,7 +82,7 @@ def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str
     t0 = time.time()
 
     def predict(iid: str) -> np.ndarray:
-        return predict_own(method, model, load_image(root, iid), p, device).argmax(0).cpu().numpy()
+        return predict_own(method, model, load_image(root, iid), s, device).argmax(0).cpu().numpy()
 
     out = Evaluator(root, label_dir, class_names).run(ids, predict, desc=f"eval_own_seg[{method.name}]")
     out["seconds"] = round(time.time() - t0, 1)

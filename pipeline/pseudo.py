@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -13,6 +13,7 @@ from .data.classes import VOC_CLASSES
 from .data.voc import load_image, save_mask_png
 from .engine.evaluator import Evaluator
 from .labels import maps_to_label
+from .settings import MakePseudoLabels
 from .storage import MapReader, atomic_directory
 
 _STATE: dict = {}
@@ -50,19 +51,23 @@ def _one(iid: str) -> str:
 
 
 def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Sequence[str],
-                       p: dict, out_dir: str | Path, workers: int = 1,
+                       p: MakePseudoLabels | Mapping, out_dir: str | Path, workers: int = 1,
                        log: Callable[[str], None] = print) -> dict:
-    """Write ``out_dir/<id>.png`` for every id (dense CRF per ``p["crf"]``), in parallel.
+    """Write ``out_dir/<id>.png`` for every id (dense CRF per the ``crf`` of
+    :class:`pipeline.settings.MakePseudoLabels`, or of a params mapping converted here), in
+    parallel.
 
     The PNGs are written into ``<out_dir>.tmp`` and the folder is renamed when complete
     (:func:`pipeline.storage.atomic_directory`: on a failure the temporary folder is removed
     and ``out_dir`` left as it was).
     """
+    crf = MakePseudoLabels.of(p).crf
+    crf = None if crf is None else dict(crf)     # plain dict: pickled to the workers
     with MapReader(h5_path) as r:  # refuse maps made for another image list / dataset
         r.require(ids, root)
     t0 = time.time()
     with atomic_directory(out_dir) as tmp:
-        args = (str(h5_path), str(root), key, p.get("crf"), str(tmp))
+        args = (str(h5_path), str(root), key, crf, str(tmp))
         if workers > 1:
             with get_context("spawn").Pool(workers, initializer=_init, initargs=args) as pool:
                 # one image per task: a CRF costs ~0.4 s, far above the IPC; larger chunks left

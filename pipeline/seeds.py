@@ -19,6 +19,7 @@ from .engine.evaluator import SWEEP, Evaluator
 from .labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
 from .models.backbones import model_normalisation
 from .models.vit import input_stride
+from .settings import ExportSeeds
 from .storage import MapReader, MapWriter
 from .utils import get_device
 
@@ -34,20 +35,24 @@ def normalise_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> 
     return normalise(maps, mode, eps)
 
 
-def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
-                    device: torch.device, accel: Accel | None = None) -> dict[str, torch.Tensor]:
-    """Merge a method's maps over ``p["scales"]`` and horizontal flips at image size
-    (:func:`pipeline.inference.multiscale_flip`).
+def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor,
+                    p: ExportSeeds | Mapping, device: torch.device,
+                    accel: Accel | None = None) -> dict[str, torch.Tensor]:
+    """Merge a method's maps over ``scales`` and horizontal flips at image size
+    (:func:`pipeline.inference.multiscale_flip`). ``p``: :class:`pipeline.settings.ExportSeeds`
+    (or a mapping, converted here; keys that are not its fields go to the method); the
+    plug-in's ``maps`` gets :meth:`~pipeline.settings.StageSettings.as_dict` (every key).
 
     Each scale resizes the image to a multiple of the token stride, the maps are bilinearly
     upsampled to ``(H, W)``, flipped maps are flipped back, merged, then normalised per
-    class (``p["norm"]``: ``max`` / ``minmax``, see :func:`normalise_maps`, or ``mean``:
+    class (``norm``: ``max`` / ``minmax``, see :func:`normalise_maps`, or ``mean``:
     divided by the number of scale x flip passes, for maps that are already probabilities
     in [0, 1] such as ViT-PCM's). ``accel`` (:class:`pipeline.accel.Accel`): the method's
     forward runs under its autocast / memory format; the maps are merged in float32 either way.
 
-    Optional keys (absent = the method's ``seed_merge`` (:class:`pipeline.methods.base.Method`),
-    then the behaviour every method had before them):
+    Optional keys (``ms_flip_merge`` / ``ms_relu`` absent or null = the method's ``seed_merge``
+    (:class:`pipeline.methods.base.Method`), then the behaviour every method had before them;
+    defaults of the others: :class:`~pipeline.settings.ExportSeeds`):
 
     * ``resize_square`` (int or null): scale 1 is the image resized to this square side,
       ignoring the aspect ratio (ACR official ``infer_cam.py`` via ``get_data_from_chunk_val``:
@@ -75,19 +80,21 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
     Raises:
         ValueError: unknown ``norm``, ``ms_flip_merge`` or ``ms_relu``.
     """
-    q = {**getattr(method, "seed_merge", {}), **p}
-    norm = q.get("norm", "max")
+    s = ExportSeeds.of(p)
+    merge = getattr(method, "seed_merge", {})
+    norm = s.norm
     if norm not in ("max", "minmax", "mean"):
         raise ValueError(f"export_seeds.norm must be max, minmax or mean, got {norm!r}")
-    flip_merge, relu = q.get("ms_flip_merge", "sum"), q.get("ms_relu", "after_upsample")
+    flip_merge = s.ms_flip_merge or merge.get("ms_flip_merge", "sum")
+    relu = s.ms_relu or merge.get("ms_relu", "after_upsample")
     if flip_merge not in ("sum", "max") or relu not in ("after_upsample", "before_upsample",
                                                          "after_flip_merge"):
         raise ValueError("export_seeds: ms_flip_merge must be sum or max and ms_relu after_upsample, "
                          f"before_upsample or after_flip_merge; got {flip_merge!r}, {relu!r}")
-    mp = p if relu == "after_upsample" else {**p, "raw_maps": True}
+    mp = s.as_dict() if relu == "after_upsample" else {**s.as_dict(), "raw_maps": True}
     H, W = image.shape[:2]
     x0 = to_tensor(image, *model_normalisation(model)).unsqueeze(0).to(device)
-    sq = q.get("resize_square")
+    sq = s.resize_square
     fgd = fg.to(device)
 
     def forward(xin: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -99,18 +106,19 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor, p: dict,
         return {k: m.unsqueeze(0).float() for k, m in out.items()}
 
     acc = multiscale_flip(
-        forward, x0, q.get("scales", [1.0]),
-        flips=(False, True) if q.get("flip", True) else (False,), flip_batch=False,
+        forward, x0, s.scales,
+        flips=(False, True) if s.flip else (False,), flip_batch=False,
         resize="stride", stride=input_stride(model),
-        base_size=(int(sq), int(sq)) if sq else None, relu=relu,
-        align_corners=bool(q.get("align_corners", False)), flip_merge=flip_merge,
+        base_size=(sq, sq) if sq else None, relu=relu,
+        align_corners=s.align_corners, flip_merge=flip_merge,
         scale_merge="sum", fold="flat" if flip_merge == "sum" and relu != "after_flip_merge" else "nested",
-        norm="passes" if norm == "mean" else norm, norm_eps=float(q.get("norm_eps", 1e-5)))
+        norm="passes" if norm == "mean" else norm, norm_eps=s.norm_eps)
     return {k: v[0] for k, v in acc.items()}
 
 
 def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
-                 labels: Mapping[str, Sequence[int]], p: dict, out_path: str | Path,
+                 labels: Mapping[str, Sequence[int]], p: ExportSeeds | Mapping,
+                 out_path: str | Path,
                  log: Callable[[str], None] = print,
                  class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """Write ``seeds.h5`` (see :mod:`pipeline.storage`) for ``ids``.
@@ -120,27 +128,30 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
     ``class_names`` (the manifest's ``classes``, background first) is stored as the file's
     class list.
 
-    ``p``: ``export_seeds`` params (device, scales, flip, norm, the method's keys, and
-    amp / channels_last / compile of :mod:`pipeline.accel`).
+    ``p``: :class:`pipeline.settings.ExportSeeds` (device, scales, flip, norm, ..., and
+    amp / channels_last / compile of :mod:`pipeline.accel`) with the method's keys, or the
+    params mapping (converted once here); the file's ``params`` attribute is
+    :meth:`~pipeline.settings.StageSettings.as_dict` (the params as given).
 
     Returns:
         summary dict (images, seconds, images_per_s, keys).
     Raises:
         ValueError: bad ``amp`` value.
     """
-    device = get_device(p.get("device", "auto"))
-    acc = Accel(p, device, "export_seeds")
+    s = ExportSeeds.of(p)
+    device = get_device(s.device)
+    acc = Accel(s.accel(), device, "export_seeds")
     method, model, _ = load_classifier(model_path, device)
     acc.prepare(model)
     t0 = time.time()
-    meta = {"method": method.name, "params": p, "num_images": len(ids)}
+    meta = {"method": method.name, "params": s.as_dict(), "num_images": len(ids)}
     with MapWriter(out_path, class_names, meta) as wr:
         for iid in tqdm(ids, desc=f"export_seeds[{method.name}]", unit="img", mininterval=2.0):
             img = load_image(root, iid)
             cids = np.asarray(labels[iid], dtype=np.int64)
             fg = torch.as_tensor(cids - 1, dtype=torch.long)
             if len(fg):
-                maps = multiscale_maps(method, model, img, fg, p, device, acc)
+                maps = multiscale_maps(method, model, img, fg, s, device, acc)
                 arrays = {k: maps[k].cpu().numpy() for k in method.seed_keys}
             else:
                 arrays = {k: np.zeros((0,) + img.shape[:2], np.float32) for k in method.seed_keys}

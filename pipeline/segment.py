@@ -24,7 +24,9 @@ Documented choices where implementations differ:
   that variant is not implemented.
 * Loss curve entries are the mean loss over each window of ``log_every`` iterations.
 
-All randomness is derived from ``params["seed"]``: the model init (``torch.manual_seed``),
+The settings and their defaults (the values above) are :class:`pipeline.settings.TrainSeg`.
+
+All randomness is derived from the ``seed`` setting: the model init (``torch.manual_seed``),
 the sample order and every per-sample augmentation (a numpy ``Generator`` in the sampler
 draws one seed per sample, so results do not depend on ``num_workers``).
 """
@@ -34,7 +36,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -43,50 +45,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.transforms import IMAGENET_MEAN, to_tensor
-from .data.classes import VOC_CLASSES
 from .data.voc import IGNORE_INDEX, DatasetError, load_image
 from .models.deeplab import DeepLabV2
 from .accel import Accel
 from .distributed import setup as dist_setup
 from .engine.trainer import LossList, PolySchedule, Trainer
-
-# Paper-scale defaults (DeepLab-v2, VOC 2012 aug). CPU profiles override them in params.yaml.
-DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
-    "backbone": "resnet101",
-    "pretrained": "hub",          # timm's default ImageNet weights for `backbone`
-    "num_classes": len(VOC_CLASSES),   # 21; stages set the manifest's class count
-    "output_stride": 8,
-    "rates": [6, 12, 18, 24],
-    "crop": 321,
-    "batch_size": 10,
-    "iters": 20000,
-    "lr": 2.5e-4,
-    "momentum": 0.9,
-    "weight_decay": 5e-4,
-    "poly_power": 0.9,
-    "scale_range": [0.5, 1.5],
-    "freeze_bn": None,            # None: frozen iff pretrained weights are used
-    "seed": 0,
-    "num_workers": 4,
-    "log_every": 100,
-    "num_threads": None,          # torch CPU threads during the call (None: leave as is)
-    "checkpoint_every": 0,        # N > 0: <out>.resume every N iterations (kill-safe resume)
-    "amp": "off",                 # bf16 | fp16 | off (pipeline.accel)
-    "channels_last": False,
-    "compile": False,
-}
+from .settings import TrainSeg
 
 _MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # padding colour (-> ~0 input)
-
-
-def _resolve(defaults: dict, params: dict | None, log: Callable[[str], Any], what: str) -> dict:
-    p = dict(defaults)
-    for k, v in (params or {}).items():
-        if k not in defaults:
-            log(f"[{what}] ignoring unknown parameter {k!r} (known: {sorted(defaults)})")
-            continue
-        p[k] = v
-    return p
 
 
 @contextlib.contextmanager
@@ -257,16 +223,16 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor,
     return total / valid
 
 
-def build_model(params: dict) -> DeepLabV2:
-    """DeepLabV2 from resolved train params (keys backbone, num_classes, pretrained,
-    output_stride, rates)."""
-    return DeepLabV2(backbone=params["backbone"], num_classes=int(params["num_classes"]),
-                     pretrained=params.get("pretrained"), output_stride=int(params["output_stride"]),
-                     rates=tuple(params["rates"]))
+def build_model(params: TrainSeg | Mapping) -> DeepLabV2:
+    """DeepLabV2 from :class:`pipeline.settings.TrainSeg` (or a mapping of its keys, e.g. a
+    checkpoint's ``params``): backbone, num_classes, pretrained, output_stride, rates."""
+    s = TrainSeg.of(params)
+    return DeepLabV2(backbone=s.backbone, num_classes=s.num_classes, pretrained=s.pretrained,
+                     output_stride=s.output_stride, rates=s.rates)
 
 
 def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_path: str | Path,
-              params: dict | None = None, device: str = "cpu",
+              params: TrainSeg | Mapping | None = None, device: str = "cpu",
               log: Callable[[str], Any] = print) -> dict:
     """Train DeepLab-v2 on pseudo labels and save the checkpoint atomically.
 
@@ -278,7 +244,8 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
         out_path: checkpoint file; published with :func:`pipeline.utils.atomic_torch_save`
             (``<out_path>.tmp``, then renamed). It holds
             ``{"state_dict", "params", "num_classes"}`` (load with :func:`load_model`).
-        params: overrides of :data:`DEFAULT_TRAIN_PARAMS` (paper values, see module doc):
+        params: :class:`pipeline.settings.TrainSeg` or a mapping of its keys (converted
+            once here; missing keys take its defaults, the paper values of the module doc):
             backbone, pretrained, num_classes, output_stride, rates, crop, batch_size, iters,
             lr (backbone; head 10x), momentum, weight_decay, poly_power, scale_range
             ``[lo, hi]``, freeze_bn (None = freeze iff pretrained), seed, num_workers,
@@ -286,7 +253,7 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
             unchanged), checkpoint_every (N > 0: ``<out_path>.resume`` every N iterations; a
             rerun with the same params resumes from it to the same final weights as an
             uninterrupted run; removed at the end), amp / channels_last / compile
-            (:mod:`pipeline.accel`). Unknown keys are logged and ignored. Under ``torchrun``
+            (:mod:`pipeline.accel`). Under ``torchrun``
             (:mod:`pipeline.distributed`): DistributedDataParallel, each rank trains on its
             ``batch_size / world_size`` slice of every global batch, the loss is normalised
             by the global count of labelled pixels, only rank 0 writes files.
@@ -295,20 +262,22 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
     Returns:
         dict: ``loss_curve`` (list of ``{"iter": i, "loss": mean loss of the last log_every
         iterations}``, i 1-based), ``final_loss``, ``wall_time_s``, ``iters``, ``num_images``,
-        ``params`` (resolved).
+        ``params`` (resolved: :meth:`~pipeline.settings.StageSettings.record`, also the
+        checkpoint's ``params`` and the resume fingerprint).
     Raises:
         DatasetError: no id, a missing image or pseudo label, size mismatch, or a label value
             outside ``[0, num_classes) ∪ {255}`` (message names the file).
         WeightsError: pretrained weights unavailable.
-        ValueError: iters, batch_size or crop out of range, bad ``amp``, or batch_size not
-            divisible by the number of torchrun processes.
+        ValueError: iters, batch_size or crop out of range, or batch_size not divisible by
+            the number of torchrun processes.
+        ConfigError: an unknown key, a bad ``amp`` or a value of the wrong type.
         FloatingPointError: the loss became NaN/inf (lr too high).
     """
-    p = _resolve(DEFAULT_TRAIN_PARAMS, params, log, "train_seg")
-    with _torch_threads(p["num_threads"]):
+    s = TrainSeg.of(params)
+    with _torch_threads(s.num_threads):
         dd, device = dist_setup(device)
         try:
-            out = _train_seg(root, ids, pseudo_dir, out_path, p, device, log, dd)
+            out = _train_seg(root, ids, pseudo_dir, out_path, s, device, log, dd)
         except BaseException:
             dd.close(barrier=False)     # the other ranks fail on their next collective
             raise
@@ -316,46 +285,45 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
         return out
 
 
-def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dict:
+def _train_seg(root, ids, pseudo_dir, out_path, s: TrainSeg, device, log, dd) -> dict:
     ids = list(ids)
     if not ids:
         raise DatasetError("train_seg got an empty id list; check the training split file.")
     _check_files(root, ids, pseudo_dir)
-    seed, iters, bs = int(p["seed"]), int(p["iters"]), int(p["batch_size"])
-    if iters < 1 or bs < 1 or int(p["crop"]) < 8:
+    p = s.record()        # the resolved params (checkpoint, resume fingerprint, metrics)
+    seed, iters, bs = s.seed, s.iters, s.batch_size
+    if iters < 1 or bs < 1 or s.crop < 8:
         raise ValueError(f"train_seg needs iters >= 1, batch_size >= 1, crop >= 8 "
-                         f"(got {iters}, {bs}, {p['crop']})")
-    log_every = max(1, int(p["log_every"]))
-    acc = Accel(p, device, "train_seg")
+                         f"(got {iters}, {bs}, {s.crop})")
+    log_every = max(1, s.log_every)
+    acc = Accel(s.accel(), device, "train_seg")
     dd.per_rank(bs, "train_seg")          # raises unless batch_size divides over the ranks
-    freeze = p["freeze_bn"]
+    freeze = s.freeze_bn
     if freeze is None:
-        freeze = p["pretrained"] not in (None, "", "none", False)
+        freeze = s.pretrained not in (None, "", "none", False)
 
     torch.manual_seed(seed)
-    model = build_model(p).to(device)
+    model = build_model(s).to(device)
     model.train()
     if freeze:
         model.freeze_bn()
     acc.prepare(model)
     net = dd.wrap(model, torch.device(device))   # DDP under torchrun, else the model itself
     groups = model.param_groups()
-    opt = torch.optim.SGD([{"params": g["params"], "lr": float(p["lr"]) * g["lr_mult"]}
-                           for g in groups],
-                          lr=float(p["lr"]), momentum=float(p["momentum"]),
-                          weight_decay=float(p["weight_decay"]))
+    opt = torch.optim.SGD([{"params": g["params"], "lr": s.lr * g["lr_mult"]} for g in groups],
+                          lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
-    schedule = PolySchedule(float(p["lr"]), iters, float(p["poly_power"]), multiply_first=True)
+    schedule = PolySchedule(s.lr, iters, s.poly_power, multiply_first=True)
     trainer = Trainer("train_seg", model, opt, schedule, [g["lr_mult"] for g in groups], out_path,
-                      p, int(p["checkpoint_every"] or 0), log_every, log, LossList(),
+                      p, s.checkpoint_every, log_every, log, LossList(),
                       acc=acc, dd=dd, device=device,
                       log_line=lambda row: (f"[train_seg] iter {row['iter']}/{iters} loss "
                                             f"{row['loss']:.4f} "
                                             f"lr {opt.param_groups[0]['lr']:.3g}"))
     start = trainer.it
-    ds = _SegTrainSet(root, ids, pseudo_dir, p["crop"], p["scale_range"], p["num_classes"])
+    ds = _SegTrainSet(root, ids, pseudo_dir, s.crop, s.scale_range, s.num_classes)
     sampler = _SeededSampler(len(ds), iters * bs, seed, start=start * bs)
-    nw = int(p["num_workers"])
+    nw = s.num_workers
     batching = ({"batch_size": bs, "sampler": sampler, "drop_last": True} if not dd.enabled else
                 {"batch_sampler": _RankBatches(sampler, bs, dd)})
     loader = DataLoader(ds, **batching, num_workers=nw,
@@ -376,6 +344,6 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dic
     wall = time.time() - t0
     trainer.save_checkpoint(lambda: {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "params": p, "num_classes": int(p["num_classes"])})
+        "params": p, "num_classes": s.num_classes})
     return {"loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else math.nan,
             "wall_time_s": wall, "iters": iters, "num_images": len(ids), "params": p}

@@ -5,6 +5,7 @@ the test protocols papers report side by side).
 * Test time: softmax probabilities are **averaged** over scales and flips (the paper's
   MSC uses max fusion of logits); optional dense CRF on those probabilities.
 * Scoring: :class:`pipeline.engine.evaluator.Evaluator` (one stream per protocol, one pass).
+* Settings and their defaults: :class:`pipeline.settings.EvalSeg`.
 
 Source: DeepLab-v2 (Chen et al., TPAMI 2017) multi-scale testing (0.5/0.75/1.0) and CRF
 post-processing; settings in ``shared/reference/official-settings.md``.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,15 +25,8 @@ from .data.voc import DatasetError, load_image
 from .engine.evaluator import Evaluator
 from .inference import multiscale_flip
 from .models.deeplab import DeepLabV2
-from .segment import _resolve, _torch_threads, build_model
-
-DEFAULT_EVAL_PARAMS: dict[str, Any] = {
-    "scales": [0.5, 0.75, 1.0],
-    "flip": True,
-    "crf": None,  # or a dict of dense_crf keyword arguments
-    "num_threads": None,
-    "protocols": [],  # extra numbers, any of PROTOCOLS (scored in the same pass)
-}
+from .segment import _torch_threads, build_model
+from .settings import EvalSeg
 
 #: Test protocols :func:`evaluate` can score beside the configured one (``protocols``):
 #: single scale 1.0 without flip; the configured scales with flip; the same followed by a
@@ -145,14 +139,15 @@ def predict_protocols(model: DeepLabV2, image: np.ndarray, scales: Sequence[floa
 
 
 def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: str,
-             pred_dir: str | Path, params: dict | None = None, device: str = "cpu",
+             pred_dir: str | Path, params: EvalSeg | Mapping | None = None, device: str = "cpu",
              log: Callable[[str], Any] = print,
              class_names: Sequence[str] | None = None) -> dict:
     """Predict, save and score every id.
 
-    ``params`` (:data:`DEFAULT_EVAL_PARAMS`): scales, flip, crf, num_threads (as in
+    ``params``: :class:`pipeline.settings.EvalSeg` or a mapping of its keys (converted once
+    here; missing keys take its defaults): scales, flip, crf, num_threads (as in
     :func:`pipeline.segment.train_seg`), protocols. For each id: :func:`predict` (scales,
-    flip), optional dense CRF (``params["crf"]``: None, or the keyword arguments of
+    flip), optional dense CRF (``crf``: None, or the keyword arguments of
     ``pipeline.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
     class ids), confusion matrix against ``load_mask(root, id, label_dir)`` (255 ignored),
     all in one :meth:`pipeline.engine.evaluator.Evaluator.run` (one stream per protocol).
@@ -162,7 +157,7 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     first, the manifest's ``classes``) names the per-class IoU; None = the VOC names for a
     21-class model, else ``"0".."C-1"``.
 
-    ``params["protocols"]`` (any of :data:`PROTOCOLS`) adds, in the same pass (one forward
+    ``protocols`` (any of :data:`PROTOCOLS`) adds, in the same pass (one forward
     per scale and flip, see :func:`predict_protocols`), the numbers papers report side by
     side: ``single_scale`` (scale 1.0, no flip, no CRF), ``multi_scale_flip`` (the configured
     ``scales`` with flip, no CRF) and ``multi_scale_flip_crf`` (that, then a dense CRF with the
@@ -172,7 +167,7 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     Returns:
         ``scores_from_confusion(conf, class_names)`` (miou, pixel_accuracy, mean_accuracy,
         iou per class) of the configured protocol plus ``num_images``, ``eval_params``
-        (resolved settings), ``configured_as`` (the name in :data:`PROTOCOLS` that the
+        (resolved settings, :meth:`~pipeline.settings.StageSettings.record`), ``configured_as`` (the name in :data:`PROTOCOLS` that the
         configured settings equal, else None) and, when ``protocols`` is not empty,
         ``protocols``: ``{name: scores_from_confusion(...) + {"scales", "flip", "crf",
         "same_as_configured"}}`` (``multi_scale_flip_crf`` also has ``crf_seconds``, the
@@ -184,15 +179,17 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     Source: VOC mIoU (confusion matrix, nanmean over occurring classes); DeepLab-v2 test with
     multi-scale inputs and optional CRF post-processing.
     """
-    p = _resolve(DEFAULT_EVAL_PARAMS, params, log, "evaluate")
-    with _torch_threads(p["num_threads"]):
-        return _evaluate(model, root, ids, label_dir, pred_dir, p, device, log, class_names)
+    s = EvalSeg.of(params)
+    with _torch_threads(s.num_threads):
+        return _evaluate(model, root, ids, label_dir, pred_dir, s, device, log, class_names)
 
 
-def protocol_settings(p: dict) -> dict[str, dict]:
+def protocol_settings(p: EvalSeg | Mapping) -> dict[str, dict]:
     """``{protocol: {"scales", "flip", "crf", "same_as_configured"}}`` for every name of
-    :data:`PROTOCOLS`, from resolved eval params ``p`` (scales, flip, crf)."""
-    scales, flip, crf = [float(s) for s in p["scales"]], bool(p["flip"]), p["crf"] or None
+    :data:`PROTOCOLS`, from :class:`pipeline.settings.EvalSeg` (or its params): scales,
+    flip, crf."""
+    s = EvalSeg.of(p)
+    scales, flip, crf = list(s.scales), s.flip, s.crf or None
     return {
         "single_scale": {"scales": [1.0], "flip": False, "crf": None,
                          "same_as_configured": scales == [1.0] and not flip and not crf},
@@ -203,19 +200,19 @@ def protocol_settings(p: dict) -> dict[str, dict]:
     }
 
 
-def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class_names=None) -> dict:
+def _evaluate(model, root, ids, label_dir, pred_dir, s: EvalSeg, device, log, class_names=None) -> dict:
     C = int(model.num_classes)
     if class_names is not None and len(class_names) != C:
         raise ValueError(f"the segmentation model predicts {C} classes but the dataset has "
                          f"{len(class_names)}; retrain train_seg for this dataset.")
     names = (list(class_names) if class_names is not None else
              VOC_CLASSES if C == len(VOC_CLASSES) else [str(i) for i in range(C)])
-    want = list(dict.fromkeys(p["protocols"] or []))
+    want = list(dict.fromkeys(s.protocols or []))
     unknown = [w for w in want if w not in PROTOCOLS]
     if unknown:
         raise ValueError(f"eval_seg.protocols: unknown {unknown}; known: {list(PROTOCOLS)}")
-    settings = protocol_settings(p)
-    crf = p["crf"]
+    settings = protocol_settings(s)
+    crf = s.crf
     if crf or "multi_scale_flip_crf" in want:
         from .refine.crf import dense_crf  # lazy: optional dependency (pydensecrf)
     ev = Evaluator(root, label_dir, names, streams=["configured", *want])
@@ -230,7 +227,7 @@ def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class
             raise DatasetError(f"mask {Path(root) / label_dir / (image_id + '.png')} has shape "
                                f"{gt.shape} but image {image_id} has {img.shape[:2]}.")
         probs = predict_protocols(
-            model, img, scales=tuple(p["scales"]), flip=bool(p["flip"]), device=device,
+            model, img, scales=s.scales, flip=s.flip, device=device,
             single_scale="single_scale" in want and not settings["single_scale"]["same_as_configured"],
             multi_scale_flip=any(w.startswith("multi_scale_flip") and not settings[w]["same_as_configured"]
                                  for w in want))
@@ -252,7 +249,7 @@ def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class
         return out
 
     scores = ev.run(ids, predict, desc="evaluate", save_dir=pred_dir)
-    scores["eval_params"] = p
+    scores["eval_params"] = s.record()
     scores["configured_as"] = next((w for w in PROTOCOLS if settings[w]["same_as_configured"]), None)
     if want:
         scores["protocols"] = {}

@@ -3,8 +3,9 @@
 Every stage reads its parameters either from ``--params-json`` (what Snakemake passes: the
 exact ``params:`` of the rule) or from ``params.yaml`` via
 :func:`pipeline.config.stage_params`, so running a stage by hand and under Snakemake/DVC uses
-the same values. Known user errors are printed as one clear line (no traceback) with exit
-code 2.
+the same values; chain stages turn them into their typed settings once
+(:func:`stage_settings`, :mod:`pipeline.settings`). Known user errors are printed as one
+clear line (no traceback) with exit code 2.
 """
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import logging
 import os
 import sys
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pipeline.config import ConfigError, load_params, stage_params
 from pipeline.paths import artifacts, manifest
+
+if TYPE_CHECKING:
+    from pipeline.settings import StageSettings
 
 log = logging.getLogger("wsss")
 
@@ -89,19 +93,48 @@ def load_manifest(path: str) -> dict:
                                 f"`snakemake {path}` first") from None
 
 
-def parse_stage(ap: argparse.ArgumentParser, stage: str) -> tuple[argparse.Namespace, dict, dict, dict]:
+def stage_settings(args: argparse.Namespace, stage: str) -> StageSettings:
+    """The stage's typed settings (:data:`pipeline.settings.SETTINGS`), built once from its
+    merged params (:func:`stage_config`).
+
+    From params.yaml the method's keys are known (:func:`pipeline.config.method_keys`), so a
+    key that is neither a field nor the method's is refused; from ``--params-json`` (the
+    Snakefile validated the whole params.yaml before any job) every key that is not a field
+    is taken as the method's.
+
+    Raises:
+        ConfigError: unknown key (named with its params.yaml section), missing required key,
+            wrong type (:meth:`pipeline.settings.StageSettings.from_params`).
+    """
+    from pipeline.settings import SETTINGS
+    cls, method = SETTINGS[stage], getattr(args, "method", None)
+    if args.params_json:
+        p = json.loads(args.params_json)
+        keys = [k for k in p if k not in cls.field_names()]
+    else:
+        from pipeline.config import method_keys, validate
+        cfg = load_params(args.params)
+        validate(cfg)
+        p = stage_params(cfg, args.dataset, method, stage)
+        keys = method_keys(cfg, args.dataset, method, stage)
+    return cls.from_params(p, keys, where=f"profiles.{args.dataset}.{stage}")
+
+
+def parse_stage(ap: argparse.ArgumentParser, stage: str) -> tuple[argparse.Namespace, dict, StageSettings, dict]:
     """Parse a chain stage's command line and load what every such stage needs.
 
     Returns:
-        ``(args, default_paths(args), stage_config(args, stage), manifest)``: the parsed
+        ``(args, default_paths(args), stage_settings(args, stage), manifest)``: the parsed
         arguments, the chain's default artifact paths (:func:`pipeline.paths.artifacts`), the
-        stage's merged params and the dataset manifest (``--manifest`` or the default one).
+        stage's settings (e.g. :class:`pipeline.settings.TrainSeg`) and the dataset manifest
+        (``--manifest`` or the default one).
     Raises:
         FileNotFoundError: the manifest is missing (names the stage that writes it).
+        ConfigError: bad params (:func:`stage_settings`).
     """
     args = ap.parse_args()
     d = default_paths(args)
-    return args, d, stage_config(args, stage), load_manifest(args.manifest or d["manifest"])
+    return args, d, stage_settings(args, stage), load_manifest(args.manifest or d["manifest"])
 
 
 def run_cli(stage: str, main: Callable[[], str | None]) -> None:

@@ -13,16 +13,15 @@ def main() -> str:
     add_manifest(ap)
     ap.add_argument("--model", default=None, help="classifier checkpoint (default .../cls/model.pt)")
     ap.add_argument("--out", default=None, help="metrics json (default .../own_seg_miou.json)")
-    args, d, p, m = parse_stage(ap, "eval_own_seg")
+    args, d, s, m = parse_stage(ap, "eval_own_seg")
     from pipeline.data.classes import manifest_classes
     from pipeline.own_seg import evaluate_own_seg
     from pipeline.utils import get_device, write_json
-    ids = m["splits"][p.get("split", "val")]
-    lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed")}
-    res = evaluate_own_seg(args.model or d["cls_model"], m["root"], ids, m["label_dir"], lib,
-                           get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info,
+    ids = m["splits"][s.split]
+    res = evaluate_own_seg(args.model or d["cls_model"], m["root"], ids, m["label_dir"], s,
+                           get_device(s.device), log=logging.getLogger("wsss").info,
                            class_names=manifest_classes(m))
-    res.update(params=p, dataset=args.dataset, method=args.method)
+    res.update(params=s.as_dict(), dataset=args.dataset, method=args.method)
     write_json(args.out or d["own_seg_miou"], res)
     return (f"own segmentation mIoU {res['miou']:.4f} on {res['num_images']} images"
             if res["miou"] is not None else res["note"])

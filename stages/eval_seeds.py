@@ -12,27 +12,27 @@ def main() -> str:
     add_manifest(ap)
     ap.add_argument("--seeds", default=None, help="seeds HDF5 (default .../seeds.h5)")
     ap.add_argument("--out", default=None, help="metrics json (default .../seeds_miou.json)")
-    args, d, p, m = parse_stage(ap, "eval_seeds")
+    args, d, s, m = parse_stage(ap, "eval_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.engine.evaluator import OFFICIAL_SWEEP
     from pipeline.seeds import evaluate_maps
     from pipeline.utils import write_json
     method = get_method(args.method)
-    ids = m["splits"][p.get("split", "eval_train")]
+    ids = m["splits"][s.split]
     res = evaluate_maps(args.seeds or d["seeds"], m["root"], ids, m["label_dir"],
-                        method.seed_keys[0], float(p["bg_threshold"]), p.get("curve", []),
+                        method.seed_keys[0], s.bg_threshold, s.curve,
                         class_names=manifest_classes(m), sweep=OFFICIAL_SWEEP)
     if len(method.seed_keys) > 1:   # e.g. ACR* next to ACR
         other = {k: evaluate_maps(args.seeds or d["seeds"], m["root"], ids, m["label_dir"], k,
-                                  float(p["bg_threshold"]), class_names=manifest_classes(m),
+                                  s.bg_threshold, class_names=manifest_classes(m),
                                   sweep=OFFICIAL_SWEEP)
                  for k in method.seed_keys[1:]}
         res["other_keys"] = {k: r["miou"] for k, r in other.items()}
         res["other_keys_best_threshold_on_gt"] = {
             k: {f: r["best_threshold_on_gt"][f] for f in ("miou", "bg_threshold", "protocol")}
             for k, r in other.items()}
-    res["params"] = p
+    res["params"] = s.as_dict()
     write_json(args.out or d["seeds_miou"], res)
     return f"seed mIoU {res['miou']:.4f} on {len(ids)} images"
 

@@ -37,17 +37,16 @@ def main() -> str:
     ap.add_argument("--own-seg", default=None,
                     help="own_seg_miou.json of the method's own segmentation head, gathered as "
                          "`own_segmentation` when not null (default: the chain's, if it exists)")
-    args, d, p, m = parse_stage(ap, "eval_seg")
+    args, d, s, m = parse_stage(ap, "eval_seg")
     from pipeline.data.classes import manifest_classes
     from pipeline.segment_eval import evaluate, load_model
     from pipeline.utils import get_device, write_json
-    dev = get_device(p.get("device", "auto"))
-    ids = m["splits"][p.get("split", "val")]
-    lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed")}
+    dev = get_device(s.device)
+    ids = m["splits"][s.split]
     res = evaluate(load_model(args.model or d["seg_model"], dev), m["root"], ids, m["label_dir"],
-                   args.predictions or d["predictions"], lib, dev, log=logging.getLogger("wsss").info,
+                   args.predictions or d["predictions"], s, dev, log=logging.getLogger("wsss").info,
                    class_names=manifest_classes(m))
-    res.update(params=p, dataset=args.dataset, method=args.method)
+    res.update(params=s.as_dict(), dataset=args.dataset, method=args.method)
     stage_files = args.stage_metrics if args.stage_metrics is not None else [
         d["seeds_miou"], d["refined_miou"], d["pseudo_miou"]]
     stage_files = [*stage_files, args.own_seg or d["own_seg_miou"]]

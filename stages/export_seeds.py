@@ -12,20 +12,20 @@ def main() -> str:
     ap.add_argument("--model", default=None, help="classifier checkpoint (default .../cls/model.pt)")
     ap.add_argument("--out", default=None, help="HDF5 output (default .../seeds.h5)")
     add_shard_args(ap)
-    args, d, p, m = parse_stage(ap, "export_seeds")
+    args, d, s, m = parse_stage(ap, "export_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.seeds import export_seeds
     from pipeline.shards import merge_map_files, shard_ids
-    ids = m["splits"][p.get("split", "train")]
+    ids = m["splits"][s.split]
     if args.merge:
         merge_map_files(args.merge, args.out or d["seeds"], ids)
         return f"merged {len(args.merge)} shards ({len(ids)} images) into {args.out or d['seeds']}"
     if args.shard:
         ids = shard_ids(ids, *args.shard)
-    s = export_seeds(args.model or d["cls_model"], m["root"], ids, m["labels"], p,
-                     args.out or d["seeds"], log=logging.getLogger("wsss").info,
-                     class_names=manifest_classes(m))
-    return str(s)
+    summary = export_seeds(args.model or d["cls_model"], m["root"], ids, m["labels"], s,
+                           args.out or d["seeds"], log=logging.getLogger("wsss").info,
+                           class_names=manifest_classes(m))
+    return str(summary)
 
 
 if __name__ == "__main__":

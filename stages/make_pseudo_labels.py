@@ -16,27 +16,27 @@ def main() -> str:
     ap.add_argument("--metrics", default=None, help="default .../pseudo_miou.json")
     ap.add_argument("--workers", type=int, default=1, help="processes (Snakemake passes {threads})")
     add_shard_args(ap)
-    args, d, p, m = parse_stage(ap, "make_pseudo_labels")
+    args, d, s, m = parse_stage(ap, "make_pseudo_labels")
     from pipeline.data.classes import manifest_classes
     from pipeline.pseudo import evaluate_label_dir, make_pseudo_labels
     from pipeline.utils import write_json
-    ids = m["splits"][p.get("split", "train")]
+    ids = m["splits"][s.split]
     out = args.out or d["pseudo"]
     if args.merge:
         from pipeline.shards import merge_png_dirs
         merge_png_dirs(args.merge, out, ids)
-        s = {"images": len(ids), "merged_shards": len(args.merge)}
+        t = {"images": len(ids), "merged_shards": len(args.merge)}
     else:
         if args.shard:
             from pipeline.shards import shard_ids
             ids = shard_ids(ids, *args.shard)
-        s = make_pseudo_labels(args.maps or d["refined"], p.get("key", "probs"), m["root"], ids,
-                               p, out, workers=args.workers, log=logging.getLogger("wsss").info)
+        t = make_pseudo_labels(args.maps or d["refined"], s.key, m["root"], ids, s, out,
+                               workers=args.workers, log=logging.getLogger("wsss").info)
         if args.shard:
             return f"shard {args.shard[0]}/{args.shard[1]}: {len(ids)} pseudo labels -> {out}"
-    eval_ids = m["splits"][p.get("eval_split", "eval_train")]
+    eval_ids = m["splits"][s.eval_split]
     res = evaluate_label_dir(out, m["root"], eval_ids, m["label_dir"], manifest_classes(m))
-    res.update(params=p, timing=s)
+    res.update(params=s.as_dict(), timing=t)
     write_json(args.metrics or d["pseudo_miou"], res)
     return f"pseudo-label mIoU {res['miou']:.4f} on {len(eval_ids)} images"
 

@@ -17,16 +17,16 @@ def main() -> str:
     ap.add_argument("--out", default=None, help="refined HDF5 (default .../refined.h5)")
     ap.add_argument("--metrics", default=None, help="default .../refined_miou.json")
     add_shard_args(ap)
-    args, d, p, m = parse_stage(ap, "refine_seeds")
+    args, d, s, m = parse_stage(ap, "refine_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.refine.random_walk import refine_seeds
     from pipeline.engine.evaluator import OFFICIAL_SWEEP
     from pipeline.seeds import evaluate_maps
     from pipeline.utils import get_device, write_json
-    ids = m["splits"][p.get("split", "train")]
+    ids = m["splits"][s.split]
     out = args.out or d["refined"]
-    key = p.get("seed_key") or get_method(args.method).refine_key
+    key = s.seed_key or get_method(args.method).refine_key
     if args.merge:
         from pipeline.shards import merge_map_files
         merge_map_files(args.merge, out, ids)
@@ -35,14 +35,14 @@ def main() -> str:
             from pipeline.shards import shard_ids
             ids = shard_ids(ids, *args.shard)
         refine_seeds(m["root"], ids, args.seeds or d["seeds"], key,
-                     args.model or d["aff_model"], out, p,
-                     device=get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info)
+                     args.model or d["aff_model"], out, s,
+                     device=get_device(s.device), log=logging.getLogger("wsss").info)
         if args.shard:
             return f"shard {args.shard[0]}/{args.shard[1]}: {len(ids)} images -> {out}"
-    eval_ids = m["splits"][p.get("eval_split", "eval_train")]
+    eval_ids = m["splits"][s.eval_split]
     res = evaluate_maps(out, m["root"], eval_ids, m["label_dir"], "probs", None,
                         class_names=manifest_classes(m), sweep=OFFICIAL_SWEEP)
-    res.update(params=p, seed_key=key)
+    res.update(params=s.as_dict(), seed_key=key)
     write_json(args.metrics or d["refined_miou"], res)
     return f"refined mIoU {res['miou']:.4f} on {len(eval_ids)} images"
 

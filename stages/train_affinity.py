@@ -12,16 +12,14 @@ def main() -> str:
     ap.add_argument("--seeds", default=None, help="seeds HDF5 (default .../seeds.h5)")
     ap.add_argument("--out", default=None, help="checkpoint (default .../affinity/model.pt)")
     ap.add_argument("--metrics", default=None, help="metrics json (default .../affinity/metrics.json)")
-    args, d, p, m = parse_stage(ap, "train_affinity")
+    args, d, s, m = parse_stage(ap, "train_affinity")
     from pipeline.methods import get_method
     from pipeline.refine.affinity_train import train_affinity_net
     from pipeline.utils import get_device, write_json
-    ids = m["splits"][p.get("split", "train")]
-    lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed_key")}
-    key = p.get("seed_key") or get_method(args.method).affinity_key
-    met = train_affinity_net(m["root"], ids, args.seeds or d["seeds"], key, lib,
-                             args.out or d["aff_model"],
-                             device=get_device(p.get("device", "auto")),
+    ids = m["splits"][s.split]
+    key = s.seed_key or get_method(args.method).affinity_key
+    met = train_affinity_net(m["root"], ids, args.seeds or d["seeds"], key, s,
+                             args.out or d["aff_model"], device=get_device(s.device),
                              log=logging.getLogger("wsss").info)
     met["seed_key"] = key
     write_json(args.metrics or d["aff_metrics"], met)

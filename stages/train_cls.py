@@ -14,16 +14,17 @@ def main() -> str:
     ap.add_argument("--teacher", default=None,
                     help="teacher classifier checkpoint for methods with a `teacher` param (smaf); "
                          "default results/{dataset}/{teacher}/cls/model.pt")
-    args, d, p, m = parse_stage(ap, "train_cls")
+    args, d, s, m = parse_stage(ap, "train_cls")
     from pipeline.data.classes import manifest_classes
     from pipeline.cls import train_classifier
     from pipeline.paths import artifacts
     from pipeline.utils import write_json
-    ids = m["splits"][p.get("split", "train")]
+    ids = m["splits"][s.split]
     inputs = {}
-    if p.get("teacher"):
-        inputs["teacher"] = args.teacher or artifacts(args.dataset, p["teacher"])["cls_model"]
-    met = train_classifier(args.method, m["root"], ids, m["labels"], p, args.out or d["cls_model"],
+    teacher = s.method.get("teacher")          # a method key (smaf)
+    if teacher:
+        inputs["teacher"] = args.teacher or artifacts(args.dataset, teacher)["cls_model"]
+    met = train_classifier(args.method, m["root"], ids, m["labels"], s, args.out or d["cls_model"],
                            log=logging.getLogger("wsss").info, inputs=inputs,
                            class_names=manifest_classes(m))
     from pipeline.distributed import is_main_process

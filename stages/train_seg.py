@@ -12,15 +12,14 @@ def main() -> str:
     ap.add_argument("--pseudo", default=None, help="pseudo-label folder (default .../pseudo)")
     ap.add_argument("--out", default=None, help="checkpoint (default .../seg/model.pt)")
     ap.add_argument("--metrics", default=None, help="default .../seg/metrics.json")
-    args, d, p, m = parse_stage(ap, "train_seg")
+    args, d, s, m = parse_stage(ap, "train_seg")
     from pipeline.data.classes import manifest_classes
     from pipeline.segment import train_seg
     from pipeline.utils import get_device, write_json
-    ids = m["splits"][p.get("split", "train")]
-    lib = {k: v for k, v in p.items() if k not in ("data", "device", "split")}
-    lib["num_classes"] = len(manifest_classes(m))   # background included
-    met = train_seg(m["root"], ids, args.pseudo or d["pseudo"], args.out or d["seg_model"], lib,
-                    device=get_device(p.get("device", "auto")), log=logging.getLogger("wsss").info)
+    ids = m["splits"][s.split]
+    s = s.updated(num_classes=len(manifest_classes(m)))   # background included
+    met = train_seg(m["root"], ids, args.pseudo or d["pseudo"], args.out or d["seg_model"], s,
+                    device=get_device(s.device), log=logging.getLogger("wsss").info)
     from pipeline.distributed import is_main_process
     if is_main_process():          # torchrun: rank 0 writes (the model too, see train_seg)
         write_json(args.metrics or d["seg_metrics"], met)

@@ -12,6 +12,7 @@ from pipeline.accel import Accel, amp_mode
 from pipeline.config import ConfigError
 from pipeline.data.prepare import build_manifest
 from pipeline.distributed import Dist
+from pipeline.settings import TrainSeg
 from pipeline.utils import ResumeFile
 from tests.test_bad_inputs import make_voc
 from tests.test_resume import P as CLS_P
@@ -103,8 +104,8 @@ def test_bf16_segmentation_step_close_to_fp32(tmp_path):
     |dloss| <= 14 u * max(1, loss) with cross-entropy 1-Lipschitz in the logits per pixel
     (|softmax - onehot|_1 <= 2 -> bound 2 * 14 u * logit scale, logits here are O(1))."""
     torch.manual_seed(0)
-    model = seg.build_model(dict(seg.DEFAULT_TRAIN_PARAMS, backbone="resnet10t", pretrained=None,
-                                 rates=[2, 4, 6, 8])).eval()
+    model = seg.build_model(TrainSeg(backbone="resnet10t", pretrained=None,
+                                     rates=[2, 4, 6, 8])).eval()
     x = torch.randn(2, 3, 48, 48)
     y = torch.randint(0, 21, (2, 48, 48))
     with torch.no_grad():
@@ -141,7 +142,7 @@ def test_channels_last_same_outputs_and_gradients():
     float32 sum of K terms changes it by <= K * 2^-24 of the sum of |terms| (~1e-4 relative
     for K = 4608), compounded over ~20 layers -> 1e-3 of the output scale is a safe bound
     that still catches any real difference (wrong layout handling is O(1))."""
-    p = dict(seg.DEFAULT_TRAIN_PARAMS, backbone="resnet10t", pretrained=None, rates=[2, 4, 6, 8])
+    p = TrainSeg(backbone="resnet10t", pretrained=None, rates=[2, 4, 6, 8])
     torch.manual_seed(0)
     a = seg.build_model(p).eval()
     b = seg.build_model(p).eval()
@@ -171,7 +172,7 @@ def test_compile_option_is_plumbed_in_place():
     Accel({"compile": True}, "cpu").prepare(m)
     assert list(m.state_dict()) == keys
     assert all(b._compiled_call_impl is not None for b in m.vit.blocks)
-    d = seg.build_model(dict(seg.DEFAULT_TRAIN_PARAMS, backbone="resnet10t", pretrained=None))
+    d = seg.build_model(TrainSeg(backbone="resnet10t", pretrained=None))
     Accel({"compile": True}, "cpu").prepare(d)
     assert d._compiled_call_impl is not None
 

@@ -19,8 +19,8 @@ from pipeline.refine.affinity_labels import (crf_scores, downsample_label, pool_
                                              window_affinity_labels)
 from pipeline.refine.affinity_pairs import affinity_loss, pair_indices
 from pipeline.refine.crf import PSA_CRF
-from pipeline.refine.random_walk import (DEFAULT_REFINE_PARAMS, affinity_matrix_dense, random_walk,
-                                         random_walk_dense)
+from pipeline.refine.random_walk import affinity_matrix_dense, random_walk, random_walk_dense
+from pipeline.settings import RefineSeeds, TrainAffinity
 
 
 # ------------------------------------------------------------------------ references
@@ -276,8 +276,8 @@ def _decode_coords(x):
 @pytest.mark.parametrize("crop", [32, 64])
 def test_train_set_avgpool_labels_equal_official_pipeline(tmp_path, crop):
     ids, scores, labels = _coord_dataset(tmp_path)
-    p = {**affinity_train.DEFAULT_TRAIN_PARAMS, "crop": crop, "color_jitter": None}
-    ds = affinity_train._AffinityTrainSet(tmp_path, ids, labels, p)
+    ds = affinity_train._AffinityTrainSet(tmp_path, ids, labels,
+                                          TrainAffinity(crop=crop, color_jitter=None))
     torch.manual_seed(0)
     for it in range(12):
         i = it % len(ids)
@@ -335,9 +335,8 @@ def test_centre_option_reproduces_the_former_train_set(tmp_path, scale_range):
         h, w = np.asarray(Image.open(tmp_path / "JPEGImages" / f"{i}.jpg")).shape[:2]
         full[i] = rng.choice(np.array([0, 3, 8, 255], np.uint8), size=(h, w))
     labels = {i: affinity_train._encode_png(v) for i, v in full.items()}
-    p = {**affinity_train.DEFAULT_TRAIN_PARAMS, "crop": 48, "color_jitter": None,
-         "label_pooling": "centre", "scale_range": scale_range}
-    ds = affinity_train._AffinityTrainSet(tmp_path, ids, labels, p)
+    p = {"crop": 48, "color_jitter": None, "label_pooling": "centre", "scale_range": scale_range}
+    ds = affinity_train._AffinityTrainSet(tmp_path, ids, labels, TrainAffinity.of(p))
     for it in range(9):
         i = ids[it % 3]
         torch.manual_seed(it)
@@ -352,7 +351,7 @@ def test_centre_option_reproduces_the_former_train_set(tmp_path, scale_range):
 def test_label_set_and_training_defaults(tmp_path):
     from tests.test_psa import _synthetic_dataset
     ids = _synthetic_dataset(tmp_path, n=2)
-    p = {**affinity_train.DEFAULT_TRAIN_PARAMS, "crf": dict(PSA_CRF, iters=2)}
+    p = TrainAffinity(crf=dict(PSA_CRF, iters=2))
     iid, data, counts = affinity_train._LabelSet(tmp_path, ids, tmp_path / "seeds.h5", "cams", p)[0]
     with Image.open(io.BytesIO(data)) as im:
         win = np.asarray(im)
@@ -361,13 +360,13 @@ def test_label_set_and_training_defaults(tmp_path):
     from pipeline.storage import MapReader
     with MapReader(tmp_path / "seeds.h5") as r:
         cams, cids, _ = r.read(iid, "cams")
-    ql = crf_scores(image, cams, 4, p["crf"])
-    qh = crf_scores(image, cams, 32, p["crf"])
+    ql = crf_scores(image, cams, 4, p.crf)
+    qh = crf_scores(image, cams, 32, p.crf)
     np.testing.assert_array_equal(win[7::8, 7::8], ref_cell_label(ql, qh, cids.tolist()))
-    d = affinity_train.DEFAULT_TRAIN_PARAMS
-    assert d["label_pooling"] == "avgpool" and d["pairs"] == "official"
-    assert d["resize_long"] is None and d["scale_range"] is None
-    assert DEFAULT_REFINE_PARAMS["pairs"] == "official"
+    d = TrainAffinity()
+    assert d.label_pooling == "avgpool" and d.pairs == "official"
+    assert d.resize_long is None and d.scale_range is None
+    assert RefineSeeds().pairs == "official"
     with pytest.raises(ValueError, match="label_pooling"):
         affinity_train.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams",
                                {"label_pooling": "center"}, tmp_path / "m.pt")

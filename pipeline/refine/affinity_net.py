@@ -19,11 +19,7 @@ import torch.nn.functional as F
 
 from pipeline.models.backbones import create_backbone
 from pipeline.refine.affinity_labels import STRIDE
-
-#: Model defaults (PSA with a ResNet-50 backbone instead of ResNet-38); the first entries of
-#: :data:`pipeline.refine.affinity_train.DEFAULT_TRAIN_PARAMS`.
-NET_DEFAULTS: dict[str, Any] = dict(backbone="resnet50", pretrained="hub", feature_dim=448,
-                                    freeze_bn=True)
+from pipeline.settings import TrainAffinity
 
 
 class AffinityNet(nn.Module):
@@ -100,13 +96,15 @@ class AffinityNet(nn.Module):
         return F.elu(self.mix(torch.cat(outs, dim=1)))
 
 
-def build_affinity_net(params: Mapping[str, Any], pretrained: Any = "from_params") -> AffinityNet:
-    """:class:`AffinityNet` from a params dict (keys ``backbone``, ``pretrained``,
-    ``feature_dim``, ``freeze_bn``); ``pretrained=None`` overrides the params (used when a
-    checkpoint's state dict is loaded afterwards)."""
-    p = {**NET_DEFAULTS, **params}
-    return AffinityNet(p["backbone"], p["pretrained"] if pretrained == "from_params" else pretrained,
-                       feature_dim=p["feature_dim"], freeze_bn=p["freeze_bn"])
+def build_affinity_net(params: TrainAffinity | Mapping[str, Any],
+                       pretrained: Any = "from_params") -> AffinityNet:
+    """:class:`AffinityNet` from :class:`pipeline.settings.TrainAffinity` or a mapping of its
+    keys (e.g. a checkpoint's ``params``; defaults: the dataclass, PSA with a ResNet-50):
+    ``backbone``, ``pretrained``, ``feature_dim``, ``freeze_bn``; ``pretrained=None``
+    overrides the params (used when a checkpoint's state dict is loaded afterwards)."""
+    s = TrainAffinity.of(params)
+    return AffinityNet(s.backbone, s.pretrained if pretrained == "from_params" else pretrained,
+                       feature_dim=s.feature_dim, freeze_bn=s.freeze_bn)
 
 
 def load_affinity_net(model_path: str | Path, device: str | torch.device = "cpu") -> AffinityNet:

@@ -39,25 +39,10 @@ from pipeline.engine.trainer import LossList, PolySchedule, Trainer
 from pipeline.refine.affinity_labels import (LABEL_POOLING, STRIDE, crf_scores,
                                              make_affinity_label, resize_maps,
                                              window_affinity_labels)
-from pipeline.refine.affinity_net import NET_DEFAULTS, build_affinity_net
+from pipeline.refine.affinity_net import build_affinity_net
 from pipeline.refine.affinity_pairs import PAIR_MODES, _check_choice, affinity_loss
-from pipeline.refine.crf import PSA_CRF
+from pipeline.settings import TrainAffinity
 from pipeline.storage import MapReader
-
-#: Paper-scale defaults (PSA with a ResNet-50 backbone instead of ResNet-38). Augmentation as
-#: official ``train_aff.py``: colour jitter, random crop 448, horizontal flip, no rescale
-#: (``RandomResizeLong(448, 768)`` is in ``train_cls.py`` only).
-DEFAULT_TRAIN_PARAMS: dict[str, Any] = dict(
-    **NET_DEFAULTS,
-    crop=448, resize_long=None, scale_range=None, color_jitter=[0.3, 0.3, 0.3, 0.1],
-    batch_size=8, iters=None, epochs=8, lr=0.1, head_lr_mult=10.0, weight_decay=5e-4,
-    # official PSA ``PolyOptimizer`` calls ``SGD(params, lr, weight_decay)``: the positional
-    # third argument is SGD's *momentum* (= 5e-4), so the released code trains with
-    # (practically) no momentum; weight decay is set per parameter group.
-    momentum=0.0, poly_power=0.9, radius=5, alpha_low=4, alpha_high=32, crf=dict(PSA_CRF),
-    label_pooling="avgpool", pairs="official",
-    seed=0, num_workers=4, log_every=10, checkpoint_every=0,
-)
 
 
 def _encode_png(label: np.ndarray) -> bytes:
@@ -79,9 +64,9 @@ class _LabelSet(torch.utils.data.Dataset):
     :func:`pipeline.refine.affinity_labels.make_affinity_label`, ``(H, W)``. Counts (bg, fg,
     ignored) are over the image's own 8x8 cells (``avgpool``) or pixels (``centre``)."""
 
-    def __init__(self, root, ids, seeds_path, seed_key, p):
-        self.root, self.ids, self.seeds_path, self.seed_key, self.p = root, list(ids), \
-            str(seeds_path), seed_key, p
+    def __init__(self, root, ids, seeds_path, seed_key, s: TrainAffinity):
+        self.root, self.ids, self.seeds_path, self.seed_key, self.s = root, list(ids), \
+            str(seeds_path), seed_key, s
         self._reader = None  # opened lazily in each worker (h5py handles do not survive fork)
 
     def __len__(self):
@@ -90,22 +75,21 @@ class _LabelSet(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self._reader is None:
             self._reader = MapReader(self.seeds_path)
-        p = self.p
+        s = self.s
         image_id = self.ids[i]
         cams, cids, _ = self._reader.read(image_id, self.seed_key)
         image = load_image(self.root, image_id)
         cams = resize_maps(cams, image.shape[:2])
-        if p["label_pooling"] == "avgpool":
-            if p["alpha_low"] >= p["alpha_high"]:
-                raise ValueError(f"alpha_low ({p['alpha_low']}) must be < alpha_high "
-                                 f"({p['alpha_high']})")
-            label = window_affinity_labels(crf_scores(image, cams, p["alpha_low"], p["crf"]),
-                                           crf_scores(image, cams, p["alpha_high"], p["crf"]),
+        if s.label_pooling == "avgpool":
+            if s.alpha_low >= s.alpha_high:
+                raise ValueError(f"alpha_low ({s.alpha_low}) must be < alpha_high "
+                                 f"({s.alpha_high})")
+            label = window_affinity_labels(crf_scores(image, cams, s.alpha_low, s.crf),
+                                           crf_scores(image, cams, s.alpha_high, s.crf),
                                            cids)
             stat = label[STRIDE - 1::STRIDE, STRIDE - 1::STRIDE]
         else:
-            label = make_affinity_label(image, cams, cids, p["alpha_low"], p["alpha_high"],
-                                        p["crf"])
+            label = make_affinity_label(image, cams, cids, s.alpha_low, s.alpha_high, s.crf)
             stat = label
         counts = np.bincount(np.where(stat == IGNORE_INDEX, 2, (stat > 0).astype(np.int64))
                              .reshape(-1), minlength=3)
@@ -170,9 +154,9 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
     sampled at the crop's cells (:func:`_cell_label_indices`); the random draws are the same
     for both ``label_pooling`` forms."""
 
-    def __init__(self, root, ids, labels: dict[str, bytes], p):
-        self.root, self.ids, self.labels, self.p = root, list(ids), labels, p
-        cj = p.get("color_jitter")
+    def __init__(self, root, ids, labels: dict[str, bytes], s: TrainAffinity):
+        self.root, self.ids, self.labels, self.s = root, list(ids), labels, s
+        cj = s.color_jitter
         self.jitter = None
         if cj:
             from torchvision.transforms import ColorJitter
@@ -182,16 +166,16 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        p = self.p
+        st = self.s
         image_id = self.ids[i]
         img = Image.fromarray(load_image(self.root, image_id))
         lab = _decode_png(self.labels[image_id])
         w0, h0 = img.size
-        if p.get("resize_long"):
-            lo, hi = p["resize_long"]
-            s = float(torch.randint(int(lo), int(hi) + 1, ()).item()) / max(h0, w0)
-        elif p.get("scale_range"):
-            lo, hi = p["scale_range"]
+        if st.resize_long:
+            lo, hi = st.resize_long
+            s = float(torch.randint(lo, hi + 1, ()).item()) / max(h0, w0)
+        elif st.scale_range:
+            lo, hi = st.scale_range
             s = lo + (hi - lo) * float(torch.rand(()).item())
         else:
             s = 1.0
@@ -203,7 +187,7 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
         flipped = bool(torch.rand(()) < 0.5)
         if flipped:
             x = x.flip(-1)
-        crop = int(p["crop"])
+        crop = st.crop
         h, w = x.shape[1:]
         ph, pw = max(crop - h, 0), max(crop - w, 0)
         pt = pl = 0
@@ -214,7 +198,7 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
         top = int(torch.randint(0, h + ph - crop + 1, ()))
         left = int(torch.randint(0, w + pw - crop + 1, ()))
         x = x[:, top:top + crop, left:left + crop]
-        pooling = p["label_pooling"]
+        pooling = st.label_pooling
         ys = _cell_label_indices(top - pt, crop, h, h0, False, pooling)
         xs = _cell_label_indices(left - pl, crop, w, w0, flipped, pooling)
         y = np.full((len(ys), len(xs)), IGNORE_INDEX, np.int64)
@@ -224,7 +208,8 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
 
 
 def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | Path,
-                       seed_key: str, params: Mapping[str, Any], out_path: str | Path,
+                       seed_key: str, params: TrainAffinity | Mapping[str, Any],
+                       out_path: str | Path,
                        device: str = "cpu", log: Callable[[str], Any] = print) -> dict:
     """Train a PSA AffinityNet on affinity labels derived from seeds.
 
@@ -249,7 +234,8 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
         root: dataset root (``JPEGImages``).
         ids: training image ids (must be in the seeds file).
         seeds_path, seed_key: seeds HDF5 and its map key (``(k, H, W)`` in [0, 1]).
-        params: keys of :data:`DEFAULT_TRAIN_PARAMS` (missing keys take those defaults):
+        params: :class:`pipeline.settings.TrainAffinity` or a mapping of its keys (converted
+            once here; missing keys take its defaults, ``crf`` keys PSA's):
             backbone, pretrained, feature_dim, freeze_bn, crop, resize_long, scale_range,
             color_jitter, batch_size, iters (``None`` -> ``epochs * ceil(len(ids)/batch)``),
             epochs, lr, head_lr_mult, weight_decay, momentum, poly_power, radius,
@@ -272,36 +258,33 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
         ``seconds_labels``, ``seconds_train``.
 
     Raises:
-        ValueError: empty ``ids``, unknown param keys or ``label_pooling`` / ``pairs``
-            values.
+        ValueError: empty ``ids``, unknown ``label_pooling`` / ``pairs`` values; ConfigError
+            (a ValueError): an unknown param key.
         pipeline.storage.StorageError, pipeline.data.voc.DatasetError: missing inputs.
         FloatingPointError: the loss became NaN/inf (lr too high; names the iteration).
     """
     from tqdm import tqdm
 
-    unknown = set(params) - set(DEFAULT_TRAIN_PARAMS)
-    if unknown:
-        raise ValueError(f"unknown train_affinity params {sorted(unknown)}; allowed: "
-                         f"{sorted(DEFAULT_TRAIN_PARAMS)}")
-    p = {**DEFAULT_TRAIN_PARAMS, **params}
-    p["crf"] = {**PSA_CRF, **(p.get("crf") or {})}
-    _check_choice("label_pooling", p["label_pooling"], LABEL_POOLING)
-    _check_choice("pairs", p["pairs"], PAIR_MODES)
+    s = TrainAffinity.of(params)
+    # the resolved params (checkpoint, resume fingerprint): crf with PSA's defaults filled in
+    p = {**s.record(), "crf": dict(s.crf)}
+    _check_choice("label_pooling", s.label_pooling, LABEL_POOLING)
+    _check_choice("pairs", s.pairs, PAIR_MODES)
     ids = list(ids)
     if not ids:
         raise ValueError("train_affinity_net: no training ids")
     with MapReader(seeds_path) as r:  # fail early with a clear message; closed before fork
         r.require(ids, root)
         r.read(ids[0], seed_key)
-    torch.manual_seed(int(p["seed"]))
-    nw = int(p["num_workers"])
+    torch.manual_seed(s.seed)
+    nw = s.num_workers
 
     # 1) affinity labels -----------------------------------------------------------------
     t0 = time.time()
     labels: dict[str, bytes] = {}
     counts = np.zeros(3, np.int64)
     lab_loader = torch.utils.data.DataLoader(
-        _LabelSet(root, ids, seeds_path, seed_key, p), batch_size=None, shuffle=False,
+        _LabelSet(root, ids, seeds_path, seed_key, s), batch_size=None, shuffle=False,
         num_workers=nw)
     for image_id, data, c in tqdm(lab_loader, total=len(ids), desc="affinity labels (CRF)",
                                   leave=False):
@@ -313,28 +296,27 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
         f"(bg {fr[0]:.2f}, fg {fr[1]:.2f}, ignored {fr[2]:.2f})")
 
     # 2) training ------------------------------------------------------------------------
-    bs = int(p["batch_size"])
-    iters = int(p["iters"]) if p.get("iters") else int(p["epochs"]) * math.ceil(len(ids) / bs)
-    gen = torch.Generator().manual_seed(int(p["seed"]))
-    train_set = _AffinityTrainSet(root, ids, labels, p)
+    bs = s.batch_size
+    iters = s.iters if s.iters else s.epochs * math.ceil(len(ids) / bs)
+    gen = torch.Generator().manual_seed(s.seed)
+    train_set = _AffinityTrainSet(root, ids, labels, s)
     sampler = torch.utils.data.RandomSampler(train_set, replacement=False,
                                              num_samples=iters * bs, generator=gen)
     loader = torch.utils.data.DataLoader(train_set, batch_size=bs, sampler=sampler,
                                          num_workers=nw, drop_last=True,
                                          generator=gen, persistent_workers=False)
-    model = build_affinity_net(p).to(device)
+    model = build_affinity_net(s).to(device)
     model.train()
     head = {id(q) for q in model.head_parameters()}
     body = [q for q in model.parameters() if id(q) not in head and q.requires_grad]
-    base_lr = float(p["lr"])
-    mults = [1.0, float(p["head_lr_mult"])]
+    base_lr = s.lr
+    mults = [1.0, s.head_lr_mult]
     opt = torch.optim.SGD([{"params": body, "lr": base_lr},
                            {"params": model.head_parameters(), "lr": base_lr * mults[1]}],
-                          lr=base_lr, momentum=float(p["momentum"] or 0.0),
-                          weight_decay=float(p["weight_decay"]))
-    schedule = PolySchedule(base_lr, iters, float(p["poly_power"]), multiply_first=True)
+                          lr=base_lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    schedule = PolySchedule(base_lr, iters, s.poly_power, multiply_first=True)
     trainer = Trainer("train_affinity", model, opt, schedule, mults, out_path, p,
-                      int(p["checkpoint_every"] or 0), int(p["log_every"]), log,
+                      s.checkpoint_every, s.log_every, log,
                       LossList(keys=("bg", "fg", "neg")), device=device, save_rng=False,
                       desc="train affinity")
     t1 = time.time()
@@ -345,8 +327,7 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     def step(batch, it):
         x, y = batch
         f = model(x.to(device, non_blocking=True))
-        return affinity_loss(f, y.to(device), int(p["radius"]), return_parts=True,
-                             pairs=p["pairs"])
+        return affinity_loss(f, y.to(device), s.radius, return_parts=True, pairs=s.pairs)
 
     curve = trainer.run(batches, step)
     t_train = time.time() - t1

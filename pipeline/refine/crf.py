@@ -18,6 +18,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
+from pipeline.settings import PSA_CRF   # PSA defaults (official PSA code), re-exported here
+
 #: Probabilities are clipped to ``[PROB_CLIP, 1]`` before ``-log`` (as pydensecrf's
 #: ``unary_from_softmax`` does by default).
 PROB_CLIP = 1e-5
@@ -25,10 +27,6 @@ PROB_CLIP = 1e-5
 #: Keyword names accepted by :func:`dense_crf` (and hence the keys of the ``crf`` dicts).
 CRF_KEYS = ("gaussian_sxy", "gaussian_compat", "bilateral_sxy", "bilateral_srgb",
             "bilateral_compat", "iters")
-
-#: PSA defaults (official PSA code).
-PSA_CRF = dict(gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80, bilateral_srgb=13,
-               bilateral_compat=10, iters=10)
 
 
 def _check_image(image: np.ndarray) -> np.ndarray:

@@ -30,11 +30,8 @@ from pipeline.refine.affinity_net import AffinityNet, load_affinity_net
 from pipeline.refine.affinity_pairs import (PAIR_MODES, _check_choice, pair_indices,
                                             pairwise_affinity, search_offsets)
 from pipeline.refine.crf import background_from_cams
+from pipeline.settings import RefineSeeds
 from pipeline.storage import MapReader, MapWriter
-
-#: Random-walk defaults (PSA / official code).
-DEFAULT_REFINE_PARAMS: dict[str, Any] = dict(radius=5, beta=8, logt=8, bg_alpha=16,
-                                             pairs="official")
 
 
 def _check_rw_inputs(f: torch.Tensor, maps: torch.Tensor, logt: int) -> None:
@@ -172,7 +169,7 @@ def random_walk(f: torch.Tensor, maps: torch.Tensor, radius: int = 5, beta: floa
 
 @torch.no_grad()
 def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
-                params: Mapping[str, Any] | None = None) -> np.ndarray:
+                params: RefineSeeds | Mapping[str, Any] | None = None) -> np.ndarray:
     """PSA refinement of one image's CAMs.
 
     1. ``background_from_cams(cams, bg_alpha)`` at full resolution -> ``(k+1, H, W)``;
@@ -191,8 +188,8 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
         model: trained :class:`pipeline.refine.affinity_net.AffinityNet` (its device is used).
         image: ``(H, W, 3)`` uint8 RGB.
         cams: ``(k, H, W)`` float in [0, 1] (other sizes are bilinearly resized to ``(H, W)``).
-        params: ``radius``, ``beta``, ``logt``, ``bg_alpha``, ``pairs`` (defaults
-            :data:`DEFAULT_REFINE_PARAMS`).
+        params: :class:`pipeline.settings.RefineSeeds` or a mapping of its keys: ``radius``,
+            ``beta``, ``logt``, ``bg_alpha``, ``pairs`` (defaults: the dataclass, PSA's).
 
     Returns:
         ``(k+1, H, W)`` float32 in [0, 1], channel 0 background, each pixel sums to 1.
@@ -202,7 +199,7 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
 
     Source: PSA Sec. 3.4-3.5; official code ``infer_aff.py``.
     """
-    p = {**DEFAULT_REFINE_PARAMS, **(params or {})}
+    s = RefineSeeds.of(params)
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
@@ -221,12 +218,12 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
     finally:
         model.train(was_training)
     h, w = f.shape[1:]
-    maps = torch.from_numpy(background_from_cams(cams, p["bg_alpha"]))[None].to(device)
+    maps = torch.from_numpy(background_from_cams(cams, s.bg_alpha))[None].to(device)
     maps = F.avg_pool2d(maps, STRIDE, STRIDE, ceil_mode=True)[0]
     if maps.shape[1:] != (h, w):  # only for exotic backbones; keep the grids aligned
         maps = F.interpolate(maps[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    rw = random_walk(f.float(), maps.float(), p["radius"], p["beta"], p["logt"],
-                     _check_choice("pairs", p["pairs"], PAIR_MODES))
+    rw = random_walk(f.float(), maps.float(), s.radius, s.beta, s.logt,
+                     _check_choice("pairs", s.pairs, PAIR_MODES))
     up = F.interpolate(rw[None], size=(h * STRIDE, w * STRIDE), mode="bilinear",
                        align_corners=False)[0, :, :H, :W].clamp_min(0)
     up = up / up.sum(dim=0, keepdim=True).clamp_min(1e-12)
@@ -235,13 +232,15 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
 
 def refine_seeds(root: str | Path, ids: Sequence[str], seeds_path: str | Path, seed_key: str,
                  model_path: str | Path, out_path: str | Path,
-                 params: Mapping[str, Any] | None = None, device: str = "cpu",
+                 params: RefineSeeds | Mapping[str, Any] | None = None, device: str = "cpu",
                  log: Callable[[str], Any] = print) -> None:
     """Refine the seeds of ``ids`` with a trained AffinityNet and write ``out_path``.
 
     Output (:class:`pipeline.storage.MapWriter`, atomic): per image ``class_ids = [0] + fg
     ids`` and key ``probs`` = :func:`refine_maps` output ``(k+1, H, W)``; file attributes
-    ``stage="refine_seeds"``, ``method="psa"``, ``params``.
+    ``stage="refine_seeds"``, ``method="psa"``, ``params`` (the
+    :attr:`~pipeline.settings.RefineSeeds.RECORD` keys with their defaults, then the params as
+    given).
 
     Args:
         root: dataset root (``JPEGImages``).
@@ -250,7 +249,7 @@ def refine_seeds(root: str | Path, ids: Sequence[str], seeds_path: str | Path, s
         seed_key: map key, e.g. ``"cams"``.
         model_path: checkpoint of :func:`pipeline.refine.affinity_train.train_affinity_net`.
         out_path: output HDF5.
-        params: ``radius``, ``beta``, ``logt``, ``bg_alpha``, ``pairs``.
+        params: :class:`pipeline.settings.RefineSeeds` or its params (converted once here).
         device: torch device.
         log: message sink.
 
@@ -260,18 +259,18 @@ def refine_seeds(root: str | Path, ids: Sequence[str], seeds_path: str | Path, s
     """
     from tqdm import tqdm
 
-    p = {**DEFAULT_REFINE_PARAMS, **(params or {})}
+    s = RefineSeeds.of(params)
     model = load_affinity_net(model_path, device)
     t0 = time.time()
     with MapReader(seeds_path) as reader:
         reader.require(ids, root)
         names = reader.class_names or list(VOC_CLASSES)
         with MapWriter(out_path, names, {"stage": "refine_seeds", "method": "psa",
-                                         "params": dict(p)}) as writer:
+                                         "params": {**s.record(), **s.as_dict()}}) as writer:
             for image_id in tqdm(list(ids), desc="psa random walk", leave=False):
                 cams, cids, _ = reader.read(image_id, seed_key)
                 image = load_image(root, image_id)
-                probs = refine_maps(model, image, cams, p)
+                probs = refine_maps(model, image, cams, s)
                 writer.write(image_id, np.concatenate([[0], cids]).astype(np.int64),
                              image.shape[:2], probs=probs)
     log(f"refine_seeds: {len(ids)} images refined with PSA random walk in "
