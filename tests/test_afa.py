@@ -21,38 +21,72 @@ def _model(**kw):
     return AFANet({**TINY, **kw}, 20).eval()
 
 
-def test_affinity_eq3_from_attention_logits_loop():
-    """Â_ij = Σ_k w_k (S_k[i, j] + S_k[j, i]) + b over the heads of the last two blocks, with
-    S the pre-softmax QK^T/sqrt(d) (Eq. 1) recomputed by hand from each block's qkv weights."""
-    m = _model()
-    with torch.no_grad():
-        m.aff_proj.weight.normal_()
-        m.aff_proj.bias.fill_(0.3)
-    x = torch.randn(1, 3, 32, 32)
+def _attention_inputs(m, x, blocks=(1, 2)):
+    """One ``m.run(x)`` with the input tokens of the attention of ``blocks`` recorded."""
     feats = {}
     hooks = [m.vit.blocks[i].attn.register_forward_pre_hook(
-        lambda mod, args, i=i: feats.__setitem__(i, args[0])) for i in (1, 2)]
+        lambda mod, args, i=i: feats.__setitem__(i, args[0])) for i in blocks]
     out = m.run(x)
     for h in hooks:
         h.remove()
-    n = 64
-    exp = torch.full((n, n), 0.3)
+    return out, feats
+
+
+def brute_eq3(m, feats, bias, scaled, blocks=(1, 2)):
+    """Â_ij = Σ_k w_k (S_k[i, j] + S_k[j, i]) + b over the heads k of ``blocks`` (image 0),
+    float64, with S_k = q_k k_kᵀ recomputed by hand from each block's qkv weight and bias
+    (``t W^T + b``, split into q / k / v and heads), divided by √d only when ``scaled``."""
+    n = feats[blocks[0]].shape[1] - 1
+    exp = torch.full((n, n), bias, dtype=torch.float64)
     k = 0
-    for blk in (1, 2):
+    for blk in blocks:
         inner = m.vit.blocks[blk].attn.inner
-        t = feats[blk][0]                                         # (N, D) input of attention
-        qkv = inner.qkv(t).view(t.shape[0], 3, inner.num_heads, inner.head_dim)
-        for hd in range(inner.num_heads):
-            q, kk = qkv[:, 0, hd], qkv[:, 1, hd]
-            S = (q @ kk.t() / math.sqrt(inner.head_dim))[1:, 1:]  # drop the class token
-            exp = exp + m.aff_proj.weight[0, k] * (S + S.t())
+        t = feats[blk][0].double()                                  # (N, D) input of attention
+        W, b = inner.qkv.weight.double(), inner.qkv.bias.double()
+        D, nh = t.shape[1], inner.num_heads
+        hd = D // nh
+        qkv = t @ W.t() + b                                         # (N, 3D): q | k | v
+        for hh in range(nh):
+            q = qkv[:, hh * hd:(hh + 1) * hd]
+            kk = qkv[:, D + hh * hd:D + (hh + 1) * hd]
+            S = torch.zeros(t.shape[0], t.shape[0], dtype=torch.float64)
+            for i in range(t.shape[0]):
+                for j in range(t.shape[0]):
+                    S[i, j] = sum(float(q[i, c]) * float(kk[j, c]) for c in range(hd))
+            if scaled:
+                S = S / math.sqrt(hd)
+            S = S[1:, 1:]                                           # drop the class token
+            exp = exp + float(m.aff_proj.weight[0, k]) * (S + S.t())
             k += 1
-    torch.testing.assert_close(out["aff"][0], exp, rtol=1e-4, atol=1e-4)
+    return exp
+
+
+def test_affinity_eq3_unscaled_qk_default_and_scaled_option_loop():
+    """Default ``aff_attention: logits_unscaled`` = official wetr/mix_transformer.py
+    ``attn_copy`` = ``q @ kᵀ`` without 1/√d; ``logits`` = the paper's QKᵀ/√d (Eq. 1); both
+    against a per-head brute force from the blocks' qkv weights."""
+    m = _model()
+    assert m.aff_attention == "logits_unscaled"                     # in-code default
+    with torch.no_grad():
+        m.aff_proj.weight.normal_()
+        m.aff_proj.bias.fill_(0.3)
+    x = torch.randn(1, 3, 16, 16)                                   # 4x4 tokens + class token
+    out, feats = _attention_inputs(m, x)
+    unscaled = brute_eq3(m, feats, 0.3, scaled=False)
+    torch.testing.assert_close(out["aff"][0].double(), unscaled, rtol=1e-4, atol=1e-4)
     assert torch.allclose(out["aff"][0], out["aff"][0].t(), atol=1e-5)      # symmetric
+    sc = AFANet({**TINY, "aff_attention": "logits"}, 20).eval()
+    sc.load_state_dict(m.state_dict())
+    out_s, feats_s = _attention_inputs(sc, x)
+    scaled = brute_eq3(sc, feats_s, 0.3, scaled=True)
+    torch.testing.assert_close(out_s["aff"][0].double(), scaled, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(unscaled, scaled, atol=1e-2)          # head dim 8: √8 apart
     # the softmax variant uses the post-softmax attention instead -> a different Â
     soft = AFANet({**TINY, "aff_attention": "softmax"}, 20).eval()
     soft.load_state_dict(m.state_dict())
     assert not torch.allclose(soft.run(x)["aff"], out["aff"], atol=1e-3)
+    with pytest.raises(ValueError, match="aff_attention"):
+        AFANet({**TINY, "aff_attention": "qk"}, 20)
 
 
 def test_gmp_classifier_and_cam_eq2():
@@ -91,6 +125,11 @@ def test_seg_loss_modes():
     lp = -F.log_softmax(logits, 1)
     bal = 0.5 * ((lp[0, 0, 0, 0] + lp[0, 0, 0, 1]) / 2 + lp[0, 2, 1, 0])
     assert seg_loss(logits, lab, "balanced").item() == pytest.approx(bal.item(), rel=1e-6)
+    # default = official utils/losses.py get_seg_loss: (bg_loss + fg_loss) * 0.5
+    off = 0.5 * (F.cross_entropy(logits, torch.tensor([[[0, 0], [255, 255]]]), ignore_index=255)
+                 + F.cross_entropy(logits, torch.tensor([[[255, 255], [2, 255]]]), ignore_index=255))
+    assert seg_loss(logits, lab).item() == pytest.approx(off.item(), rel=1e-6)
+    assert seg_loss(logits, lab).item() != pytest.approx(ce.item(), rel=1e-3)
 
 
 def _afa_batch():
@@ -136,8 +175,10 @@ def test_maps_and_segment():
     assert out["cams"].shape == (2, 8, 8) and (out["cams"] >= 0).all()
     cam, aff = m.cams(x)
     exp = propagate_affinity(minmax(F.relu(cam[:, fg])), torch.sigmoid(aff), 2.0, 1,
-                             radius_mask(8, 8, 2))
+                             radius_mask(8, 8, 2), 0.1)               # default prop_eps: official
     torch.testing.assert_close(out["cams_aff"], exp[0])
+    paper = afa.maps(m, x, fg, {**p, "prop_eps": 0.0})["cams_aff"]
+    assert not torch.allclose(paper, out["cams_aff"], atol=1e-4)
     assert afa.segment(m, x, {}).shape == (1, 21, 8, 8)
     assert afa.has_seg_head and not get_method("cam").has_seg_head
     with pytest.raises(NotImplementedError):
@@ -214,7 +255,7 @@ def test_propagation_uses_largest_scale_affinity_on_its_grid(monkeypatch):
     from pipeline.methods.common.token_affinity import propagate_cams_with_bkg
     afa = get_method("afa")
     torch.manual_seed(1)
-    p = {**TINY, "cam_scales": [1.0, 1.5], "aff_radius": 2, "prop_eps": 0.1,
+    p = {**TINY, "cam_scales": [1.0, 1.5], "aff_radius": 2,         # prop_eps: default
          "warmup_cls_iters": 0, "warmup_aff_iters": 0}
     m = afa.build_model(p, 4).eval()
     with torch.no_grad():
@@ -232,6 +273,7 @@ def test_propagation_uses_largest_scale_affinity_on_its_grid(monkeypatch):
     afa.pseudo_labels(m, x, y, out["aff"], out["grid"], p, propagate=True)
     assert len(calls) == 2
     cg, aff, bg, (alpha, iters, mask, eps) = calls[1]
+    assert eps == 0.1 and alpha == 2.0 and iters == 1                 # official + 1e-1 default
     assert cg.shape[-2:] == (12, 12) and aff.shape == (2, 144, 144)          # 1.5 x 32 / 4
     with torch.no_grad():                                                   # independent forward
         x15 = F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False)
@@ -269,3 +311,35 @@ def test_lreg_off_by_default_and_aff_loss_option():
     assert pp["aff"] > 1.5 * parts["aff"]                        # unhalved Eq. 5 vs official half
     with pytest.raises(ValueError, match="aff_loss"):
         afa.loss(m, x, y, {**p, "aff_loss": "bad"}, torch.Generator(), it=0)
+
+
+def test_plugin_and_params_defaults_are_official(monkeypatch):
+    """Issue 14: without the keys the plug-in runs the official values (seg_loss balanced,
+    prop_eps 0.1, aff_attention logits_unscaled), and params.yaml's voc / demo profiles say
+    the same."""
+    import pipeline.methods.afa as afa_mod
+    from pipeline.config import load_params, stage_params
+    cfg = load_params()
+    for prof in ("voc", "demo"):
+        tc = stage_params(cfg, prof, "afa", "train_cls")
+        assert (tc["seg_loss"], tc["prop_eps"], tc["aff_attention"]) == ("balanced", 0.1, "logits_unscaled")
+        assert stage_params(cfg, prof, "afa", "export_seeds")["prop_eps"] == 0.1
+    seen = {}
+    real_seg, real_prop = afa_mod.seg_loss, afa_mod.propagate_cams_with_bkg
+
+    def seg_spy(lg, lab, mode):
+        seen["seg"] = mode
+        return real_seg(lg, lab, mode)
+
+    def prop_spy(*a):
+        seen["eps"] = a[-1]                      # (cams, y, aff, bg, alpha, iters, mask, eps)
+        return real_prop(*a)
+    monkeypatch.setattr(afa_mod, "seg_loss", seg_spy)
+    monkeypatch.setattr(afa_mod, "propagate_cams_with_bkg", prop_spy)
+    afa, m, x, y = _afa_batch()
+    assert m.aff_attention == "logits_unscaled"
+    p = {**TINY, "warmup_cls_iters": 0, "warmup_aff_iters": 0}
+    for k in ("seg_loss", "prop_eps", "aff_attention"):
+        assert k not in p
+    afa.loss(m, x, y, p, torch.Generator(), it=0)
+    assert seen == {"seg": "balanced", "eps": 0.1}

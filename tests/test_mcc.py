@@ -171,20 +171,25 @@ def test_affinity_loss_matches_brute_force():
     for b, i, j in itertools.product(range(B), range(n), range(n)):
         if i != j and lab[b, i] != 255 and lab[b, j] != 255:
             aff[b, i, j] = int(lab[b, i] == lab[b, j])
-    pos, neg, npos, nneg = 0.0, 0.0, 0, 0
-    for b, i, j in itertools.product(range(B), range(n), range(n)):
-        c = np.dot(tok[b, i], tok[b, j]) / np.linalg.norm(tok[b, i]) / np.linalg.norm(tok[b, j])
-        if aff[b, i, j] == 1:
-            pos += 1 - c
-            npos += 1
-        elif aff[b, i, j] == 0:
-            neg += c
-            nneg += 1
-    expect = pos / npos + neg / nneg
-    got = affinity_loss(torch.tensor(tok), torch.tensor(aff)).item()
-    assert got == pytest.approx(expect, rel=1e-10)
-    # |cos| (official code) differs whenever a negative pair has cos < 0
-    assert affinity_loss(torch.tensor(tok), torch.tensor(aff), abs_cos=True).item() != pytest.approx(expect)
+
+    def brute(absolute):
+        pos, neg, npos, nneg = 0.0, 0.0, 0, 0
+        for b, i, j in itertools.product(range(B), range(n), range(n)):
+            c = np.dot(tok[b, i], tok[b, j]) / np.linalg.norm(tok[b, i]) / np.linalg.norm(tok[b, j])
+            c = abs(c) if absolute else c
+            if aff[b, i, j] == 1:
+                pos += 1 - c
+                npos += 1
+            elif aff[b, i, j] == 0:
+                neg += c
+                nneg += 1
+        return pos / npos + neg / nneg
+    paper, official = brute(False), brute(True)
+    assert paper != pytest.approx(official)           # some pair has cos < 0
+    got = affinity_loss(torch.tensor(tok), torch.tensor(aff), abs_cos=False).item()
+    assert got == pytest.approx(paper, rel=1e-10)      # Eq. 12 as printed
+    # default: |cos| of the official model/losses.py get_masked_aff_loss
+    assert affinity_loss(torch.tensor(tok), torch.tensor(aff)).item() == pytest.approx(official, rel=1e-10)
 
 
 # ------------------------------------------------------------------- plug-in smoke test
@@ -275,6 +280,17 @@ def test_mcc_loss_defaults_are_official(monkeypatch):
         monkeypatch.setattr(mcc_mod, name, f)
     spy("info_nce_code", mcc_mod.info_nce_code)
     spy("info_nce", mcc_mod.info_nce)
+    real_masks, real_aff = mcc_mod.draw_key_masks, mcc_mod.affinity_loss
+
+    def masks_spy(n, h, w, ratio, scale, g):
+        seen["mask_ratio"] = ratio
+        return real_masks(n, h, w, ratio, scale, g)
+
+    def aff_spy(tok, aff, abs_cos):
+        seen["abs_cos"] = abs_cos
+        return real_aff(tok, aff, abs_cos)
+    monkeypatch.setattr(mcc_mod, "draw_key_masks", masks_spy)
+    monkeypatch.setattr(mcc_mod, "affinity_loss", aff_spy)
     torch.manual_seed(0)
     m = get_method("mcc")
     p = {**TINY, "n_local": 3, "mask_scale": 2, "cam_scales": [1.0], "seg_start_iter": 10}
@@ -285,6 +301,9 @@ def test_mcc_loss_defaults_are_official(monkeypatch):
     m.loss(model, x, y, p, torch.Generator().manual_seed(0), it=0)
     q, k, pos = seen.pop("info_nce_code")
     assert "info_nce" not in seen
+    # official --mask_rate 0.95 and get_masked_aff_loss's |cos| without the keys
+    assert "mask_ratio" not in p and "abs_cos" not in p
+    assert (seen.pop("mask_ratio"), seen.pop("abs_cos")) == (0.95, True)
     assert k.shape[:2] == (2, 4) and pos[:, 0].all()                  # global view + 3 locals
     with torch.no_grad():
         cls, _, _ = model.tokens(x)
@@ -297,3 +316,12 @@ def test_mcc_loss_defaults_are_official(monkeypatch):
     torch.testing.assert_close(k.norm(dim=-1), torch.ones(2, 3))
     with pytest.raises(ValueError, match="info_nce"):
         m.loss(model, x, y, {**p, "info_nce": "x"}, torch.Generator(), it=0)
+
+
+def test_params_mcc_defaults_are_official():
+    """params.yaml: voc and demo train MCC with the official --mask_rate 0.95 and |cos|."""
+    from pipeline.config import load_params, stage_params
+    cfg = load_params()
+    for prof in ("voc", "demo", "coco"):
+        tc = stage_params(cfg, prof, "mcc", "train_cls")
+        assert (tc["mask_ratio"], tc["abs_cos"]) == (0.95, True), prof

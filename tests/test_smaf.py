@@ -248,3 +248,44 @@ def test_student_softmax_with_background_matches_pixel_loops(teacher_ckpt):
         m.loss(student, x, y, {**p, "reactivate": False}, torch.Generator())
     with pytest.raises(ValueError, match="bg_classifier"):
         student_maps_bg(st2, x)
+
+
+def test_student_head_default_gap_is_official_eps_pooling():
+    """Default student_head gap = official smaf/models/EPS.py Net.forward ``pred =
+    F.avg_pool2d(cam, kernel_size=(h, w))``: each class logit is the mean over the token grid
+    of the CAM ``W F`` (by loops); ``gmp`` (old default) applies W to the per-channel max of
+    the tokens instead. params.yaml's voc and demo profiles use gap."""
+    from pipeline.config import load_params, stage_params
+    from pipeline.methods.smaf import student_maps_bg
+    from pipeline.models.vit import patch_tokens
+    cfg = load_params()
+    for prof in ("voc", "demo"):
+        assert stage_params(cfg, prof, "smaf", "train_cls")["student_head"] == "gap", prof
+    m = SMAF()
+    p = {**TINY, "teacher": "cam"}
+    assert "student_head" not in p
+    torch.manual_seed(3)
+    student = m.build_model(p, 5).eval()
+    assert student.head_type == "gap"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, f = patch_tokens(student.vit, x)                       # (2, 16, 24)
+        W = student.classifier.weight.double()
+        cam = [[[float(W[c] @ f[b, n].double()) for n in range(16)] for c in range(5)]
+               for b in range(2)]
+        mean = torch.tensor([[sum(cam[b][c]) / 16 for c in range(5)] for b in range(2)],
+                            dtype=torch.float64)
+        fmax = [[max(float(f[b, n, d]) for n in range(16)) for d in range(24)] for b in range(2)]
+        mx = torch.tensor([[sum(float(W[c, d]) * fmax[b][d] for d in range(24)) for c in range(5)]
+                           for b in range(2)], dtype=torch.float64)
+        logits_bg, _ = student_maps_bg(student, x)                # default student_target
+        logits_fg, _ = student_maps(student, x)                   # foreground option
+        torch.testing.assert_close(logits_bg.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits_fg.double(), mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(student(x).double(), mean, rtol=1e-5, atol=1e-5)
+        gmp = m.build_model({**p, "student_head": "gmp"}, 5).eval()
+        gmp.load_state_dict(student.state_dict())
+        torch.testing.assert_close(student_maps_bg(gmp, x)[0].double(), mx, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mean, mx)
+    with pytest.raises(ValueError, match="student_head"):
+        m.build_model({**p, "student_head": "avg"}, 5)

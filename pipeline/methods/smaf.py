@@ -30,9 +30,14 @@ A frozen teacher — the trained classifier of another method of this pipeline
     per class by its max (``student_norm``), ``L_mac = 1/K sum_k mean_{ij} (F'^k - M_o^k)^2``
     over the K foreground channels only (absent ones have target 0).
 
-Student: a :class:`ViTClassifier` with a pooled head (``student_head``: ``gmp`` as the
-``cam`` teacher, ``gap`` as in the paper's EPS network), initialised from the teacher
+Student: a :class:`ViTClassifier` with a pooled head, initialised from the teacher
 (``init_from_teacher``; the paper initialises both branches from the same pre-trained model).
+``student_head: gap`` (default) — global average pooling as the official EPS network
+(``smaf/models/EPS.py: Net.forward``: ``pred = F.avg_pool2d(cam, kernel_size=(h, w))``, the
+mean of the CAM = the classifier of the mean token, bias-free); ``gmp`` = global max pooling as
+the ``cam`` teacher (old default). The pooling only enters ``L_cls``; the official student
+step (``adaptation_modelv2.py: CustomModel.step``) has its ``loss_cls`` commented out and
+trains on ``100 * loss_cam`` alone, while this plug-in keeps Eq. 1's ``L_cls``.
 With ``student_target: foreground`` its map ``M_o = ReLU(W F)`` is divided per class by its
 spatial max (``student_norm: max``, the paper's "normalized to [0, 1]") so it is comparable
 to ``F'``.
@@ -222,13 +227,14 @@ class SMAF(Method):
         self.teacher: tuple[Method, nn.Module] | None = None
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
-        """Student :class:`ViTClassifier` (pooled head); with ``student_target: softmax_bg``
-        (default) also ``bg_classifier``, a bias-free ``Linear(D, 1)`` background channel.
+        """Student :class:`ViTClassifier` (pooled head ``student_head``: ``gap`` default,
+        official EPS ``avg_pool2d``; ``gmp``); with ``student_target: softmax_bg`` (default)
+        also ``bg_classifier``, a bias-free ``Linear(D, 1)`` background channel.
 
         Raises:
             ValueError: unknown ``student_head`` or ``student_target``.
         """
-        head = p.get("student_head", "gmp")
+        head = p.get("student_head", "gap")
         if head not in ("gmp", "gap"):
             raise ValueError(f"methods.smaf.student_head must be gmp or gap, got {head!r}")
         tgt = p.get("student_target", "softmax_bg")

@@ -7,14 +7,17 @@ One network trained end to end on image-level labels:
 * encoder: a timm ViT/DeiT (:func:`pipeline.models.vit.create_vit`; paper MiT-B1, optional);
 * classifier: global max pooling (GMP, Table 1) of the final patch tokens + a bias-free 1x1
   conv (linear layer); multi-label soft-margin loss (Eq. 11); CAM = ReLU(W^T F) (Eq. 2);
-* AFA module (Eq. 3): ``Â = MLP(S + S^T)`` over the multi-head attention of the blocks
-  ``aff_layers`` (channels = layers x heads), supervised by Eq. 5 with pairwise labels of the
-  PAR-refined pseudo label (Eq. 4, β_h/β_l) inside a window of ``aff_radius`` tokens;
-* propagation (Eq. 6-7): ``T = D^-1 σ(Â)^α``, one random-walk step of the CAM (with a
-  constant background at β_h and β_l), refined by PAR (Eq. 8-10), high/low combination;
+* AFA module (Eq. 3): ``Â = MLP(S + S^T)`` over the multi-head attention logits (unscaled
+  ``q k^T`` as the official code, ``aff_attention``) of the blocks ``aff_layers`` (channels =
+  layers x heads), supervised by Eq. 5 with pairwise labels of the PAR-refined pseudo label
+  (Eq. 4, β_h/β_l) inside a window of ``aff_radius`` tokens;
+* propagation (Eq. 6-7): ``T = (D + 0.1)^-1 σ(Â)^α`` (the official + 0.1, ``prop_eps``), one
+  random-walk step of the CAM (with a constant background at β_h and β_l), refined by PAR
+  (Eq. 8-10), high/low combination;
 * segmentation head: a SegFormer-style MLP decoder over ``seg_levels`` blocks' tokens
-  (the paper uses MiT's four stages), trained with cross-entropy (ignore 255) on the
-  PAR-refined pseudo labels, then on the propagated ones;
+  (the paper uses MiT's four stages), trained with the official background/foreground
+  balanced cross-entropy (``seg_loss``; ignore 255) on the PAR-refined pseudo labels, then on
+  the propagated ones;
 * total (Eq. 12): ``L_cls + λ1 L_seg + λ2 L_aff + λ3 L_reg``; paper (0.1, 0.1, 0.01), default
   (0.1, 0.1, 0) because the official ``scripts/dist_train_voc.py`` comments ``reg_loss`` out
   (``lambdas: [0.1, 0.1, 0.01]`` is the paper's reading); ``L_reg`` =
@@ -41,20 +44,30 @@ paper's literal reading an option; table: ``docs/methods/afa.md``.
   forward at the crop's grid (Eq. 6-7 do not say which forward). With ``cam_scales: [1.0]``
   both give the same affinity (the largest scale is the crop itself).
 
-* ``aff_attention: logits`` — S is the pre-softmax ``QK^T/sqrt(d)`` of Eq. 1 (paper);
-  ``softmax`` uses the post-softmax attention. ``aff_layers: [-2, -1]``: the last two blocks
-  (official code; the paper names no block). The MLP is one 1x1 conv with bias (code).
+* ``aff_attention: logits_unscaled`` (default) — S is the pre-softmax ``q k^T`` WITHOUT the
+  ``1/sqrt(d)``: official ``wetr/mix_transformer.py: Attention.forward`` returns ``attn_copy``
+  = ``q @ k.transpose(-2, -1)`` (the scale is applied only inside its softmax) and
+  ``wetr/model_attn_aff.py`` feeds it to ``attn_proj``; ``logits`` = ``QK^T/sqrt(d)`` of Eq. 1
+  (paper reading, old default); ``softmax`` = the post-softmax attention. See
+  :meth:`AFANet.affinity`. ``aff_layers: [-2, -1]``: the last two blocks (official code; the
+  paper names no block). The MLP is one 1x1 conv with bias (code).
 * ``aff_ignore_diagonal: false`` (code keeps pairs (i, i) as positives); ``aff_radius: 8``.
-* Eq. 6 row normalisation without eps
-  (paper; ``prop_eps: 0.1`` is the code's column sums + 0.1); one step (``prop_iters``),
-  pairs beyond ``aff_radius`` zeroed before the power (code; ``prop_radius_mask``).
+* ``prop_eps: 0.1`` (default) — Eq. 6's ``D`` plus 0.1: official ``utils/camutils.py:
+  propagte_aff_cam_with_bkg`` divides ``aff ** 2`` by ``torch.sum(aff, dim=1, keepdim=True) +
+  1e-1`` (column sums + 0.1; ``cams @ aff``, so for the symmetric Â this equals the row
+  normalisation of :func:`~pipeline.methods.common.token_affinity.transition_matrix` with
+  ``eps`` 0.1); ``0.0`` = Eq. 6 as printed (old default). The same value is used for the
+  ``cams_aff`` seeds (``export_seeds.prop_eps``). One step (``prop_iters``), pairs beyond
+  ``aff_radius`` zeroed before the power (code; ``prop_radius_mask``).
 * PAR: ``par.variant: paper`` (separate w1/w2 scales); code: one scale. Run on the image
   downsampled by ``par_down_scale`` (2, code).
 * Training CAMs: per scale of ``cam_scales`` image + flip, flip merged by max, ReLU, summed
   over scales, min-max per class, masked by the labels (code ``multi_scale_cam``); no
   gradients.
-* ``seg_loss: ce`` (paper: "commonly used cross-entropy"); ``balanced`` = the code's mean of
-  background and foreground CE.
+* ``seg_loss: balanced`` (default) — official ``utils/losses.py: get_seg_loss`` (also defined
+  in ``scripts/dist_train_voc.py``, which calls it): ``(bg_loss + fg_loss) * 0.5``, the CE
+  over background pixels and the CE over foreground pixels; ``ce`` = one cross-entropy over
+  all labelled pixels (paper: "commonly used cross-entropy"; old default).
 * L_reg (off by default, see Eq. 12 above): bilateral Potts energy on PAR's sparse dilated neighbourhood at ``reg_scale`` (0.5)
   of the crop (rloss uses a dense permutohedral filter; σ_rgb 15, σ_xy 100 as there).
 * Seeds: ``cams`` (Eq. 2, normalised by the export: ``norm: minmax``) and ``cams_aff``:
@@ -83,6 +96,8 @@ from .losses import AFF_LOSS_FORMS, affinity_loss_afa, local_consistency_loss, s
 from .model import AFANet, minmax, scale_affinity, train_time_cams
 
 PROP_AFFINITY = ("largest_scale", "train_forward")
+#: default ``prop_eps``: official ``propagte_aff_cam_with_bkg`` adds 1e-1 to the sums (Eq. 6: 0)
+PROP_EPS = 0.1
 
 
 def denormalise(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +142,8 @@ class AFA(Method):
         Returns:
             ``refined`` (B, H, W) int64: PAR-refined CAM label (Eq. 4 via β_h/β_l + PAR);
             ``aff_label`` (B, n, n): Eq. 5 pair labels from ``refined`` at the token grid;
-            ``propagated`` (B, H, W), only with ``propagate``: Eq. 6-7 + PAR, high/low.
+            ``propagated`` (B, H, W), only with ``propagate``: Eq. 6-7 + PAR, high/low,
+            ``D`` + ``prop_eps`` (default 0.1 = official ``propagte_aff_cam_with_bkg``).
             The affinity is ``prop_affinity``'s: ``largest_scale`` (official, default) = the
             forward at ``max(cam_scales)`` on its own grid (:func:`scale_affinity`);
             ``train_forward`` = ``aff_logits`` at ``grid``.
@@ -164,7 +180,7 @@ class AFA(Method):
                 aff = torch.sigmoid(aff_p)
                 prop = [propagate_cams_with_bkg(cg, y, aff, bg, float(p.get("alpha", 2.0)),
                                                 int(p.get("prop_iters", 1)), mask,
-                                                float(p.get("prop_eps", 0.0)))
+                                                float(p.get("prop_eps", PROP_EPS)))
                         for bg in (bh, bl)]
                 lab_h, lab_l = maps_to_par_label(par, img, prop, y, False, down, kern)
                 out["propagated"] = combine_high_low(lab_h, lab_l)
@@ -180,7 +196,9 @@ class AFA(Method):
             it: iteration (0-based); None: ``self.iteration`` (set by the trainer).
             Settings (``p``): ``aff_loss`` (``code`` official half Eq. 5 | ``paper``),
             ``lambdas`` (default ``[0.1, 0.1, 0.0]``: L_reg off as in the official script;
-            paper ``[0.1, 0.1, 0.01]``), ``prop_affinity`` (see :meth:`pseudo_labels`).
+            paper ``[0.1, 0.1, 0.01]``), ``seg_loss`` (default ``balanced``, official
+            ``get_seg_loss`` | ``ce``), ``prop_affinity``, ``prop_eps`` (default 0.1,
+            official; see :meth:`pseudo_labels`).
         Returns:
             ``(loss, {"cls", "seg", "aff", "reg", "prop"})`` (prop: 1 once the segmentation
             target is the propagated label).
@@ -202,7 +220,7 @@ class AFA(Method):
         l_aff = affinity_loss_afa(out["aff"], tg["aff_label"], aff_form)
         label = tg["propagated"] if propagate else tg["refined"]
         seg = F.interpolate(out["seg"], size=label.shape[-2:], mode="bilinear", align_corners=False)
-        l_seg = seg_loss(seg, label, p.get("seg_loss", "ce"))
+        l_seg = seg_loss(seg, label, p.get("seg_loss", "balanced"))
         lam1, lam2, lam3 = (float(v) for v in p.get("lambdas", [0.1, 0.1, 0.0]))
         if lam3 > 0:
             rs = float(p.get("reg_scale", 0.5))
@@ -232,7 +250,7 @@ class AFA(Method):
         mask = (radius_mask(h, w, radius).to(x.device)
                 if p.get("prop_radius_mask", True) and radius is not None else None)
         prop = propagate_affinity(minmax(cam), torch.sigmoid(aff), float(p.get("alpha", 2.0)),
-                                  int(p.get("prop_iters", 1)), mask, float(p.get("prop_eps", 0.0)))
+                                  int(p.get("prop_iters", 1)), mask, float(p.get("prop_eps", PROP_EPS)))
         return {"cams": (raw if p.get("raw_maps") else cam)[0], "cams_aff": prop[0]}
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """AFA losses (Ru et al., CVPR 2022; package docstring of :mod:`pipeline.methods.afa`):
 the affinity loss L_aff (Eq. 5; official ``get_aff_loss`` form and the paper's), the
 local-consistency L_reg (Eq. 12, a pure-PyTorch stand-in for rloss's dense CRF energy) and the
-segmentation loss (cross-entropy, or the official code's balanced form).
+segmentation loss (the official code's balanced form, default, or the paper's cross-entropy).
 """
 from __future__ import annotations
 
@@ -94,9 +94,25 @@ def local_consistency_loss(img: torch.Tensor, probs: torch.Tensor, sigma_rgb: fl
     return total / valid_i.sum().clamp_min(1)
 
 
-def seg_loss(logits: torch.Tensor, label: torch.Tensor, mode: str = "ce", ignore: int = 255) -> torch.Tensor:
-    """``ce``: cross-entropy ignoring ``ignore`` (paper); ``balanced``: mean of the background
-    and foreground cross-entropies (official code). 0 (with a graph) if no pixel is labelled."""
+def seg_loss(logits: torch.Tensor, label: torch.Tensor, mode: str = "balanced",
+             ignore: int = 255) -> torch.Tensor:
+    """AFA's segmentation loss on pseudo labels.
+
+    * ``balanced`` (default, official ``utils/losses.py: get_seg_loss``, the same function in
+      ``scripts/dist_train_voc.py``): ``(CE_bg + CE_fg) / 2`` with ``CE_bg`` over the
+      background pixels (label 0) and ``CE_fg`` over the foreground ones, each ignoring
+      ``ignore``; a part without pixels is 0 here (the official ``F.cross_entropy`` would
+      give nan);
+    * ``ce`` (paper: "commonly used cross-entropy"): one CE over all labelled pixels.
+
+    Args:
+        logits: ``(B, C+1, H, W)`` float; label: ``(B, H, W)`` int64 (0 background,
+            ``ignore`` unlabelled).
+    Returns:
+        scalar >= 0; 0 (with a graph) if no pixel is labelled.
+    Raises:
+        ValueError: unknown ``mode``.
+    """
     if mode not in ("ce", "balanced"):
         raise ValueError(f"methods.afa seg_loss must be ce or balanced, got {mode!r}")
     parts = [label] if mode == "ce" else [label.masked_fill(label != 0, ignore),

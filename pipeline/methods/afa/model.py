@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from ...models.vit import create_vit, num_prefix_tokens, patch_grid
 
+#: ``methods.afa.train_cls.aff_attention`` values (see :meth:`AFANet.affinity`)
+AFF_ATTENTION = ("logits_unscaled", "logits", "softmax")
+
 
 class MLPDecoder(nn.Module):
     """SegFormer-style all-MLP decoder (Xie et al. 2021, used by AFA) on ViT tokens: per level
@@ -54,11 +57,12 @@ class AFANet(nn.Module):
             k = min(4, depth)
             levels = [round((i + 1) * depth / k) - 1 for i in range(k)]
         self.seg_levels = sorted({int(i) % depth for i in levels})
-        self.aff_attention = p.get("aff_attention", "logits")
-        if self.aff_attention not in ("logits", "softmax"):
-            raise ValueError(f"methods.afa aff_attention must be logits or softmax, got {self.aff_attention!r}")
+        self.aff_attention = p.get("aff_attention", "logits_unscaled")
+        if self.aff_attention not in AFF_ATTENTION:
+            raise ValueError(f"methods.afa aff_attention must be one of {AFF_ATTENTION}, "
+                             f"got {self.aff_attention!r}")
         for i in self.aff_layers:
-            self.vit.blocks[i].attn.capture_logits = self.aff_attention == "logits"
+            self.vit.blocks[i].attn.capture_logits = self.aff_attention != "softmax"
         self.classifier = nn.Linear(d, num_classes, bias=False)
         self.aff_proj = nn.Linear(len(self.aff_layers) * heads, 1, bias=True)   # 1x1 conv (Eq. 3)
         self.decoder = MLPDecoder(d, len(self.seg_levels), int(p.get("decoder_dim", 256)),
@@ -92,14 +96,35 @@ class AFANet(nn.Module):
         return out
 
     def affinity(self, npre: int) -> torch.Tensor:
-        """Eq. 3 on the last forward's attention: ``(B, n, n)`` logits, symmetric."""
+        """Eq. 3 on the last forward's attention of the blocks ``aff_layers``.
+
+        The per-head maps ``S`` stacked as channels are, by ``aff_attention``:
+
+        * ``logits_unscaled`` (default, official code): ``q kᵀ`` without the ``1/√d`` —
+          official ``wetr/mix_transformer.py``, ``Attention.forward``: ``attn_ = (q @
+          k.transpose(-2, -1))`` is returned as ``attn_copy`` (the ``* self.scale`` is applied
+          only inside the softmax), and ``wetr/model_attn_aff.py`` feeds ``attn_copy`` of the
+          last two blocks to ``attn_proj``. Obtained here as the captured ``(q·scale) kᵀ``
+          divided by the block's ``scale``: ``q kᵀ`` up to float rounding (none when
+          ``scale`` is a power of two, e.g. head dim 64);
+        * ``logits`` (the paper's Eq. 1 reading, old default): ``q kᵀ/√d``;
+        * ``softmax``: the post-softmax attention.
+
+        Args:
+            npre: prefix tokens (class token, ...) to drop.
+        Returns:
+            ``(B, n, n)`` affinity logits Â (before the sigmoid), symmetric.
+        Raises:
+            RuntimeError: a block captured no attention (no forward ran).
+        """
         s = []
         for i in self.aff_layers:
             a = self.vit.blocks[i].attn
-            m = a.last_logits if self.aff_attention == "logits" else a.last_attn
+            m = a.last_attn if self.aff_attention == "softmax" else a.last_logits
             if m is None:
                 raise RuntimeError("AFA: no attention captured in block %d" % i)
-            s.append(m[:, :, npre:, npre:])
+            m = m[:, :, npre:, npre:]
+            s.append(m / a.inner.scale if self.aff_attention == "logits_unscaled" else m)
         s = torch.cat(s, 1)                                   # (B, L*heads, n, n)
         s = s + s.transpose(-1, -2)
         return torch.einsum("bknm,k->bnm", s, self.aff_proj.weight[0]) + self.aff_proj.bias[0]

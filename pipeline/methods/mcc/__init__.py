@@ -12,8 +12,8 @@ One network, ToCo-style (Ru et al., CVPR 2023), trained end to end on image-leve
 * segmentation decoder (LargeFOV, as in ToCo/MCC) on the final patch tokens, trained on the
   PAR-refined pseudo labels of the final CAM (Sec. III-B);
 * L_aff (Eq. 11-12): aux-CAM labels (β_fg=0.7 -> class, β_bg=0.25 -> background, 255 in
-  between) give pairwise labels; ``1 - cos`` for equal-label pairs and ``cos`` for
-  different-label pairs of the final patch tokens;
+  between) give pairwise labels; ``1 - |cos|`` for equal-label pairs and ``|cos|`` for
+  different-label pairs of the final patch tokens (official ``|cos|``; Eq. 12 prints ``cos``);
 * MCC (Eq. 1-3, 8-10): ``n_local`` Bernoulli(p) key masks drawn on a grid ``scale`` times
   coarser than the token grid and upsampled into ``scale x scale`` squares; masked key
   columns get ``-inf`` before the softmax in every block (the class token is never masked),
@@ -39,7 +39,13 @@ code's behaviour is the default, the paper's literal reading an option; table:
   own bottleneck L2 norm stays). See :func:`info_nce_code`. Paper reading (old default):
   ``info_nce: paper``, ``global_positive: false``, ``normalize: true`` (:func:`info_nce`).
 
-* ``mask_ratio`` 0.75 (paper text and Fig. 7); the official script uses 0.95.
+* ``mask_ratio: 0.95`` (default) — official ``scripts/dist_train_voc_seg_neg.py``:
+  ``--mask_rate`` default 0.95, passed by ``utils/camutils.py: cam_to_attn_mask`` to
+  ``multi_scale_attn_mask`` (``torch.bernoulli`` of ``mask_ratio`` per cell; 1 = masked: the
+  backbone's ``attention_with_mask`` subtracts ``policy * 1e12`` from those key columns, and
+  the positive rule counts the ``1 - mask`` tokens as the remaining ones); the released
+  ``logs/mcc_deit-b_voc_20k.log`` records ``mask_rate=0.95``. ``0.75`` = the paper (text and
+  Fig. 7; old default).
 * Local views are the training image itself under different key masks (paper, Fig. 1); the
   official code feeds a separately colour-jittered crop of it.
 * The global class token is detached before the EMA ("global") projector (official code,
@@ -50,8 +56,12 @@ code's behaviour is the default, the paper's literal reading an option; table:
   default).
 * ``info_nce: paper`` (option): Eq. 10 per image, averaged over the images with at least one
   positive; an image without positives contributes nothing (a sum over an empty set).
-* L_aff: Eq. 12 as printed (``cos``, weights 1, diagonal pairs ignored, all pairs of the
-  image); the official code uses ``|cos|`` (``abs_cos: true``) and halves both terms.
+* L_aff: ``abs_cos: true`` (default) — official ``model/losses.py: get_masked_aff_loss``
+  takes ``torch.abs`` of the cosine similarity (its ``cos_sim``); ``false`` = Eq. 12's
+  ``cos`` (old default). Both: terms weighted 1, diagonal pairs ignored, all pairs of the
+  image. The official loss also halves both terms and counts ``N + 1``
+  (``0.5 (1 - Σ+|cos|/(N+ + 1)) + 0.5 Σ-|cos|/(N- + 1)``); not reproduced (see
+  ``docs/methods/mcc.md``).
 * w_seg = 0.1 and the segmentation loss starts at ``seg_start_iter`` (official code:
   iteration 2,000); Eq. 7 prints the segmentation loss unweighted. No L_reg (Eq. 7 has none;
   the official code adds a compiled dense-CRF energy loss with weight 0.05).
@@ -132,7 +142,9 @@ class MCC(Method):
             generator: CPU torch Generator for the key masks.
             Contrast settings: ``info_nce`` (``code`` = :func:`info_nce_code`, official
             ``MCCLoss``; ``paper`` = :func:`info_nce`), ``global_positive`` (default true,
-            official), ``normalize`` (default false, official raw outputs).
+            official), ``normalize`` (default false, official raw outputs); ``mask_ratio``
+            (default 0.95, official ``--mask_rate``; paper 0.75), ``abs_cos`` (default true,
+            official ``|cos|``; paper false).
             it: current iteration (0-based); None: ``self.iteration`` (set by the trainer).
         Returns:
             ``(loss, {"cls", "cls_aux", "aff", "mcc", "seg", "pos_frac"})``.
@@ -156,7 +168,7 @@ class MCC(Method):
         aux_tok = F.interpolate(cam_aux, size=(h, w), mode="bilinear", align_corners=False) * yy
         lab_aux = cam_to_label(aux_tok, y, b_fg, b_bg)
         aff = affinity_label_from_seg(lab_aux, None)
-        l_aff = affinity_loss(out["feat"], aff, bool(p.get("abs_cos", False)))
+        l_aff = affinity_loss(out["feat"], aff, bool(p.get("abs_cos", True)))
 
         # MCC (Eq. 1-3, 8-10)
         n_local = int(p.get("n_local", 8))
@@ -165,7 +177,7 @@ class MCC(Method):
         src_tok = F.interpolate(src, size=(h, w), mode=p.get("mask_cam_resize", "bicubic"),
                                 align_corners=False) * yy
         levels = discretise_levels(src_tok.amax(1), b_bg, b_fg)
-        masks = draw_key_masks(B * n_local, h, w, float(p.get("mask_ratio", 0.75)),
+        masks = draw_key_masks(B * n_local, h, w, float(p.get("mask_ratio", 0.95)),
                                int(p.get("mask_scale", 4)), generator).to(x.device)
         flags = positive_flags(levels, masks.view(B, n_local, h, w), float(p.get("mu", 0.2)))
         bias = key_mask_bias(masks, num_prefix_tokens(model.vit))

@@ -25,7 +25,8 @@ def draw_key_masks(n: int, h: int, w: int, ratio: float, scale: int,
     Args:
         n: number of masks.
         h, w: token grid.
-        ratio: masking probability p in [0, 1] (paper 0.75).
+        ratio: masking probability p in [0, 1] (official ``--mask_rate`` 0.95, the
+            plug-in's default; paper 0.75).
         scale: cell side in tokens (paper 4).
         generator: torch Generator on CPU (determinism).
     Returns:
@@ -178,16 +179,19 @@ def info_nce_code(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, tau: floa
 # ------------------------------------------------------------------------ L_aff (Eq. 12)
 
 
-def affinity_loss(tokens: torch.Tensor, aff: torch.Tensor, abs_cos: bool = False) -> torch.Tensor:
-    """Eq. 12 over final patch tokens.
+def affinity_loss(tokens: torch.Tensor, aff: torch.Tensor, abs_cos: bool = True) -> torch.Tensor:
+    """Eq. 12 over final patch tokens, with the official ``|cos|`` by default.
 
     Args:
         tokens: ``(B, n, D)`` final patch tokens ``T^(L)``.
         aff: ``(B, n, n)`` pair labels: 1 = same label (positive), 0 = different (negative),
             any other value (255) = ignored.
-        abs_cos: use ``|cos|`` (official code) instead of ``cos`` (paper).
+        abs_cos: use ``|cos|`` (default; official ``model/losses.py: get_masked_aff_loss``,
+            ``torch.abs(cos_sim)``) instead of ``cos`` (paper Eq. 12).
     Returns:
-        scalar ``Σ_pos (1 - cos)/N+ + Σ_neg cos/N-`` (a term is 0 when it has no pairs).
+        scalar ``Σ_pos (1 - c)/N+ + Σ_neg c/N-`` with ``c = |cos|`` (or ``cos``); a term is 0
+        when it has no pairs. (The official loss additionally halves both terms and divides
+        by ``N + 1``: not reproduced.)
     """
     t = F.normalize(tokens, dim=-1, eps=1e-8)
     cos = t @ t.transpose(1, 2)
