@@ -59,7 +59,7 @@ def crf_pool(dataset: str) -> dict:
 
 def random_walk(dataset: str) -> dict:
     """PSA random walk: sparse local affinity (repeated multiplication) vs dense T^(2^logt)."""
-    from pipeline.refine.psa import random_walk as rw_sparse, random_walk_dense
+    from pipeline.refine.random_walk import random_walk as rw_sparse, random_walk_dense
     torch.manual_seed(0)
     out = {}
     for hw in ((48, 48), (64, 48)):   # 64x48: a 500x375 VOC image at PSA's stride 8

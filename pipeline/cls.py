@@ -1,14 +1,12 @@
 """Stage 1: classification training of a method's classifier on image-level labels."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .accel import Accel
 from .data.datasets import ClassificationDataset
@@ -16,8 +14,8 @@ from .data.classes import VOC_CLASSES
 from .distributed import setup as dist_setup
 from .methods import get_method
 from .models.backbones import backbone_normalisation
-from .utils import (ResumeFile, atomic_torch_save, get_device, poly_lr, rng_states,
-                    seed_everything, set_rng_states)
+from .engine.trainer import PolySchedule, RunningSums, Trainer
+from .utils import get_device, seed_everything
 
 
 def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
@@ -82,80 +80,57 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, p, out_path,
     dd.broadcast_parameters(model)
     acc.prepare(model)
     opt = make_optimizer(model, p, method.param_groups(model, p))
+    seed = int(p.get("seed", 0))
     ds = ClassificationDataset(root, ids, labels, crop=int(p["crop"]),
                                scale_range=p.get("scale_range", (1.0, 1.0)),
-                               hflip=bool(p.get("hflip", True)), seed=int(p.get("seed", 0)),
+                               hflip=bool(p.get("hflip", True)), seed=seed,
                                num_classes=n_fg + 1, resize_long=p.get("resize_long"),
                                mean=mean, std=std)
     bs = min(int(p["batch_size"]), len(ds))
     dd.per_rank(bs, "train_cls")
-    iters, log_every = train_iterations(p, len(ds), bs), int(p.get("log_every", 20))
-    curve, t0, it, epoch, skip = [], time.time(), 0, 0, 0
-    running: dict[str, float] = {}
-    resume = ResumeFile(out_path, {"method": method_name, "params": p},
-                        int(p.get("checkpoint_every", 0) or 0), "train_cls", log)
-    st = resume.load(model, opt, map_location=device)
-    if st is not None:
-        acc.load_state_dict(st.get("scaler"))
-        it, epoch, skip = st["it"], st["epoch"], st["skip"]
-        curve, running = st["curve"], st["running"]
-        gen.set_state(st["gen"])
-        set_rng_states(st)
+    iters = train_iterations(p, len(ds), bs)
+    t0 = time.time()
+    schedule = PolySchedule(float(p["lr"]), iters, float(p.get("poly_power", 0.9)),
+                            int(p.get("warmup_iters", 0)), float(p.get("warmup_start_lr", 0.0)))
+    trainer = Trainer("train_cls", model, opt, schedule, [g["lr_mult"] for g in opt.param_groups],
+                      out_path, {"method": method_name, "params": p},
+                      int(p.get("checkpoint_every", 0) or 0), int(p.get("log_every", 20)), log,
+                      RunningSums(), curve_lr=True, acc=acc, dd=dd, device=device,
+                      average_gradients=True, desc=f"train_cls[{method_name}]",
+                      log_line=lambda row: f"iter {row['iter']}/{iters} " + " ".join(
+                          f"{k}={v:.4g}" for k, v in row.items() if k != "iter"))
+    # position in the data: epoch, and batches of it already trained (a resumed run skips them)
+    pos = {"epoch": 0, "skip": 0}
+    if trainer.resumed is not None:
+        pos = {"epoch": trainer.resumed["epoch"], "skip": trainer.resumed["skip"]}
+        gen.set_state(trainer.resumed["gen"])
     model.train()
-    bar = tqdm(total=iters, initial=it, desc=f"train_cls[{method_name}]", unit="it",
-               mininterval=2.0, disable=not dd.is_main)
-    while it < iters:
-        ds.set_epoch(epoch)
-        # the epoch's order from (seed, epoch) alone, so a resumed run skips batches unread
-        perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(
-            int(p.get("seed", 0)) + epoch)).tolist()
-        batches = [dd.shard(perm[i:i + bs]) for i in range(0, len(perm) - bs + 1, bs)]
-        loader = DataLoader(ds, batch_sampler=batches[skip:], num_workers=int(p.get("num_workers", 0)))
-        for b_index, (x, y, idx) in enumerate(loader, start=skip):
-            if it >= iters:
-                break
-            lr = poly_lr(float(p["lr"]), it, iters, float(p.get("poly_power", 0.9)),
-                         int(p.get("warmup_iters", 0)), float(p.get("warmup_start_lr", 0.0)))
-            for g in opt.param_groups:
-                g["lr"] = lr * g["lr_mult"]
-            method.iteration = it          # for methods whose loss follows the schedule
-            with acc.autocast():
-                loss, parts = method.loss(model, acc.input(x.to(device)), y.to(device), p, gen)
-            logged = {"loss": loss.item(), **parts}
-            if dd.enabled:     # every rank sees the mean (and raises together on NaN)
-                logged = dict(zip(logged, dd.mean(list(logged.values()), device)))
-            if not math.isfinite(logged["loss"]):
-                bad = [ds.ids[i] for i in idx.tolist()]
-                raise FloatingPointError(f"train_cls: loss is {logged['loss']} at iteration {it}; "
-                                         f"batch ids {bad}. Lower `lr` in params.yaml.")
-            opt.zero_grad(set_to_none=True)
-            acc.backward_step(loss, opt, lambda: dd.average_gradients(model))
-            method.after_step(model, it, p)
-            for k, v in logged.items():
-                running[k] = running.get(k, 0.0) + float(v)
-            it += 1
-            bar.update(1)
-            if it % log_every == 0 or it == iters:
-                n = log_every if it % log_every == 0 else it % log_every
-                row = {"iter": it, "lr": lr, **{k: v / n for k, v in running.items()}}
-                curve.append(row)
-                running = {}
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-                if dd.is_main:
-                    log(f"iter {it}/{iters} " + " ".join(f"{k}={v:.4g}" for k, v in row.items()
-                                                          if k != "iter"))
-            if resume.due(it, iters) and dd.is_main:
-                resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it, epoch=epoch,
-                            skip=b_index + 1, curve=curve, running=running, gen=gen.get_state(),
-                            **({"scaler": acc.state_dict()} if acc.scaler else {}),
-                            **rng_states())
-        epoch += 1
-        skip = 0
-    bar.close()
-    if dd.is_main:
-        atomic_torch_save({"state_dict": model.state_dict(), "params": p, "method": method_name,
-                           "num_classes": n_fg}, out_path)
-        resume.remove()
+
+    def batches():
+        while True:
+            ds.set_epoch(pos["epoch"])
+            # the epoch's order from (seed, epoch) alone, so a resumed run skips batches unread
+            perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(
+                seed + pos["epoch"])).tolist()
+            chunks = [dd.shard(perm[i:i + bs]) for i in range(0, len(perm) - bs + 1, bs)]
+            loader = DataLoader(ds, batch_sampler=chunks[pos["skip"]:],
+                                num_workers=int(p.get("num_workers", 0)))
+            for b_index, batch in enumerate(loader, start=pos["skip"]):
+                pos["next"] = b_index + 1      # the skip of a resume file saved after it
+                yield batch
+            pos["epoch"], pos["skip"] = pos["epoch"] + 1, 0
+
+    def step(batch, it):
+        x, y, _ = batch
+        method.iteration = it          # for methods whose loss follows the schedule
+        return method.loss(model, acc.input(x.to(device)), y.to(device), p, gen)
+
+    curve = trainer.run(batches(), step, after_step=lambda it: method.after_step(model, it, p),
+                        batch_ids=lambda batch: [ds.ids[i] for i in batch[2].tolist()],
+                        resume_extra=lambda: {"epoch": pos["epoch"], "skip": pos["next"],
+                                              "gen": gen.get_state()})
+    trainer.save_checkpoint(lambda: {"state_dict": model.state_dict(), "params": p,
+                                     "method": method_name, "num_classes": n_fg})
     secs = time.time() - t0
     return {"method": method_name, "iters": iters, "images": len(ds), "seconds": round(secs, 1),
             "final": curve[-1] if curve else {}, "curve": curve}

@@ -15,8 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .data.classes import VOC_CLASSES, manifest_classes
-from .data.voc import load_mask
-from .metrics import confusion_matrix, scores_from_confusion
+from .engine.evaluator import Evaluator
 
 COLUMNS = [("seeds", "seeds"), ("refined", "refined (PSA RW)"), ("pseudo", "pseudo (CRF)"),
            ("segmentation", "DeepLabV2 val"), ("own_segmentation", "own seg head val")]
@@ -68,12 +67,8 @@ def all_background_miou(root: str | Path, ids: Sequence[str], label_dir: str,
                         class_names: Sequence[str] = VOC_CLASSES) -> float:
     """mIoU (VOC definition, over the ``len(class_names)`` classes) of predicting background
     everywhere, in [0, 1]."""
-    C = len(class_names)
-    conf = np.zeros((C, C), np.int64)
-    for iid in ids:
-        gt = load_mask(root, iid, label_dir)
-        conf += confusion_matrix(np.zeros_like(gt), gt, C)
-    return scores_from_confusion(conf, list(class_names))["miou"]
+    ev = Evaluator(root, label_dir, class_names)
+    return ev.run(ids, lambda iid: np.zeros_like(ev.ground_truth(iid)))["miou"]
 
 
 def chain_seconds(results: Path, dataset: str, method: str) -> float | None:

@@ -6,8 +6,9 @@ Callers (each passes its merge semantics explicitly; see their docstrings for th
 
 * :func:`pipeline.seeds.multiscale_maps` (seed export of every method),
 * :func:`pipeline.own_seg.predict_own` (a method's own segmentation head),
-* :func:`pipeline.segment.predict_protocols` (DeepLab-v2 test-time augmentation),
-* :func:`pipeline.methods.afa.train_time_cams` and :func:`pipeline.methods.mcc.train_time_cams`
+* :func:`pipeline.segment_eval.predict_protocols` (DeepLab-v2 test-time augmentation),
+* :func:`pipeline.methods.afa.model.train_time_cams` and
+  :func:`pipeline.methods.mcc.model.train_time_cams`
   (official ``multi_scale_cam`` of rulixiang/afa and rulixiang/ToCo ``utils/camutils.py``).
 
 The order of every floating-point operation is part of the contract (callers' outputs are

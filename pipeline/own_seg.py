@@ -14,13 +14,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .data.transforms import to_tensor
 from .data.classes import VOC_CLASSES
-from .data.voc import load_image, load_mask
+from .data.voc import load_image
+from .engine.evaluator import Evaluator
 from .inference import multiscale_flip
-from .metrics import confusion_matrix, scores_from_confusion
 from .models.backbones import model_normalisation
 from .models.vit import input_stride
 
@@ -74,14 +73,12 @@ def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str
         return {"miou": None, "note": f"method {ck['method']} has no segmentation head"}
     from .cls import load_classifier
     method, model, _ = load_classifier(model_path, device)
-    C = len(class_names)
-    conf = np.zeros((C, C), np.int64)
     t0 = time.time()
-    for iid in tqdm(ids, desc=f"eval_own_seg[{method.name}]", unit="img", mininterval=2.0):
-        img = load_image(root, iid)
-        pred = predict_own(method, model, img, p, device).argmax(0).cpu().numpy()
-        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C, name=f"of image {iid}")
-    out = scores_from_confusion(conf, list(class_names))
-    out.update(num_images=len(ids), seconds=round(time.time() - t0, 1))
+
+    def predict(iid: str) -> np.ndarray:
+        return predict_own(method, model, load_image(root, iid), p, device).argmax(0).cpu().numpy()
+
+    out = Evaluator(root, label_dir, class_names).run(ids, predict, desc=f"eval_own_seg[{method.name}]")
+    out["seconds"] = round(time.time() - t0, 1)
     log(f"eval_own_seg: mIoU {out['miou']:.4f} on {len(ids)} images")
     return out

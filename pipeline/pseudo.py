@@ -10,8 +10,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .data.classes import VOC_CLASSES
-from .data.voc import load_image, load_mask, save_mask_png
-from .metrics import confusion_matrix, scores_from_confusion
+from .data.voc import load_image, save_mask_png
+from .engine.evaluator import Evaluator
 from .labels import maps_to_label
 from .storage import MapReader, atomic_directory
 
@@ -99,13 +99,11 @@ def evaluate_label_dir(pred_dir: str | Path, root: str | Path, ids: Sequence[str
         PredictionRangeError: a PNG holds a value outside ``[0, C)`` other than 255 (names it).
     """
     from PIL import Image
-    C = len(class_names)
-    conf = np.zeros((C, C), np.int64)
-    for iid in ids:
-        png = Path(pred_dir) / f"{iid}.png"
-        pred = np.asarray(Image.open(png))
-        conf += confusion_matrix(pred, load_mask(root, iid, label_dir), C, name=str(png))
-    out = scores_from_confusion(conf, list(class_names))
-    out["num_images"] = len(ids)
+
+    def png(iid: str) -> Path:
+        return Path(pred_dir) / f"{iid}.png"
+
+    out = Evaluator(root, label_dir, class_names).run(
+        ids, lambda iid: np.asarray(Image.open(png(iid))), name=lambda iid: str(png(iid)))
     out["best_threshold_on_gt"] = dict(NO_THRESHOLD_SWEEP)
     return out

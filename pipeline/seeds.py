@@ -13,10 +13,10 @@ from .accel import Accel
 from .cls import load_classifier
 from .data.transforms import to_tensor
 from .data.classes import VOC_CLASSES
-from .data.voc import load_image, load_mask
+from .data.voc import load_image
 from .inference import multiscale_flip, normalise
+from .engine.evaluator import SWEEP, Evaluator
 from .labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
-from .metrics import confusion_matrix, scores_from_confusion
 from .models.backbones import model_normalisation
 from .models.vit import input_stride
 from .storage import MapReader, MapWriter
@@ -152,45 +152,6 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
             "keys": list(method.seed_keys)}
 
 
-#: Background thresholds of the official seed protocol: ACR's ``evaluation.py --curve True``
-#: (also MCTformer's) sweeps ``t = i / 100, i = 0..99`` against the ground truth.
-OFFICIAL_SWEEP = tuple(i / 100.0 for i in range(100))
-
-#: The ``protocol`` label of :func:`best_threshold_on_gt` results.
-BEST_ON_GT_PROTOCOL = ("official (threshold chosen on the evaluation ground truth; "
-                       "not a fair number)")
-
-
-def best_threshold_on_gt(confs: np.ndarray, thresholds: Sequence[float],
-                         class_names: Sequence[str], note: str | None = None) -> dict:
-    """The best point of a threshold sweep scored on the ground truth (official protocol).
-
-    Args:
-        confs: ``(T, C, C)`` confusion matrices, one per threshold
-            (:func:`pipeline.metrics.threshold_sweep_confusion` summed over images).
-        thresholds: the ``T`` ascending thresholds.
-        class_names: background first.
-        note: appended to the result as ``note`` (what the maps were).
-    Returns:
-        ``{"miou", "bg_threshold", "protocol", "thresholds", "iou", "curve"}``: the highest
-        mIoU of the sweep (ties: the smallest threshold), its threshold, the label
-        :data:`BEST_ON_GT_PROTOCOL`, how the thresholds were chosen, the per-class IoU at
-        that threshold and the whole curve ``{"0.00": mIoU, ...}``.
-    """
-    scores = [scores_from_confusion(c, class_names) for c in confs]
-    mious = [s["miou"] for s in scores]
-    best = int(np.argmax(mious))
-    ts = [float(t) for t in thresholds]
-    out = {"miou": mious[best], "bg_threshold": ts[best], "protocol": BEST_ON_GT_PROTOCOL,
-           "thresholds": (f"{len(ts)} values i/100, i = 0..99 (ACR evaluation.py --curve True)"
-                          if tuple(ts) == OFFICIAL_SWEEP else f"{len(ts)} values {ts[0]}..{ts[-1]}"),
-           "iou": scores[best]["iou"],
-           "curve": {f"{t:.2f}": m for t, m in zip(ts, mious)}}
-    if note:
-        out["note"] = note
-    return out
-
-
 def evaluate_maps(h5_path: str | Path, root: str | Path, ids: Sequence[str], label_dir: str,
                   key: str, bg_threshold: float | None,
                   curve: Sequence[float] = (),
@@ -203,39 +164,36 @@ def evaluate_maps(h5_path: str | Path, root: str | Path, ids: Sequence[str], lab
     ``class_names`` (background first) sets C and the per-class IoU names; None = the class
     list stored in the HDF5 file.
 
-    ``sweep`` (e.g. :data:`OFFICIAL_SWEEP`): also score every background threshold of the
-    list on the ground truth and report the best as ``best_threshold_on_gt``
-    (:func:`best_threshold_on_gt`; the official seed protocol, labelled as such). Channels of
+    ``sweep`` (e.g. :data:`pipeline.engine.evaluator.OFFICIAL_SWEEP`): also score every
+    background threshold of the list on the ground truth and report the best as
+    ``best_threshold_on_gt`` (:func:`pipeline.engine.evaluator.best_threshold_on_gt`; the
+    official seed protocol, labelled as such). Channels of
     class 0 (the background channel of refined maps) are dropped for the sweep: the
     background is the constant threshold, as ``evaluation.py --type npy`` builds it. The
     fixed-threshold ``miou`` is computed exactly as without ``sweep``.
     """
-    from .metrics import threshold_sweep_confusion
     thresholds = [bg_threshold] + [float(t) for t in curve if t != bg_threshold]
     sweep = None if sweep is None else [float(t) for t in sweep]
     with MapReader(h5_path) as rd:
         rd.require(ids, root)
         names = list(class_names if class_names is not None else rd.class_names or VOC_CLASSES)
-        C = len(names)
-        confs = {t: np.zeros((C, C), np.int64) for t in thresholds}
-        sweep_conf = None if sweep is None else np.zeros((len(sweep), C, C), np.int64)
-        for iid in tqdm(ids, desc=f"eval[{Path(h5_path).name}:{key}]", unit="img", mininterval=2.0):
+        ev = Evaluator(root, label_dir, names, streams=list(dict.fromkeys(thresholds)), sweep=sweep)
+
+        def predict(iid: str) -> dict:
             maps, cids, _ = rd.read(iid, key)
-            gt = load_mask(root, iid, label_dir)
-            what = f"of image {iid} from {h5_path}:{key}"
-            for t in thresholds:
-                confs[t] += confusion_matrix(maps_to_label(maps, cids, t), gt, C, name=what)
+            pred = {t: maps_to_label(maps, cids, t) for t in thresholds}
             if sweep is not None:
                 fg = cids != 0
-                sweep_conf += threshold_sweep_confusion(maps[fg], cids[fg], gt, sweep, C, name=what)
-    out = scores_from_confusion(confs[bg_threshold], names)
-    out.update({"num_images": len(ids), "key": key, "bg_threshold": bg_threshold})
+                pred[SWEEP] = (maps[fg], cids[fg])
+            return pred
+
+        out = ev.run(ids, predict, name=lambda iid: f"of image {iid} from {h5_path}:{key}",
+                     desc=f"eval[{Path(h5_path).name}:{key}]")
+    out.update({"key": key, "bg_threshold": bg_threshold})
     if bg_threshold is not None and len(thresholds) > 1:
-        out["threshold_curve"] = {f"{t:.2f}": scores_from_confusion(confs[t])["miou"]
-                                  for t in sorted(thresholds)}
+        out["threshold_curve"] = {f"{t:.2f}": ev.scores(t)["miou"] for t in sorted(thresholds)}
     if sweep is not None:
-        out["best_threshold_on_gt"] = best_threshold_on_gt(
-            sweep_conf, sweep, names,
+        out["best_threshold_on_gt"] = ev.best_threshold_on_gt(
             None if bg_threshold is not None else
             "maps with a background channel: `miou` is their arg-max (background channel "
             "included); the sweep replaces that channel by the constant threshold, as the "

@@ -1,4 +1,5 @@
-"""Final stage of WSSS: train DeepLab-v2 on pseudo labels, predict, evaluate.
+"""Final stage of WSSS: train DeepLab-v2 on pseudo labels (test time and scoring:
+:mod:`pipeline.segment_eval`).
 
 Settings follow the DeepLab-v2 paper (Chen et al., TPAMI 2017) for PASCAL VOC with the
 values of its official Caffe solver (``deeplab-public-ver2``) and of the PyTorch port that
@@ -21,8 +22,6 @@ Documented choices where implementations differ:
   e.g. the DeepLab-v2 scripts shipped with ToCo/AFA). kazuto1011/deeplab-pytorch instead
   downsamples the label (nearest) to the logit size and adds MSC branches (0.5/0.75 + max);
   that variant is not implemented.
-* Test time: softmax probabilities are **averaged** over scales and flips (the paper's
-  MSC uses max fusion of logits); optional dense CRF on those probabilities.
 * Loss curve entries are the mean loss over each window of ``log_every`` iterations.
 
 All randomness is derived from ``params["seed"]``: the model init (``torch.manual_seed``),
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -46,14 +44,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data.transforms import IMAGENET_MEAN, to_tensor
 from .data.classes import VOC_CLASSES
-from .data.voc import IGNORE_INDEX, DatasetError, load_image, load_mask, save_mask_png
-from .metrics import confusion_matrix, scores_from_confusion
+from .data.voc import IGNORE_INDEX, DatasetError, load_image
 from .models.deeplab import DeepLabV2
 from .accel import Accel
 from .distributed import setup as dist_setup
-from .inference import multiscale_flip
-from .storage import atomic_directory
-from .utils import ResumeFile, atomic_torch_save, rng_states, set_rng_states
+from .engine.trainer import LossList, PolySchedule, Trainer
 
 # Paper-scale defaults (DeepLab-v2, VOC 2012 aug). CPU profiles override them in params.yaml.
 DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
@@ -80,25 +75,6 @@ DEFAULT_TRAIN_PARAMS: dict[str, Any] = {
     "channels_last": False,
     "compile": False,
 }
-
-DEFAULT_EVAL_PARAMS: dict[str, Any] = {
-    "scales": [0.5, 0.75, 1.0],
-    "flip": True,
-    "crf": None,  # or a dict of dense_crf keyword arguments
-    "num_threads": None,
-    "protocols": [],  # extra numbers, any of PROTOCOLS (scored in the same pass)
-}
-
-#: Test protocols :func:`evaluate` can score beside the configured one (``protocols``):
-#: single scale 1.0 without flip; the configured scales with flip; the same followed by a
-#: dense CRF (the configured ``crf``, else :data:`DEEPLAB_CRF`).
-PROTOCOLS = ("single_scale", "multi_scale_flip", "multi_scale_flip_crf")
-
-#: DeepLab-v2 post-processing CRF as the WSSS repositories use it (official-settings digest,
-#: "DeepLab-v2 post-processing (common)": gaussian 3/3, bilateral w 4, xy 67, rgb 3, 10
-#: iterations), for ``multi_scale_flip_crf`` when ``crf`` is not configured.
-DEEPLAB_CRF: dict[str, Any] = {"gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 67,
-                               "bilateral_srgb": 3, "bilateral_compat": 4, "iters": 10}
 
 _MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # padding colour (-> ~0 input)
 
@@ -341,8 +317,6 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
 
 
 def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dict:
-    from tqdm import tqdm
-
     ids = list(ids)
     if not ids:
         raise DatasetError("train_seg got an empty id list; check the training split file.")
@@ -366,20 +340,19 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dic
     acc.prepare(model)
     net = dd.wrap(model, torch.device(device))   # DDP under torchrun, else the model itself
     groups = model.param_groups()
-    base_lrs = [float(p["lr"]) * g["lr_mult"] for g in groups]
-    opt = torch.optim.SGD([{"params": g["params"], "lr": lr} for g, lr in zip(groups, base_lrs)],
+    opt = torch.optim.SGD([{"params": g["params"], "lr": float(p["lr"]) * g["lr_mult"]}
+                           for g in groups],
                           lr=float(p["lr"]), momentum=float(p["momentum"]),
                           weight_decay=float(p["weight_decay"]))
 
-    curve: list[dict] = []
-    window: list[float] = []
-    start = 0
-    resume = ResumeFile(out_path, p, int(p["checkpoint_every"] or 0), "train_seg", log)
-    st = resume.load(model, opt, map_location=device)
-    if st is not None:
-        start, curve, window = st["it"], st["curve"], st["window"]
-        acc.load_state_dict(st.get("scaler"))
-        set_rng_states(st)
+    schedule = PolySchedule(float(p["lr"]), iters, float(p["poly_power"]), multiply_first=True)
+    trainer = Trainer("train_seg", model, opt, schedule, [g["lr_mult"] for g in groups], out_path,
+                      p, int(p["checkpoint_every"] or 0), log_every, log, LossList(),
+                      acc=acc, dd=dd, device=device,
+                      log_line=lambda row: (f"[train_seg] iter {row['iter']}/{iters} loss "
+                                            f"{row['loss']:.4f} "
+                                            f"lr {opt.param_groups[0]['lr']:.3g}"))
+    start = trainer.it
     ds = _SegTrainSet(root, ids, pseudo_dir, p["crop"], p["scale_range"], p["num_classes"])
     sampler = _SeededSampler(len(ds), iters * bs, seed, start=start * bs)
     nw = int(p["num_workers"])
@@ -390,271 +363,19 @@ def _train_seg(root, ids, pseudo_dir, out_path, p: dict, device, log, dd) -> dic
                         pin_memory=str(device).startswith("cuda"),
                         persistent_workers=False)
 
-    t0 = time.time()
-    bar = tqdm(total=iters, initial=start, desc="train_seg", file=sys.stderr,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, disable=not dd.is_main)
-    for it, (x, y) in enumerate(loader, start=start):
-        factor = (1.0 - it / iters) ** float(p["poly_power"])
-        for g, lr in zip(opt.param_groups, base_lrs):
-            g["lr"] = lr * factor
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
+    def step(batch, it):
+        x = batch[0].to(device, non_blocking=True)
+        y = batch[1].to(device, non_blocking=True)
         denom = None
         if dd.enabled:     # global labelled-pixel count / world (see seg_loss)
             denom = dd.sum_((y != IGNORE_INDEX).sum()).clamp(min=1).double() / dd.world
-        with acc.autocast():
-            loss = seg_loss(net(acc.input(x)), y, denom)
-        value = dd.mean([float(loss.detach())], device)[0]
-        if not math.isfinite(value):
-            raise FloatingPointError(f"train_seg: loss is {value} at iteration {it + 1}; "
-                                     f"lower `lr` (now {p['lr']}).")
-        opt.zero_grad(set_to_none=True)
-        acc.backward_step(loss, opt)
-        window.append(value)
-        bar.update(1)
-        if (it + 1) % log_every == 0 or it + 1 == iters:
-            m = float(np.mean(window))
-            curve.append({"iter": it + 1, "loss": m})
-            window = []
-            bar.set_postfix(loss=f"{m:.4f}")
-            if dd.is_main:
-                log(f"[train_seg] iter {it + 1}/{iters} loss {m:.4f} "
-                    f"lr {opt.param_groups[0]['lr']:.3g}")
-        if resume.due(it + 1, iters) and dd.is_main:
-            resume.save(model=model.state_dict(), opt=opt.state_dict(), it=it + 1, curve=curve,
-                        window=window, **({"scaler": acc.state_dict()} if acc.scaler else {}),
-                        **rng_states())
-    bar.close()
-    wall = time.time() - t0
+        return seg_loss(net(acc.input(x)), y, denom), {}
 
-    if dd.is_main:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_torch_save({"state_dict": state, "params": p, "num_classes": int(p["num_classes"])},
-                          out_path)
-        resume.remove()
+    t0 = time.time()
+    curve = trainer.run(loader, step)
+    wall = time.time() - t0
+    trainer.save_checkpoint(lambda: {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "params": p, "num_classes": int(p["num_classes"])})
     return {"loss_curve": curve, "final_loss": curve[-1]["loss"] if curve else math.nan,
             "wall_time_s": wall, "iters": iters, "num_images": len(ids), "params": p}
-
-
-def load_model(path: str | Path, device: str = "cpu") -> DeepLabV2:
-    """Rebuild the DeepLabV2 saved by :func:`train_seg` (random init, then its state dict),
-    on ``device``, in eval mode.
-
-    Raises:
-        FileNotFoundError: no checkpoint at ``path`` (run the train_seg stage).
-        KeyError: the file is not a train_seg checkpoint.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmentation checkpoint {path} does not exist; run train_seg.")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    for k in ("state_dict", "params", "num_classes"):
-        if k not in ck:
-            raise KeyError(f"{path} is not a train_seg checkpoint (no {k!r} entry)")
-    p = dict(ck["params"], pretrained=None, num_classes=ck["num_classes"])
-    model = build_model(p)
-    model.load_state_dict(ck["state_dict"])
-    return model.to(device).eval()
-
-
-@torch.no_grad()
-def predict(model: DeepLabV2, image: np.ndarray, scales: Sequence[float] = (0.5, 0.75, 1.0),
-            flip: bool = True, device: str = "cpu") -> np.ndarray:
-    """Multi-scale (+ flip) class probabilities for one image.
-
-    Args:
-        model: DeepLabV2 (run in eval mode; its previous mode is restored).
-        image: uint8 ``(H, W, 3)`` RGB.
-        scales: input resize factors (bilinear); each output is upsampled (bilinear) to H x W.
-        flip: also run the horizontally flipped image and flip its output back.
-    Returns:
-        float32 ``(C, H, W)``: mean over scales (and flips) of the softmax probabilities;
-        values in [0, 1], summing to 1 over C.
-    Raises:
-        ValueError: image not ``(H, W, 3)`` uint8-like, or empty ``scales``.
-    Source: DeepLab-v2 multi-scale testing (0.5/0.75/1.0); fusion by averaging probabilities
-    (the paper max-fuses logits; documented difference).
-    """
-    return predict_protocols(model, image, scales, flip, device)["configured"]
-
-
-@torch.no_grad()
-def predict_protocols(model: DeepLabV2, image: np.ndarray, scales: Sequence[float] = (0.5, 0.75, 1.0),
-                      flip: bool = True, device: str = "cpu", single_scale: bool = False,
-                      multi_scale_flip: bool = False) -> dict[str, np.ndarray]:
-    """:func:`predict` and, from the same forward passes, the probabilities of the test
-    protocols papers report side by side.
-
-    Returns ``{"configured": predict(model, image, scales, flip)}`` plus, when asked:
-
-    * ``"single_scale"``: softmax of one forward of the image at scale 1.0, no flip — the
-      unflipped half of the scale-1.0 batch when 1.0 is in ``scales`` (no extra forward),
-      else one extra forward;
-    * ``"multi_scale_flip"``: mean over ``scales`` x {image, flip} — the configured result
-      itself when ``flip`` is on, else the configured passes plus one extra forward of each
-      flipped scale.
-
-    ``configured`` is computed exactly as before (same batches, same order of sums), so its
-    value does not depend on which extra protocols are asked for.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"predict expects an (H, W, 3) image, got shape {image.shape}")
-    if len(scales) == 0:
-        raise ValueError("predict needs at least one scale")
-    was_training = model.training
-    model.eval()
-    H, W = image.shape[:2]
-    x = to_tensor(image.astype(np.uint8))[None].to(device)
-    # mean over passes = the sum / n, kept apart because the flip-less multi_scale_flip
-    # protocol adds its mirrored passes to the same sum
-    opts = dict(flip_batch=True, resize="round", softmax=True, flip_merge="sum",
-                scale_merge="sum")
-    single: list[torch.Tensor] = []
-
-    def tap(s: float, flipped: bool, m: torch.Tensor) -> None:
-        if single_scale and not single and s == 1.0 and not flipped:
-            single.append(m[0])
-
-    acc = multiscale_flip(model, x, scales, flips=(False, True) if flip else (False,),
-                          on_pass=tap, **opts)[0]
-    n = len(scales) * (2 if flip else 1)
-    out = {"configured": (acc / n).cpu().numpy().astype(np.float32)}
-    if single_scale:
-        if not single:
-            single.append(multiscale_flip(model, x, [1.0], flips=(False,), **opts)[0])
-        out["single_scale"] = single[0].cpu().numpy().astype(np.float32)
-    if multi_scale_flip:
-        if flip:
-            out["multi_scale_flip"] = out["configured"]
-        else:
-            extra = multiscale_flip(model, x, scales, flips=(True,), **opts)[0]
-            out["multi_scale_flip"] = ((acc + extra) / (2 * n)).cpu().numpy().astype(np.float32)
-    model.train(was_training)
-    return out
-
-
-def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: str,
-             pred_dir: str | Path, params: dict | None = None, device: str = "cpu",
-             log: Callable[[str], Any] = print,
-             class_names: Sequence[str] | None = None) -> dict:
-    """Predict, save and score every id.
-
-    ``params`` (:data:`DEFAULT_EVAL_PARAMS`): scales, flip, crf, num_threads (as in
-    :func:`train_seg`), protocols. For each id: :func:`predict` (scales, flip), optional dense CRF
-    (``params["crf"]``: None, or the keyword arguments of
-    ``pipeline.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
-    class ids), confusion matrix against ``load_mask(root, id, label_dir)`` (255 ignored).
-    ``pred_dir`` is written atomically with :func:`pipeline.storage.atomic_directory`: into
-    ``<pred_dir>.tmp/``, then renamed (an existing ``pred_dir`` is replaced; on a failure the
-    temporary folder is removed and ``pred_dir`` left as it was). ``class_names`` (background
-    first, the manifest's ``classes``) names the per-class IoU; None = the VOC names for a
-    21-class model, else ``"0".."C-1"``.
-
-    ``params["protocols"]`` (any of :data:`PROTOCOLS`) adds, in the same pass (one forward
-    per scale and flip, see :func:`predict_protocols`), the numbers papers report side by
-    side: ``single_scale`` (scale 1.0, no flip, no CRF), ``multi_scale_flip`` (the configured
-    ``scales`` with flip, no CRF) and ``multi_scale_flip_crf`` (that, then a dense CRF with the
-    configured ``crf``, else :data:`DEEPLAB_CRF`). A protocol equal to the configured one
-    reuses its predictions. Only the configured predictions are saved.
-
-    Returns:
-        ``scores_from_confusion(conf, class_names)`` (miou, pixel_accuracy, mean_accuracy,
-        iou per class) of the configured protocol plus ``num_images``, ``eval_params``
-        (resolved settings), ``configured_as`` (the name in :data:`PROTOCOLS` that the
-        configured settings equal, else None) and, when ``protocols`` is not empty,
-        ``protocols``: ``{name: scores_from_confusion(...) + {"scales", "flip", "crf",
-        "same_as_configured"}}`` (``multi_scale_flip_crf`` also has ``crf_seconds``, the
-        time spent in its CRF when it is not the configured one).
-    Raises:
-        DatasetError: missing image/mask, or mask size differs from the image.
-        ValueError: ``class_names`` length differs from the model's class count, or an
-            unknown protocol name.
-    Source: VOC mIoU (confusion matrix, nanmean over occurring classes); DeepLab-v2 test with
-    multi-scale inputs and optional CRF post-processing.
-    """
-    p = _resolve(DEFAULT_EVAL_PARAMS, params, log, "evaluate")
-    with _torch_threads(p["num_threads"]):
-        return _evaluate(model, root, ids, label_dir, pred_dir, p, device, log, class_names)
-
-
-def protocol_settings(p: dict) -> dict[str, dict]:
-    """``{protocol: {"scales", "flip", "crf", "same_as_configured"}}`` for every name of
-    :data:`PROTOCOLS`, from resolved eval params ``p`` (scales, flip, crf)."""
-    scales, flip, crf = [float(s) for s in p["scales"]], bool(p["flip"]), p["crf"] or None
-    return {
-        "single_scale": {"scales": [1.0], "flip": False, "crf": None,
-                         "same_as_configured": scales == [1.0] and not flip and not crf},
-        "multi_scale_flip": {"scales": scales, "flip": True, "crf": None,
-                             "same_as_configured": flip and not crf},
-        "multi_scale_flip_crf": {"scales": scales, "flip": True, "crf": dict(crf or DEEPLAB_CRF),
-                                 "same_as_configured": flip and bool(crf)},
-    }
-
-
-def _evaluate(model, root, ids, label_dir, pred_dir, p: dict, device, log, class_names=None) -> dict:
-    from tqdm import tqdm
-
-    C = int(model.num_classes)
-    if class_names is not None and len(class_names) != C:
-        raise ValueError(f"the segmentation model predicts {C} classes but the dataset has "
-                         f"{len(class_names)}; retrain train_seg for this dataset.")
-    names = (list(class_names) if class_names is not None else
-             VOC_CLASSES if C == len(VOC_CLASSES) else [str(i) for i in range(C)])
-    want = list(dict.fromkeys(p["protocols"] or []))
-    unknown = [w for w in want if w not in PROTOCOLS]
-    if unknown:
-        raise ValueError(f"eval_seg.protocols: unknown {unknown}; known: {list(PROTOCOLS)}")
-    settings = protocol_settings(p)
-    crf = p["crf"]
-    if crf or "multi_scale_flip_crf" in want:
-        from .refine.crf import dense_crf  # lazy: optional dependency (pydensecrf)
-    conf = np.zeros((C, C), dtype=np.int64)
-    pconf = {w: np.zeros((C, C), dtype=np.int64) for w in want}
-    crf_seconds = 0.0
-    ids = list(ids)
-    with atomic_directory(pred_dir) as tmp:
-        for image_id in tqdm(ids, desc="evaluate", file=sys.stderr,
-                             mininterval=1.0 if sys.stderr.isatty() else 30.0):
-            img = load_image(root, image_id)
-            gt = load_mask(root, image_id, label_dir)
-            if gt.shape != img.shape[:2]:
-                raise DatasetError(f"mask {Path(root) / label_dir / (image_id + '.png')} has shape "
-                                   f"{gt.shape} but image {image_id} has {img.shape[:2]}.")
-            probs = predict_protocols(
-                model, img, scales=tuple(p["scales"]), flip=bool(p["flip"]), device=device,
-                single_scale="single_scale" in want and not settings["single_scale"]["same_as_configured"],
-                multi_scale_flip=any(w.startswith("multi_scale_flip") and not settings[w]["same_as_configured"]
-                                     for w in want))
-            prob = probs["configured"]
-            if crf:
-                prob = dense_crf(img, prob, **crf)
-            pred = prob.argmax(0).astype(np.uint8)
-            save_mask_png(tmp / f"{image_id}.png", pred)
-            what = f"of image {image_id}"
-            c = confusion_matrix(pred, gt, C, name=what)
-            conf += c
-            for w in want:
-                if settings[w]["same_as_configured"]:
-                    pconf[w] += c
-                    continue
-                if w == "multi_scale_flip_crf":
-                    t0 = time.perf_counter()
-                    wp = dense_crf(img, probs["multi_scale_flip"], **settings[w]["crf"])
-                    crf_seconds += time.perf_counter() - t0
-                else:
-                    wp = probs[w]
-                pconf[w] += confusion_matrix(wp.argmax(0).astype(np.uint8), gt, C, name=what)
-    scores = scores_from_confusion(conf, names)
-    scores["num_images"] = len(ids)
-    scores["eval_params"] = p
-    scores["configured_as"] = next((w for w in PROTOCOLS if settings[w]["same_as_configured"]), None)
-    if want:
-        scores["protocols"] = {}
-        for w in want:
-            scores["protocols"][w] = {**scores_from_confusion(pconf[w], names), **settings[w]}
-            if w == "multi_scale_flip_crf" and not settings[w]["same_as_configured"]:
-                scores["protocols"][w]["crf_seconds"] = round(crf_seconds, 3)
-    log(f"[evaluate] {len(ids)} images, mIoU {scores['miou']:.4f}"
-        + "".join(f", {w} {scores['protocols'][w]['miou']:.4f}" for w in want))
-    return scores

@@ -1,4 +1,5 @@
-"""Small shared helpers: seeding, devices, atomic writes, JSON, poly learning rate."""
+"""Small shared helpers: seeding, devices, atomic writes, JSON, resume files (the poly
+learning rate is :func:`pipeline.engine.trainer.poly_lr`)."""
 from __future__ import annotations
 
 import json
@@ -79,14 +80,6 @@ def _default(o: Any):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def poly_lr(base_lr: float, it: int, max_it: int, power: float = 0.9, warmup: int = 0,
-            warmup_start: float = 0.0) -> float:
-    """Poly schedule ``lr = base (1 - it/max)^power`` with optional linear warm-up."""
-    if warmup > 0 and it < warmup:
-        return warmup_start + (base_lr - warmup_start) * it / warmup
-    return base_lr * (1.0 - min(it, max_it - 1) / max_it) ** power
 
 
 class ResumeFile:

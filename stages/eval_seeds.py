@@ -15,7 +15,8 @@ def main() -> str:
     args, d, p, m = parse_stage(ap, "eval_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
-    from pipeline.seeds import OFFICIAL_SWEEP, evaluate_maps
+    from pipeline.engine.evaluator import OFFICIAL_SWEEP
+    from pipeline.seeds import evaluate_maps
     from pipeline.utils import write_json
     method = get_method(args.method)
     ids = m["splits"][p.get("split", "eval_train")]

@@ -39,7 +39,7 @@ def main() -> str:
                          "`own_segmentation` when not null (default: the chain's, if it exists)")
     args, d, p, m = parse_stage(ap, "eval_seg")
     from pipeline.data.classes import manifest_classes
-    from pipeline.segment import evaluate, load_model
+    from pipeline.segment_eval import evaluate, load_model
     from pipeline.utils import get_device, write_json
     dev = get_device(p.get("device", "auto"))
     ids = m["splits"][p.get("split", "val")]

@@ -20,8 +20,9 @@ def main() -> str:
     args, d, p, m = parse_stage(ap, "refine_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
-    from pipeline.refine.psa import refine_seeds
-    from pipeline.seeds import OFFICIAL_SWEEP, evaluate_maps
+    from pipeline.refine.random_walk import refine_seeds
+    from pipeline.engine.evaluator import OFFICIAL_SWEEP
+    from pipeline.seeds import evaluate_maps
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
     out = args.out or d["refined"]

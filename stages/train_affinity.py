@@ -14,7 +14,7 @@ def main() -> str:
     ap.add_argument("--metrics", default=None, help="metrics json (default .../affinity/metrics.json)")
     args, d, p, m = parse_stage(ap, "train_affinity")
     from pipeline.methods import get_method
-    from pipeline.refine.psa import train_affinity_net
+    from pipeline.refine.affinity_train import train_affinity_net
     from pipeline.utils import get_device, write_json
     ids = m["splits"][p.get("split", "train")]
     lib = {k: v for k, v in p.items() if k not in ("data", "device", "split", "seed_key")}

@@ -90,6 +90,27 @@ def make_workdir(d: Path, vocsample_root: Path | None = None) -> Path:
     return d
 
 
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True,
+              timeout: int = 1500) -> subprocess.CompletedProcess:
+    """``snakemake --cores 2 *args`` in ``workdir`` with single-threaded stage processes
+    (``OMP_NUM_THREADS=1``, as in :func:`tiny_dag`); stdout/stderr captured as text.
+
+    Raises:
+        AssertionError: with ``check``, a non-zero exit; the message holds the tails of
+            stdout, stderr and every stage log under ``results/*/logs/``.
+        subprocess.TimeoutExpired: the run took longer than ``timeout`` seconds.
+    """
+    r = subprocess.run(SNAKEMAKE + ["--cores", "2", *args], cwd=workdir, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check and r.returncode != 0:
+        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in workdir.glob("results/*/logs/**/*.log"))
+        raise AssertionError(f"snakemake {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{logs}")
+    return r
+
+
 @pytest.fixture(scope="session")
 def tiny_dag(tmp_path_factory) -> Path:
     """Working directory where DAG_TARGETS were built (``--keep-going``: a failing chain
@@ -98,9 +119,7 @@ def tiny_dag(tmp_path_factory) -> Path:
     have_sample = (VOCSAMPLE / "JPEGImages").is_dir()
     d = make_workdir(tmp_path_factory.mktemp("dag"), VOCSAMPLE if have_sample else None)
     targets = [t for t in DAG_TARGETS if have_sample or "/vocsample/" not in t]
-    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--keep-going",
-                    *targets], cwd=d, capture_output=True, text=True, timeout=3000,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    snakemake(d, "--keep-going", *targets, check=False, timeout=3000)
     return d
 
 

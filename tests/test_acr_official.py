@@ -22,7 +22,7 @@ from pipeline.methods.acr import ACR, acr_maps, consistency_losses
 from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions
 from pipeline.seeds import multiscale_maps
-from pipeline.utils import poly_lr
+from pipeline.engine.trainer import poly_lr
 from vit_reference import fd_grad_per_head, tiny_vit
 
 TINY = {"backbone": tiny_vit(patch=8, dim=24, depth=3)}

@@ -1,4 +1,4 @@
-"""AFA (pipeline/methods/afa.py): Eq. 3 against a per-head loop over the captured attention
+"""AFA (pipeline/methods/afa/): Eq. 3 against a per-head loop over the captured attention
 logits, the GMP classifier / CAM (Eq. 2), the warm-up schedule of Eq. 12, the propagated
 seeds (Eq. 6-7) and a smoke test of the plug-in on a tiny ViT."""
 import math
@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.methods import get_method
-from pipeline.methods.afa import AFANet, minmax, seg_loss, train_time_cams
+from pipeline.methods.afa.losses import seg_loss
+from pipeline.methods.afa.model import AFANet, minmax, train_time_cams
 from pipeline.methods.common.token_affinity import propagate_affinity, radius_mask
-from vit_reference import tiny_vit
+from vit_reference import tiny_afa
 
-TINY = {"backbone": tiny_vit(patch=4, dim=16, depth=3),
-        "decoder_dim": 8, "aff_layers": [-2, -1], "cam_scales": [1.0], "cam_flip": True,
-        "par": {"dilations": [1, 2], "num_iter": 2}, "reg_dilations": [1, 2]}
+TINY = {**tiny_afa(), "cam_scales": [1.0], "cam_flip": True}
 
 
 def _model(**kw):
@@ -164,7 +163,7 @@ def brute_aff_loss_official(a, lab):
 
 
 def test_aff_loss_official_default_vs_pairs_and_by_hand():
-    from pipeline.methods.afa import affinity_loss_afa
+    from pipeline.methods.afa.losses import affinity_loss_afa
     g = torch.Generator().manual_seed(7)
     a = torch.randn(2, 5, 5, generator=g, dtype=torch.float64)
     lab = torch.randint(0, 3, (2, 5, 5), generator=g)

@@ -2,8 +2,6 @@
 rerun selectivity after a params edit, and the fail-fast message without VOC data."""
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,18 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO, copy_snakefile
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(SNAKEMAKE + ["--cores", "2", *args], cwd=workdir, capture_output=True,
-                       text=True, timeout=1500)
-    if check and r.returncode != 0:
-        logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in workdir.glob("results/*/logs/**/*.log"))
-        raise AssertionError(f"snakemake {args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}\n{logs}")
-    return r
+from tests.conftest import REPO, copy_snakefile, snakemake
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tests of the synthetic demo dataset generator (pipeline/data/demo.py)."""
+"""Tests of the synthetic demo dataset generator (pipeline/data/demo.py: dataset writing;
+pipeline/data/demo_shapes.py: class appearance and rendering)."""
 from __future__ import annotations
 
 import itertools
@@ -12,7 +13,7 @@ import pytest
 from numpy.random import PCG64, Generator
 from PIL import Image
 
-from pipeline.data import demo
+from pipeline.data import demo, demo_shapes
 from pipeline.data.voc import (IGNORE_INDEX, image_labels, load_image, load_mask, read_ids)
 
 SMALL = dict(num_train=16, num_val=8, size=64)
@@ -128,7 +129,7 @@ def test_mask_region_has_class_colour(default_ds):
       it almost never does, and shifting the mask by 1 px lowers that agreement.
     """
     root, _, _ = default_ds
-    colors = demo.class_colors()
+    colors = demo_shapes.class_colors()
     inside, ring_frac, regions = [], [], 0
     for iid in _split_ids(root, "trainval"):
         img = load_image(root, iid).astype(np.float64)
@@ -155,7 +156,7 @@ def test_background_is_neutral(default_ds):
     """Background clutter (gradient, noise, distractors) never takes a class colour: pixels
     >= 2 px away from any object are near-grey, class colours are far from grey."""
     root, _, _ = default_ds
-    assert _chroma(demo.CLASS_COLORS).min() > 60
+    assert _chroma(demo_shapes.CLASS_COLORS).min() > 60
     chroma = []
     for iid in _split_ids(root, "trainval"):
         img = load_image(root, iid).astype(np.float64)
@@ -172,34 +173,34 @@ def test_render_sample_masks_are_exact():
         rng = Generator(PCG64(k))
         classes = [int(c) for c in rng.choice(np.arange(1, 21), size=3, replace=False)]
         state = rng.bit_generator.state
-        s = demo.render_sample(rng, classes, size=80, noise=False)
+        s = demo_shapes.render_sample(rng, classes, size=80, noise=False)
         img, mask = s["image"].astype(np.float64), s["mask"]
         assert img.shape == (80, 80, 3) and mask.shape == (80, 80) and mask.dtype == np.uint8
         for o in s["objects"]:
             d = img - o["color"]
             grey = (d.max(-1) - d.min(-1)) <= 1.0 + 1e-9
             region = mask == o["class_id"]
-            assert o["visible"] == region.sum() >= demo.MIN_VISIBLE * o["area"] - 1
+            assert o["visible"] == region.sum() >= demo_shapes.MIN_VISIBLE * o["area"] - 1
             assert grey[region].all()
             assert not grey[mask == 0].any()
-            assert np.abs(d[region]).max() <= demo.TEXTURE_AMPLITUDE * 1.5 + 1
+            assert np.abs(d[region]).max() <= demo_shapes.TEXTURE_AMPLITUDE * 1.5 + 1
         rng.bit_generator.state = state  # same geometry, now with noise and a void ring
-        noisy = demo.render_sample(rng, classes, size=80, void_border=True)
+        noisy = demo_shapes.render_sample(rng, classes, size=80, void_border=True)
         assert set(np.unique(noisy["mask"])) <= set(classes) | {0, IGNORE_INDEX}
         top = noisy["mask"] == classes[-1]
         assert (top == (mask == classes[-1])).all()  # the top object is never voided
 
 
 def test_class_specs_are_distinct():
-    colors = demo.CLASS_COLORS
+    colors = demo_shapes.CLASS_COLORS
     d = np.linalg.norm(colors[:, None] - colors[None], axis=-1) + np.eye(20) * 1e9
     assert d.min() >= 80
     assert (colors.max(1) - colors.min(1)).min() >= 80  # far from the grey axis
-    assert len({s.shape for s in demo.CLASS_SPECS}) == 20
-    assert [s.class_id for s in demo.CLASS_SPECS] == list(range(1, 21))
+    assert len({s.shape for s in demo_shapes.CLASS_SPECS}) == 20
+    assert [s.class_id for s in demo_shapes.CLASS_SPECS] == list(range(1, 21))
     yy, xx = np.mgrid[-1.2:1.2:96j, -1.2:1.2:96j]
     masks = {}
-    for name, f in demo.SHAPES.items():
+    for name, f in demo_shapes.SHAPES.items():
         m = f(xx, yy)
         assert 0.1 < m.mean() < 0.6, name
         masks[name] = m

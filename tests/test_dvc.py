@@ -20,8 +20,7 @@ import pytest
 import yaml
 
 from pipeline.config import deep_merge
-from tests.conftest import REPO
-from tests.conftest import TINY, copy_demo_chains
+from tests.conftest import REPO, TINY, copy_demo_chains, snakemake
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -190,8 +189,7 @@ def snakemake_graph(d: Path, target: str) -> tuple[set, set]:
     Edges come from ``--dag dot``; output files per rule from ``--detailed-summary`` (one
     (dataset, method) chain has one job per rule, checked via the log files).
     """
-    sm = [sys.executable, "-m", "snakemake", "--cores", "2"]
-    rows = [line.split("\t") for line in run(sm + ["-D", target], d).stdout.splitlines()
+    rows = [line.split("\t") for line in snakemake(d, "-D", target).stdout.splitlines()
             if "\t" in line]
     head, outs, logs = rows[0], {}, {}
     for row in rows[1:]:
@@ -199,7 +197,7 @@ def snakemake_graph(d: Path, target: str) -> tuple[set, set]:
         outs.setdefault(rec["rule"], set()).add(rec["output_file"].rstrip("/"))
         logs.setdefault(rec["rule"], set()).add(rec["log-file(s)"])
     assert all(len(v) == 1 for v in logs.values()), logs
-    dot = run(sm + ["--dag", "dot", "--", target], d).stdout
+    dot = snakemake(d, "--dag", "dot", "--", target).stdout
     rule_of = {m[0]: m[1] for m in re.findall(r'^\s*(\d+)\[label = "([A-Za-z_]+)', dot, re.M)}
     node = {i: (r, frozenset(outs[r])) for i, r in rule_of.items()}
     edges = {(node[a], node[b]) for a, b in re.findall(r"^\s*(\d+) -> (\d+)", dot, re.M)}

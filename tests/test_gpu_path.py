@@ -12,6 +12,7 @@ from pipeline.accel import Accel, amp_mode
 from pipeline.config import ConfigError
 from pipeline.data.prepare import build_manifest
 from pipeline.distributed import Dist
+from pipeline.utils import ResumeFile
 from tests.test_bad_inputs import make_voc
 from tests.test_resume import P as CLS_P
 from tests.test_segment import TINY as SEG_P, _make_dataset
@@ -89,8 +90,8 @@ def test_fp16_training_runs_with_grad_scaler_state_in_resume_file(tmp_path, monk
     root, ids, labels = _cls_data(tmp_path, n=4)
     p = dict(CLS_P, iters=3, batch_size=2, checkpoint_every=2, amp="fp16")
     saved = []
-    real_save = cls.ResumeFile.save
-    monkeypatch.setattr(cls.ResumeFile, "save", lambda self, **st: (saved.append(st), real_save(self, **st)))
+    real_save = ResumeFile.save
+    monkeypatch.setattr(ResumeFile, "save", lambda self, **st: (saved.append(st), real_save(self, **st)))
     m = cls.train_classifier("cam", root, ids, labels, p, tmp_path / "h.pt", log=lambda s: None)
     assert m["curve"] and all(torch.isfinite(torch.tensor(r["loss"])) for r in m["curve"])
     assert saved and saved[0]["scaler"]["scale"] > 0

@@ -11,12 +11,10 @@ from pipeline.config import load_params, stage_params
 from pipeline.data.transforms import to_tensor
 from pipeline.inference import OFFICIAL_MS_CAM, multiscale_flip
 from pipeline.methods import get_method
-from pipeline.methods.afa import AFANet
-from pipeline.methods.mcc import MCCNet
+from pipeline.methods.afa.model import AFANet
+from pipeline.methods.mcc.model import MCCNet
 from pipeline.seeds import multiscale_maps
-from vit_reference import tiny_vit
-
-BB = tiny_vit(patch=4, dim=16, depth=3)
+from vit_reference import tiny_afa, tiny_mcc
 
 
 def _net(seed=0):
@@ -179,15 +177,13 @@ def legacy_reference(cam_fn, img, scales, stride=4, eps=1e-5):
 
 def _afa():
     torch.manual_seed(0)
-    net = AFANet({"backbone": BB, "decoder_dim": 8, "aff_layers": [-2, -1],
-                  "par": {"dilations": [1, 2], "num_iter": 2}, "reg_dilations": [1, 2]}, 20).eval()
+    net = AFANet(tiny_afa(), 20).eval()
     return net, {"cams": lambda xs: net.cams(xs)[0][0, FG]}
 
 
 def _mcc():
     torch.manual_seed(0)
-    net = MCCNet({"backbone": BB, "aux_layer": -2, "decoder_channels": 8, "proj_hidden": 16,
-                  "proj_bottleneck": 8, "proj_dim": 12, "proj_layers": 2}, 20).eval()
+    net = MCCNet(tiny_mcc(), 20).eval()
     return net, {"cams": lambda xs: net.cams(xs)[0][0, FG],
                  "cams_aux": lambda xs: net.cams(xs)[1][0, FG]}
 

@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods.mcc import (MCCNet, Projector, affinity_loss, discretise_levels,
-                                  draw_key_masks, ema_update, info_nce, key_mask_bias,
-                                  positive_flags)
+from pipeline.methods.mcc.losses import (affinity_loss, discretise_levels, draw_key_masks, info_nce,
+                                         key_mask_bias, positive_flags)
+from pipeline.methods.mcc.model import MCCNet, Projector, ema_update
 from pipeline.models.vit import attentions
-from vit_reference import tiny_vit
+from vit_reference import tiny_mcc
 
-TINY = {"backbone": tiny_vit(patch=4, dim=16, depth=3),
-        "aux_layer": -2, "decoder_channels": 8, "proj_hidden": 16, "proj_bottleneck": 8,
-        "proj_dim": 12, "proj_layers": 2}
+TINY = tiny_mcc()
 
 
 # ------------------------------------------------------------------ key masks (Eq. 1-3)
@@ -242,7 +240,7 @@ def brute_mcc_official(q, k, pos, tau, eps=1e-4):
 
 
 def test_info_nce_code_matches_official_loops_and_hand_case():
-    from pipeline.methods.mcc import info_nce_code
+    from pipeline.methods.mcc.losses import info_nce_code
     rng = np.random.default_rng(1)
     q = rng.normal(size=(3, 2, 5))                       # two teacher (global) views, as official
     k = rng.normal(size=(3, 7, 5))

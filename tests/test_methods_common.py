@@ -1,6 +1,6 @@
 """Shared method helpers (pipeline/methods/common: PAR, CAM-to-label, token affinity) and AFA's
-losses (pipeline/methods/afa.py) against independent brute-force constructions: explicit loops
-over pixels / pairs, dense formulas, hand-computed values."""
+losses (pipeline/methods/afa/losses.py) against independent brute-force constructions: explicit
+loops over pixels / pairs, dense formulas, hand-computed values."""
 import itertools
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods.afa import affinity_loss_afa, local_consistency_loss
+from pipeline.methods.afa.losses import affinity_loss_afa, local_consistency_loss
 from pipeline.methods.common.cam_labels import cam_to_label, combine_high_low, refine_cams_with_bkg
 from pipeline.methods.common.par import PAR, dilated_neighbours
 from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,

@@ -1,4 +1,5 @@
-"""Tests of pipeline.refine.psa (PSA AffinityNet, pairs, loss, random walk, stages)."""
+"""Tests of the PSA modules of pipeline.refine (affinity labels, pairs, loss, AffinityNet,
+random walk, the train_affinity / refine_seeds entry points)."""
 import math
 
 import numpy as np
@@ -6,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.refine import psa
-from pipeline.refine.psa import (AffinityNet, affinity_loss, downsample_label,
-                                 make_affinity_label, pair_indices, pair_labels,
-                                 random_walk, random_walk_dense, refine_maps, search_offsets)
+from pipeline.refine.affinity_labels import downsample_label, make_affinity_label
+from pipeline.refine.affinity_net import AffinityNet
+from pipeline.refine.affinity_pairs import affinity_loss, pair_indices, pair_labels, search_offsets
+from pipeline.refine.affinity_train import train_affinity_net
+from pipeline.refine.random_walk import (affinity_matrix_dense, random_walk, random_walk_dense,
+                                         refine_maps, refine_seeds)
 from pipeline.storage import MapReader, MapWriter
 
 
@@ -117,7 +120,7 @@ def test_dense_random_walk_matches_naive_loop():
     f = torch.rand(5, 4, 5, dtype=torch.float64)
     maps = torch.rand(3, 4, 5, dtype=torch.float64)
     W = _naive_w(f, 3, 2.0)
-    np.testing.assert_allclose(psa.affinity_matrix_dense(f, 3, 2.0, pairs="all").numpy(), W,
+    np.testing.assert_allclose(affinity_matrix_dense(f, 3, 2.0, pairs="all").numpy(), W,
                                atol=1e-12)
     T = W / W.sum(0, keepdims=True)
     ref = maps.numpy().reshape(3, -1) @ np.linalg.matrix_power(T, 2 ** 3)
@@ -195,7 +198,7 @@ def test_train_and_refine_end_to_end(tmp_path):
                   crf=dict(iters=3), num_workers=0, log_every=2, seed=0)
     out = tmp_path / "aff.pth"
     logs = []
-    m = psa.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams", params, out,
+    m = train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams", params, out,
                                log=logs.append)
     assert out.is_file() and not (tmp_path / "aff.pth.tmp").exists()
     assert m["iters"] == 3 and [e["iter"] for e in m["loss_curve"]] == [2, 3]
@@ -205,10 +208,10 @@ def test_train_and_refine_end_to_end(tmp_path):
     ck = torch.load(out, weights_only=False)
     assert set(ck) == {"state_dict", "params"} and ck["params"]["feature_dim"] == 14
     with pytest.raises(ValueError, match="unknown"):
-        psa.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams",
+        train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams",
                                dict(params, bogus=1), out, log=logs.append)
 
-    psa.refine_seeds(tmp_path, ids, tmp_path / "seeds.h5", "cams", out, tmp_path / "ref.h5",
+    refine_seeds(tmp_path, ids, tmp_path / "seeds.h5", "cams", out, tmp_path / "ref.h5",
                      dict(radius=3, beta=8, logt=4, bg_alpha=16), log=logs.append)
     with MapReader(tmp_path / "ref.h5") as r:
         assert sorted(r.ids) == sorted(ids)

@@ -3,7 +3,7 @@
 ``ExtractAffinityLabelInRadius``, ``tool/imutils.py: AvgPool2d / RandomCrop /
 RandomHorizontalFlip``, ``tool/pyutils.py: get_indices_of_pairs``, ``network/resnet38_aff.py``,
 ``infer_aff.py``). The references below are written from those semantics with plain loops;
-they share no code with ``pipeline.refine.psa``."""
+they share no code with the ``pipeline.refine`` PSA modules."""
 import io
 
 import numpy as np
@@ -13,9 +13,14 @@ from PIL import Image
 
 from pipeline.config import load_params, stage_params
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.refine import psa
-from pipeline.refine.psa import (affinity_loss, pair_indices, pool_affinity_label, random_walk,
-                                 random_walk_dense, window_affinity_labels)
+from pipeline.data.voc import load_image
+from pipeline.refine import affinity_train
+from pipeline.refine.affinity_labels import (crf_scores, downsample_label, pool_affinity_label,
+                                             window_affinity_labels)
+from pipeline.refine.affinity_pairs import affinity_loss, pair_indices
+from pipeline.refine.crf import PSA_CRF
+from pipeline.refine.random_walk import (DEFAULT_REFINE_PARAMS, affinity_matrix_dense, random_walk,
+                                         random_walk_dense)
 
 
 # ------------------------------------------------------------------------ references
@@ -136,7 +141,7 @@ def test_dense_affinity_and_random_walk_use_official_edges():
         a = np.exp(-np.abs(fv[:, i] - fv[:, j]).mean())
         W[i, j] += a ** beta
         W[j, i] += a ** beta
-    np.testing.assert_allclose(psa.affinity_matrix_dense(f, r, beta).numpy(), W, atol=1e-12)
+    np.testing.assert_allclose(affinity_matrix_dense(f, r, beta).numpy(), W, atol=1e-12)
     T = W / W.sum(0, keepdims=True)
     ref = maps.numpy().reshape(3, n) @ np.linalg.matrix_power(T, 2 ** logt)
     np.testing.assert_allclose(random_walk_dense(f, maps, r, beta, logt).numpy().reshape(3, n),
@@ -231,11 +236,11 @@ def test_window_labels_sampled_equal_official_crops():
                     cont = np.fliplr(cont).copy()
                 c = cont.transpose(2, 0, 1)
                 ref = ref_cell_label(c[:3], c[3:], cids)
-                ys = psa._cell_label_indices(img_top, crop, h, h, False, "avgpool")
+                ys = affinity_train._cell_label_indices(img_top, crop, h, h, False, "avgpool")
                 # the train set flips before cropping: the same crop of the flipped image
                 # starts at w - start - crop
                 start = w + cont_left - crop if flip else -cont_left
-                xs = psa._cell_label_indices(start, crop, w, w, flip, "avgpool")
+                xs = affinity_train._cell_label_indices(start, crop, w, w, flip, "avgpool")
                 got = np.full(ref.shape, 255, np.uint8)
                 got[np.ix_(ys >= 0, xs >= 0)] = win[np.ix_(ys[ys >= 0], xs[xs >= 0])]
                 np.testing.assert_array_equal(got, ref, err_msg=f"{img_top} {cont_left} {flip}")
@@ -256,7 +261,7 @@ def _coord_dataset(tmp_path, n=3, h=37, w=53, k1=3):
         Image.fromarray(img).save(tmp_path / "JPEGImages" / f"c{i}.jpg", format="PNG")
         ql, qh = random_scores(rng, k1, hh, ww), random_scores(rng, k1, hh, ww)
         scores[f"c{i}"] = (ql, qh)
-        labels[f"c{i}"] = psa._encode_png(window_affinity_labels(ql, qh, [3, 8]))
+        labels[f"c{i}"] = affinity_train._encode_png(window_affinity_labels(ql, qh, [3, 8]))
         ids.append(f"c{i}")
     return ids, scores, labels
 
@@ -271,8 +276,8 @@ def _decode_coords(x):
 @pytest.mark.parametrize("crop", [32, 64])
 def test_train_set_avgpool_labels_equal_official_pipeline(tmp_path, crop):
     ids, scores, labels = _coord_dataset(tmp_path)
-    p = {**psa.DEFAULT_TRAIN_PARAMS, "crop": crop, "color_jitter": None}
-    ds = psa._AffinityTrainSet(tmp_path, ids, labels, p)
+    p = {**affinity_train.DEFAULT_TRAIN_PARAMS, "crop": crop, "color_jitter": None}
+    ds = affinity_train._AffinityTrainSet(tmp_path, ids, labels, p)
     torch.manual_seed(0)
     for it in range(12):
         i = it % len(ids)
@@ -318,7 +323,7 @@ def _old_train_item(p, img, lab):
     h, w = y.shape
     top = int(torch.randint(0, h - crop + 1, ()))
     left = int(torch.randint(0, w - crop + 1, ()))
-    return x[:, top:top + crop, left:left + crop], psa.downsample_label(y[top:top + crop, left:left + crop])
+    return x[:, top:top + crop, left:left + crop], downsample_label(y[top:top + crop, left:left + crop])
 
 
 @pytest.mark.parametrize("scale_range", [None, [0.7, 1.4]])
@@ -329,10 +334,10 @@ def test_centre_option_reproduces_the_former_train_set(tmp_path, scale_range):
     for i in ids:
         h, w = np.asarray(Image.open(tmp_path / "JPEGImages" / f"{i}.jpg")).shape[:2]
         full[i] = rng.choice(np.array([0, 3, 8, 255], np.uint8), size=(h, w))
-    labels = {i: psa._encode_png(v) for i, v in full.items()}
-    p = {**psa.DEFAULT_TRAIN_PARAMS, "crop": 48, "color_jitter": None,
+    labels = {i: affinity_train._encode_png(v) for i, v in full.items()}
+    p = {**affinity_train.DEFAULT_TRAIN_PARAMS, "crop": 48, "color_jitter": None,
          "label_pooling": "centre", "scale_range": scale_range}
-    ds = psa._AffinityTrainSet(tmp_path, ids, labels, p)
+    ds = affinity_train._AffinityTrainSet(tmp_path, ids, labels, p)
     for it in range(9):
         i = ids[it % 3]
         torch.manual_seed(it)
@@ -347,24 +352,24 @@ def test_centre_option_reproduces_the_former_train_set(tmp_path, scale_range):
 def test_label_set_and_training_defaults(tmp_path):
     from tests.test_psa import _synthetic_dataset
     ids = _synthetic_dataset(tmp_path, n=2)
-    p = {**psa.DEFAULT_TRAIN_PARAMS, "crf": dict(psa.PSA_CRF, iters=2)}
-    iid, data, counts = psa._LabelSet(tmp_path, ids, tmp_path / "seeds.h5", "cams", p)[0]
+    p = {**affinity_train.DEFAULT_TRAIN_PARAMS, "crf": dict(PSA_CRF, iters=2)}
+    iid, data, counts = affinity_train._LabelSet(tmp_path, ids, tmp_path / "seeds.h5", "cams", p)[0]
     with Image.open(io.BytesIO(data)) as im:
         win = np.asarray(im)
     assert win.shape == (48 + 7, 64 + 7) and counts.sum() == 6 * 8
-    image = psa.load_image(tmp_path, iid)
+    image = load_image(tmp_path, iid)
     from pipeline.storage import MapReader
     with MapReader(tmp_path / "seeds.h5") as r:
         cams, cids, _ = r.read(iid, "cams")
-    ql = psa.crf_scores(image, cams, 4, p["crf"])
-    qh = psa.crf_scores(image, cams, 32, p["crf"])
+    ql = crf_scores(image, cams, 4, p["crf"])
+    qh = crf_scores(image, cams, 32, p["crf"])
     np.testing.assert_array_equal(win[7::8, 7::8], ref_cell_label(ql, qh, cids.tolist()))
-    d = psa.DEFAULT_TRAIN_PARAMS
+    d = affinity_train.DEFAULT_TRAIN_PARAMS
     assert d["label_pooling"] == "avgpool" and d["pairs"] == "official"
     assert d["resize_long"] is None and d["scale_range"] is None
-    assert psa.DEFAULT_REFINE_PARAMS["pairs"] == "official"
+    assert DEFAULT_REFINE_PARAMS["pairs"] == "official"
     with pytest.raises(ValueError, match="label_pooling"):
-        psa.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams",
+        affinity_train.train_affinity_net(tmp_path, ids, tmp_path / "seeds.h5", "cams",
                                {"label_pooling": "center"}, tmp_path / "m.pt")
 
 

@@ -12,16 +12,10 @@ import h5py
 import pytest
 import yaml
 
-from tests.conftest import copy_demo_cam, make_workdir
+from tests.conftest import copy_demo_cam, make_workdir, snakemake
 from tests.test_shards import h5_content
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def snakemake(d: Path, *targets: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *targets], cwd=d,
-                       capture_output=True, text=True, timeout=1200, env=ENV)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def test_train_seg_resumes_to_same_weights(tmp_path, monkeypatch):
 
 
 def test_train_affinity_resumes_to_same_weights(tmp_path, monkeypatch):
-    import pipeline.refine.psa as psa
+    import pipeline.refine.affinity_train as psa
     from tests.test_psa import TINY_NET, _synthetic_dataset
     ids = _synthetic_dataset(tmp_path, n=3)
     p = dict(TINY_NET, crop=40, resize_long=None, scale_range=[0.8, 1.2],

@@ -48,7 +48,8 @@ def test_best_threshold_on_gt_by_construction_and_fixed_miou_unchanged(tmp_path)
     exact in float16). Every t in [0.375, 0.5) separates them perfectly: on the official grid
     i/100 the best is t = 0.38 (the smallest), mIoU 1. The fixed t = 0.35 calls the 0.375 pixel
     foreground: IoU bg 3/4, fg 4/5. The void pixel (map 0.75) is ignored."""
-    from pipeline.seeds import BEST_ON_GT_PROTOCOL, OFFICIAL_SWEEP, evaluate_maps
+    from pipeline.engine.evaluator import BEST_ON_GT_PROTOCOL, OFFICIAL_SWEEP
+    from pipeline.seeds import evaluate_maps
     cam = np.array([[0.125, 0.25, 0.25, 0.375, 0.5, 0.625, 0.75, 0.75, 0.75]], np.float32)
     gt = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 255]], np.uint8)
     h5 = _hand_dataset(tmp_path, {"x": {"cams": cam[None]}}, {"x": [1]}, {"x": gt})
@@ -70,7 +71,8 @@ def test_refined_sweep_replaces_the_background_channel(tmp_path):
     the foreground channels against a constant threshold, as evaluation.py does."""
     from pipeline.labels import maps_to_label
     from pipeline.metrics import confusion_matrix, scores_from_confusion
-    from pipeline.seeds import OFFICIAL_SWEEP, evaluate_maps
+    from pipeline.engine.evaluator import OFFICIAL_SWEEP
+    from pipeline.seeds import evaluate_maps
     rng = np.random.default_rng(0)
     probs = rng.random((3, 6, 5)).astype(np.float32)
     probs /= probs.sum(0)

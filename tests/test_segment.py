@@ -14,7 +14,8 @@ from PIL import Image
 from pipeline.data.transforms import to_tensor
 from pipeline.data.voc import DatasetError, save_mask_png
 from pipeline.metrics import confusion_matrix, scores_from_confusion
-from pipeline.segment import evaluate, load_model, predict, seg_loss, train_seg
+from pipeline.segment import seg_loss, train_seg
+from pipeline.segment_eval import evaluate, load_model, predict
 
 COLOURS = {1: (220, 40, 40), 2: (40, 200, 60)}
 TINY = {"backbone": "resnet10t", "pretrained": None, "crop": 48, "batch_size": 4, "iters": 40,
@@ -320,7 +321,7 @@ ALL = ["single_scale", "multi_scale_flip", "multi_scale_flip_crf"]
 
 
 def test_protocols_match_brute_force_and_leave_the_configured_miou_unchanged(data, tmp_path):
-    from pipeline.segment import DEEPLAB_CRF
+    from pipeline.segment_eval import DEEPLAB_CRF
     root, ids = data
     model = _TinySeg().eval()
     conf = {"scales": [0.5, 1.0], "flip": True, "crf": None}

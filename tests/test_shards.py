@@ -1,7 +1,5 @@
 """Sharded per-image stages: N shard jobs + merge == one unsharded run."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -10,7 +8,7 @@ import pytest
 
 from pipeline.shards import merge_map_files, merge_png_dirs, parse_shard, shard_ids
 from pipeline.storage import MapWriter, StorageError
-from tests.conftest import copy_demo_cam
+from tests.conftest import copy_demo_cam, snakemake
 
 
 def h5_content(path: Path) -> tuple[dict, list]:
@@ -83,12 +81,6 @@ def test_merge_refuses_missing_or_duplicate_images(tmp_path):
     with pytest.raises(StorageError, match="in no shard"):
         merge_png_dirs([tmp_path / "d0"], tmp_path / "out", ids)
     assert not (tmp_path / "out").exists()
-
-
-def snakemake(d: Path, *args: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *args], cwd=d,
-                       capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 @pytest.mark.slow

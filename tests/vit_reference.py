@@ -1,6 +1,8 @@
 """Tiny timm ViTs for the method tests, and independent references on them: the one tiny-ViT
-backbone config (:func:`tiny_vit`) and attention-gradient maps by central finite differences
-(no autograd), shared by tests/test_acr.py (paper form of Eq. 7) and tests/test_acr_official.py
+backbone config (:func:`tiny_vit`), the tiny MCC / AFA network settings on it
+(:func:`tiny_mcc`, :func:`tiny_afa`; tests/test_mcc.py, tests/test_afa.py,
+tests/test_inference.py) and attention-gradient maps by central finite differences (no
+autograd), shared by tests/test_acr.py (paper form of Eq. 7) and tests/test_acr_official.py
 (official form)."""
 from __future__ import annotations
 
@@ -13,6 +15,23 @@ def tiny_vit(patch: int = 8, dim: int = 24, depth: int = 3, heads: int = 2, img:
     return {"name": "vit_tiny_patch16_224", "pretrained": None,
             "overrides": {"img_size": img, "patch_size": patch, "embed_dim": dim, "depth": depth,
                           "num_heads": heads}}
+
+
+def tiny_mcc() -> dict:
+    """``methods.mcc.train_cls`` network settings of a tiny MCCNet (fresh dict): 4 px patches,
+    width 16, 3 blocks, aux classifier on block -2, small decoder and projectors."""
+    return {"backbone": tiny_vit(patch=4, dim=16, depth=3),
+            "aux_layer": -2, "decoder_channels": 8, "proj_hidden": 16, "proj_bottleneck": 8,
+            "proj_dim": 12, "proj_layers": 2}
+
+
+def tiny_afa() -> dict:
+    """``methods.afa.train_cls`` network settings of a tiny AFANet (fresh dict): 4 px patches,
+    width 16, 3 blocks, affinity from the last two blocks, small decoder, PAR and L_reg on
+    dilations 1, 2."""
+    return {"backbone": tiny_vit(patch=4, dim=16, depth=3),
+            "decoder_dim": 8, "aff_layers": [-2, -1],
+            "par": {"dilations": [1, 2], "num_iter": 2}, "reg_dilations": [1, 2]}
 
 
 def fd_grad_per_head(model, x: torch.Tensor, block: int, c: int, eps: float = 1e-6) -> torch.Tensor:

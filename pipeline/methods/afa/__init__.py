@@ -60,181 +60,29 @@ paper's literal reading an option; table: ``docs/methods/afa.md``.
 * Seeds: ``cams`` (Eq. 2, normalised by the export: ``norm: minmax``) and ``cams_aff``:
   Eq. 7 applied to each scale's min-max normalised CAM with that scale's ``σ(Â)`` (no
   background channel), stored for inspection.
+
+Layout: this file is the plug-in (:class:`AFA`: Eq. 12 with the warm-ups, training targets,
+seeds, own segmentation); :mod:`pipeline.methods.afa.model` the network (:class:`AFANet`,
+MLP decoder, training CAMs, :func:`scale_affinity`); :mod:`pipeline.methods.afa.losses`
+L_aff, L_reg and the segmentation loss. Shared pieces (PAR, CAM labels, token affinity) live
+in :mod:`pipeline.methods.common`.
 """
 from __future__ import annotations
-
-import math
-from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..models.vit import create_vit, num_prefix_tokens, patch_grid
-from .base import Method, multilabel_loss
-from .common.cam_labels import combine_high_low, refine_cams_with_bkg
-from .common.par import NEIGHBOURS_8, PAR, maps_to_par_label, par_input
-from .common.token_affinity import (affinity_label_from_seg, propagate_affinity,
+from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from ..base import Method, multilabel_loss
+from ..common.cam_labels import combine_high_low, refine_cams_with_bkg
+from ..common.par import PAR, maps_to_par_label, par_input
+from ..common.token_affinity import (affinity_label_from_seg, propagate_affinity,
                                     propagate_cams_with_bkg, radius_mask)
-
-
-class MLPDecoder(nn.Module):
-    """SegFormer-style all-MLP decoder (Xie et al. 2021, used by AFA) on ViT tokens: per level
-    LayerNorm + linear to ``dim``; concatenation; 1x1 conv + BN + ReLU; dropout; 1x1 conv.
-
-    ``[(B, n, D)] * L`` at one ``(h, w)`` grid -> ``(B, num_classes, h, w)`` logits.
-    """
-
-    def __init__(self, in_dim: int, levels: int, dim: int, num_classes: int, dropout: float = 0.1):
-        super().__init__()
-        self.norms = nn.ModuleList(nn.LayerNorm(in_dim) for _ in range(levels))
-        self.proj = nn.ModuleList(nn.Linear(in_dim, dim) for _ in range(levels))
-        self.fuse = nn.Sequential(nn.Conv2d(levels * dim, dim, 1, bias=False), nn.BatchNorm2d(dim),
-                                  nn.ReLU(inplace=True), nn.Dropout2d(dropout))
-        self.cls = nn.Conv2d(dim, num_classes, 1)
-
-    def forward(self, feats: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        h, w = grid
-        xs = [p(n(f)).transpose(1, 2).reshape(f.shape[0], -1, h, w)
-              for f, n, p in zip(feats, self.norms, self.proj)]
-        return self.cls(self.fuse(torch.cat(xs, 1)))
-
-
-class AFANet(nn.Module):
-    """ViT encoder + GMP classifier + AFA affinity head + MLP segmentation decoder.
-
-    ``num_classes`` foreground classes; the decoder predicts ``num_classes + 1`` (background
-    first).
-    """
-
-    def __init__(self, p: dict, num_classes: int):
-        super().__init__()
-        bb = p["backbone"]
-        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"))
-        depth = len(self.vit.blocks)
-        heads = self.vit.blocks[0].attn.inner.num_heads
-        d = self.vit.num_features
-        self.aff_layers = sorted({int(i) % depth for i in p.get("aff_layers", [-2, -1])})
-        levels = p.get("seg_levels")
-        if levels is None:                        # four evenly spaced blocks, like MiT's stages
-            k = min(4, depth)
-            levels = [round((i + 1) * depth / k) - 1 for i in range(k)]
-        self.seg_levels = sorted({int(i) % depth for i in levels})
-        self.aff_attention = p.get("aff_attention", "logits")
-        if self.aff_attention not in ("logits", "softmax"):
-            raise ValueError(f"methods.afa aff_attention must be logits or softmax, got {self.aff_attention!r}")
-        for i in self.aff_layers:
-            self.vit.blocks[i].attn.capture_logits = self.aff_attention == "logits"
-        self.classifier = nn.Linear(d, num_classes, bias=False)
-        self.aff_proj = nn.Linear(len(self.aff_layers) * heads, 1, bias=True)   # 1x1 conv (Eq. 3)
-        self.decoder = MLPDecoder(d, len(self.seg_levels), int(p.get("decoder_dim", 256)),
-                                  num_classes + 1, float(p.get("decoder_dropout", 0.1)))
-
-    def run(self, x: torch.Tensor, with_heads: bool = True) -> dict:
-        """One forward.
-
-        Returns:
-            ``feat`` (B, n, D) final patch tokens (final norm), ``grid`` (h, w), ``logits``
-            (B, C) GMP classification, and with ``with_heads``: ``aff`` (B, n, n) affinity
-            logits Â (Eq. 3, symmetric), ``seg`` (B, C+1, h, w) decoder logits.
-        """
-        v = self.vit
-        t = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
-        npre = num_prefix_tokens(v)
-        levels = []
-        for i, blk in enumerate(v.blocks):
-            t = blk(t)
-            if i in self.seg_levels and i != len(v.blocks) - 1:
-                levels.append(t[:, npre:])
-        t = v.norm(t)
-        f = t[:, npre:]
-        grid = patch_grid(v, x.shape[-2], x.shape[-1])
-        out = {"feat": f, "grid": grid, "logits": self.classifier(f.amax(1))}
-        if with_heads:
-            if len(v.blocks) - 1 in self.seg_levels:
-                levels.append(f)
-            out["seg"] = self.decoder(levels, grid)
-            out["aff"] = self.affinity(npre)
-        return out
-
-    def affinity(self, npre: int) -> torch.Tensor:
-        """Eq. 3 on the last forward's attention: ``(B, n, n)`` logits, symmetric."""
-        s = []
-        for i in self.aff_layers:
-            a = self.vit.blocks[i].attn
-            m = a.last_logits if self.aff_attention == "logits" else a.last_attn
-            if m is None:
-                raise RuntimeError("AFA: no attention captured in block %d" % i)
-            s.append(m[:, :, npre:, npre:])
-        s = torch.cat(s, 1)                                   # (B, L*heads, n, n)
-        s = s + s.transpose(-1, -2)
-        return torch.einsum("bknm,k->bnm", s, self.aff_proj.weight[0]) + self.aff_proj.bias[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> classification logits ``(B, C)``."""
-        return self.run(x, with_heads=False)["logits"]
-
-    def cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw CAMs ``W^T F`` (B, C, h, w) before ReLU and the affinity logits (B, n, n)."""
-        out = self.run(x)
-        h, w = out["grid"]
-        cam = (out["feat"] @ self.classifier.weight.t()).transpose(1, 2)
-        return cam.reshape(x.shape[0], -1, h, w), out["aff"]
-
-
-def minmax(m: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per image and channel ``(M - min) / (max - min + eps)`` of ``(B, K, H, W)``."""
-    mn = m.amin((2, 3), keepdim=True)
-    mx = m.amax((2, 3), keepdim=True)
-    return (m - mn) / (mx - mn + eps)
-
-
-@torch.no_grad()
-def train_time_cams(model: AFANet, x: torch.Tensor, scales=(1.0,), flip: bool = True) -> torch.Tensor:
-    """Multi-scale training CAMs (official ``multi_scale_cam``): per scale the image and its
-    flip, upsampled to ``(H, W)``, flip merged by max, ReLU; summed over scales; min-max.
-
-    Returns:
-        ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the labels).
-    """
-    from ..inference import OFFICIAL_MS_CAM, multiscale_flip
-
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        out = model.run(inp, with_heads=False)
-        h, w = out["grid"]
-        return (out["feat"] @ model.classifier.weight.t()).transpose(1, 2).reshape(inp.shape[0], -1, h, w)
-    return multiscale_flip(forward, x, scales, flips=(False, True) if flip else (False,),
-                           flip_batch=True, **OFFICIAL_MS_CAM)
-
+from .losses import AFF_LOSS_FORMS, affinity_loss_afa, local_consistency_loss, seg_loss
+from .model import AFANet, minmax, scale_affinity, train_time_cams
 
 PROP_AFFINITY = ("largest_scale", "train_forward")
-
-
-@torch.no_grad()
-def scale_affinity(model: AFANet, x: torch.Tensor, scale: float
-                   ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Affinity logits of the forward of ``x`` resized by ``scale`` (no gradients).
-
-    Official ``utils/camutils.py: multi_scale_cam_with_aff_mat`` keeps the affinity of the
-    largest scale's forward (``aff_mat[np.argmax(scales)]``) and uses it for the unflipped
-    images; this runs that forward (image only, no flip: the flipped half is never used).
-    The resize is the one of the training CAMs: bilinear to ``(int(s*H), int(s*W))``.
-
-    Args:
-        x: ``(B, 3, H, W)`` normalised images; scale: > 0.
-    Returns:
-        ``(aff (B, n, n) float logits Â, symmetric; (h, w) the token grid of that forward)``.
-    Raises:
-        ValueError: ``scale <= 0``.
-    """
-    if scale <= 0:
-        raise ValueError(f"methods.afa cam_scales must be > 0, got {scale}")
-    H, W = x.shape[-2:]
-    xs = x if scale == 1.0 else F.interpolate(x, size=(int(scale * H), int(scale * W)),
-                                              mode="bilinear", align_corners=False)
-    out = model.run(xs, with_heads=False)
-    return model.affinity(num_prefix_tokens(model.vit)), out["grid"]
 
 
 def denormalise(x: torch.Tensor) -> torch.Tensor:
@@ -244,103 +92,9 @@ def denormalise(x: torch.Tensor) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
-# ------------------------------------------------------- AFA losses: L_aff (Eq. 5), L_reg (Eq. 12)
-
-AFF_LOSS_FORMS = ("code", "paper")
-
-
-def affinity_loss_afa(aff_logits: torch.Tensor, aff_label: torch.Tensor,
-                      form: str = "code") -> torch.Tensor:
-    """AFA's affinity loss L_aff (paper Eq. 5; official ``utils/losses.py: get_aff_loss``).
-
-    With ``s = σ(A)``, ``R+`` the pairs labelled 1 and ``R-`` those labelled 0:
-
-    * ``form="code"`` (default, official ``get_aff_loss``, half of Eq. 5):
-      ``½ Σ_{R+}(1 - s) / (N+ + 1) + ½ Σ_{R-} s / (N- + 1)`` — each term halved, and the
-      official counts carry ``+ 1`` (so a term without pairs is 0, never a division by 0);
-    * ``form="paper"`` (Eq. 5 as printed, this project's old default):
-      ``Σ_{R+}(1 - s) / N+ + Σ_{R-} s / N-`` (a term without pairs is 0).
-
-    Args:
-        aff_logits: ``(B, n, n)`` float, predicted affinity A before the sigmoid (the
-            official head applies the sigmoid inside the network; same thing).
-        aff_label: ``(B, n, n)`` int, 1 positive, 0 negative, anything else (255) ignored.
-        form: ``"code"`` | ``"paper"``.
-    Returns:
-        scalar float tensor; ``code`` in [0, 1), ``paper`` in [0, 2].
-    Raises:
-        ValueError: unknown ``form`` or shapes differ.
-    """
-    if form not in AFF_LOSS_FORMS:
-        raise ValueError(f"methods.afa aff_loss must be one of {AFF_LOSS_FORMS}, got {form!r}")
-    if aff_logits.shape != aff_label.shape:
-        raise ValueError(f"affinity_loss_afa: logits {tuple(aff_logits.shape)} vs labels "
-                         f"{tuple(aff_label.shape)}")
-    s = torch.sigmoid(aff_logits)
-    pos, neg = (aff_label == 1).to(s.dtype), (aff_label == 0).to(s.dtype)
-    lp, ln = ((1 - s) * pos).sum(), (s * neg).sum()
-    if form == "code":
-        return 0.5 * lp / (pos.sum() + 1) + 0.5 * ln / (neg.sum() + 1)
-    return lp / pos.sum().clamp_min(1) + ln / neg.sum().clamp_min(1)
-
-def local_consistency_loss(img: torch.Tensor, probs: torch.Tensor, sigma_rgb: float = 15.0,
-                           sigma_xy: float = 100.0, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
-                           roi: torch.Tensor | None = None) -> torch.Tensor:
-    """Local consistency of segmentation predictions, a pure-PyTorch stand-in for the dense
-    CRF energy (Tang et al. ECCV 2018, "rloss") that AFA's L_reg uses (Eq. 12, refs [41, 53,
-    54, 57]) through a compiled bilateral filter.
-
-    Relaxed Potts energy on a sparse neighbourhood (the 8-neighbours of PAR's dilations):
-    ``L = 1/P Σ_i Σ_{j ∈ N(i)} W_ij (1 - s_i · s_j)`` with the bilateral Gaussian
-    ``W_ij = exp(-|p_i - p_j|² / 2σ_xy² - |I_i - I_j|² / 2σ_rgb²)``, over the pixels ``i`` in
-    ``roi`` (P = their count); pairs leaving the image are dropped. Its gradient equals the
-    dense energy's ``-s^T W s`` restricted to these pairs (up to the constant ``Σ W``).
-
-    Args:
-        img: ``(B, 3, H, W)`` float image in 0..255 (σ_rgb in those units).
-        probs: ``(B, K, H, W)`` softmax probabilities (gradients flow into them).
-        sigma_rgb, sigma_xy: rloss defaults 15 and 100 (pixels of ``img``).
-        roi: optional ``(B, H, W)`` bool/float mask of pixels that count.
-    Returns:
-        scalar >= 0.
-    """
-    B, K, H, W = probs.shape
-    total = probs.new_zeros(())
-    valid_i = probs.new_ones(B, H, W) if roi is None else roi.to(probs.dtype)
-    for d in dilations:
-        d = int(d)
-        for dy, dx in NEIGHBOURS_8:
-            oy, ox = dy * d, dx * d
-            # slices of i and j = i + (oy, ox), both inside the image
-            yi = slice(max(0, -oy), H - max(0, oy))
-            xi = slice(max(0, -ox), W - max(0, ox))
-            yj = slice(max(0, oy), H - max(0, -oy))
-            xj = slice(max(0, ox), W - max(0, -ox))
-            if yi.start >= yi.stop or xi.start >= xi.stop:
-                continue
-            w_xy = math.exp(-(oy * oy + ox * ox) / (2 * sigma_xy ** 2))
-            dc = ((img[:, :, yi, xi] - img[:, :, yj, xj]) ** 2).sum(1)
-            wij = w_xy * torch.exp(-dc / (2 * sigma_rgb ** 2))
-            agree = (probs[:, :, yi, xi] * probs[:, :, yj, xj]).sum(1)
-            total = total + (wij * (1 - agree) * valid_i[:, yi, xi]).sum()
-    return total / valid_i.sum().clamp_min(1)
-
-
-def seg_loss(logits: torch.Tensor, label: torch.Tensor, mode: str = "ce", ignore: int = 255) -> torch.Tensor:
-    """``ce``: cross-entropy ignoring ``ignore`` (paper); ``balanced``: mean of the background
-    and foreground cross-entropies (official code). 0 (with a graph) if no pixel is labelled."""
-    if mode not in ("ce", "balanced"):
-        raise ValueError(f"methods.afa seg_loss must be ce or balanced, got {mode!r}")
-    parts = [label] if mode == "ce" else [label.masked_fill(label != 0, ignore),
-                                          label.masked_fill(label == 0, ignore)]
-    terms = [F.cross_entropy(logits, lab, ignore_index=ignore) if bool((lab != ignore).any())
-             else logits.sum() * 0 for lab in parts]
-    return sum(terms) / len(terms)
-
-
 class AFA(Method):
     """AFA plug-in: :class:`AFANet`, Eq. 12 loss with the paper's warm-ups, CAM and
-    propagated-CAM seeds, the decoder as own segmentation head. See the module docstring."""
+    propagated-CAM seeds, the decoder as own segmentation head. See the package docstring."""
 
     name = "afa"
     seed_keys = ("cams", "cams_aff")

@@ -1,0 +1,1 @@
+"""Engine: the machinery every step shares (training loop, evaluation, inference)."""

@@ -1,0 +1,167 @@
+"""AFA network (Ru et al., CVPR 2022; package docstring of :mod:`pipeline.methods.afa`): ViT
+encoder with captured attention, GMP classifier, the AFA affinity head (Eq. 3), the
+SegFormer-style MLP decoder, and the no-grad forwards the training targets use (multi-scale
+training CAMs, the affinity of one rescaled forward).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ...models.vit import create_vit, num_prefix_tokens, patch_grid
+
+
+class MLPDecoder(nn.Module):
+    """SegFormer-style all-MLP decoder (Xie et al. 2021, used by AFA) on ViT tokens: per level
+    LayerNorm + linear to ``dim``; concatenation; 1x1 conv + BN + ReLU; dropout; 1x1 conv.
+
+    ``[(B, n, D)] * L`` at one ``(h, w)`` grid -> ``(B, num_classes, h, w)`` logits.
+    """
+
+    def __init__(self, in_dim: int, levels: int, dim: int, num_classes: int, dropout: float = 0.1):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(in_dim) for _ in range(levels))
+        self.proj = nn.ModuleList(nn.Linear(in_dim, dim) for _ in range(levels))
+        self.fuse = nn.Sequential(nn.Conv2d(levels * dim, dim, 1, bias=False), nn.BatchNorm2d(dim),
+                                  nn.ReLU(inplace=True), nn.Dropout2d(dropout))
+        self.cls = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, feats: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        h, w = grid
+        xs = [p(n(f)).transpose(1, 2).reshape(f.shape[0], -1, h, w)
+              for f, n, p in zip(feats, self.norms, self.proj)]
+        return self.cls(self.fuse(torch.cat(xs, 1)))
+
+
+class AFANet(nn.Module):
+    """ViT encoder + GMP classifier + AFA affinity head + MLP segmentation decoder.
+
+    ``num_classes`` foreground classes; the decoder predicts ``num_classes + 1`` (background
+    first).
+    """
+
+    def __init__(self, p: dict, num_classes: int):
+        super().__init__()
+        bb = p["backbone"]
+        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"))
+        depth = len(self.vit.blocks)
+        heads = self.vit.blocks[0].attn.inner.num_heads
+        d = self.vit.num_features
+        self.aff_layers = sorted({int(i) % depth for i in p.get("aff_layers", [-2, -1])})
+        levels = p.get("seg_levels")
+        if levels is None:                        # four evenly spaced blocks, like MiT's stages
+            k = min(4, depth)
+            levels = [round((i + 1) * depth / k) - 1 for i in range(k)]
+        self.seg_levels = sorted({int(i) % depth for i in levels})
+        self.aff_attention = p.get("aff_attention", "logits")
+        if self.aff_attention not in ("logits", "softmax"):
+            raise ValueError(f"methods.afa aff_attention must be logits or softmax, got {self.aff_attention!r}")
+        for i in self.aff_layers:
+            self.vit.blocks[i].attn.capture_logits = self.aff_attention == "logits"
+        self.classifier = nn.Linear(d, num_classes, bias=False)
+        self.aff_proj = nn.Linear(len(self.aff_layers) * heads, 1, bias=True)   # 1x1 conv (Eq. 3)
+        self.decoder = MLPDecoder(d, len(self.seg_levels), int(p.get("decoder_dim", 256)),
+                                  num_classes + 1, float(p.get("decoder_dropout", 0.1)))
+
+    def run(self, x: torch.Tensor, with_heads: bool = True) -> dict:
+        """One forward.
+
+        Returns:
+            ``feat`` (B, n, D) final patch tokens (final norm), ``grid`` (h, w), ``logits``
+            (B, C) GMP classification, and with ``with_heads``: ``aff`` (B, n, n) affinity
+            logits Â (Eq. 3, symmetric), ``seg`` (B, C+1, h, w) decoder logits.
+        """
+        v = self.vit
+        t = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))
+        npre = num_prefix_tokens(v)
+        levels = []
+        for i, blk in enumerate(v.blocks):
+            t = blk(t)
+            if i in self.seg_levels and i != len(v.blocks) - 1:
+                levels.append(t[:, npre:])
+        t = v.norm(t)
+        f = t[:, npre:]
+        grid = patch_grid(v, x.shape[-2], x.shape[-1])
+        out = {"feat": f, "grid": grid, "logits": self.classifier(f.amax(1))}
+        if with_heads:
+            if len(v.blocks) - 1 in self.seg_levels:
+                levels.append(f)
+            out["seg"] = self.decoder(levels, grid)
+            out["aff"] = self.affinity(npre)
+        return out
+
+    def affinity(self, npre: int) -> torch.Tensor:
+        """Eq. 3 on the last forward's attention: ``(B, n, n)`` logits, symmetric."""
+        s = []
+        for i in self.aff_layers:
+            a = self.vit.blocks[i].attn
+            m = a.last_logits if self.aff_attention == "logits" else a.last_attn
+            if m is None:
+                raise RuntimeError("AFA: no attention captured in block %d" % i)
+            s.append(m[:, :, npre:, npre:])
+        s = torch.cat(s, 1)                                   # (B, L*heads, n, n)
+        s = s + s.transpose(-1, -2)
+        return torch.einsum("bknm,k->bnm", s, self.aff_proj.weight[0]) + self.aff_proj.bias[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> classification logits ``(B, C)``."""
+        return self.run(x, with_heads=False)["logits"]
+
+    def cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw CAMs ``W^T F`` (B, C, h, w) before ReLU and the affinity logits (B, n, n)."""
+        out = self.run(x)
+        h, w = out["grid"]
+        cam = (out["feat"] @ self.classifier.weight.t()).transpose(1, 2)
+        return cam.reshape(x.shape[0], -1, h, w), out["aff"]
+
+
+def minmax(m: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per image and channel ``(M - min) / (max - min + eps)`` of ``(B, K, H, W)``."""
+    mn = m.amin((2, 3), keepdim=True)
+    mx = m.amax((2, 3), keepdim=True)
+    return (m - mn) / (mx - mn + eps)
+
+
+@torch.no_grad()
+def train_time_cams(model: AFANet, x: torch.Tensor, scales=(1.0,), flip: bool = True) -> torch.Tensor:
+    """Multi-scale training CAMs (official ``multi_scale_cam``): per scale the image and its
+    flip, upsampled to ``(H, W)``, flip merged by max, ReLU; summed over scales; min-max.
+
+    Returns:
+        ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the labels).
+    """
+    from ...inference import OFFICIAL_MS_CAM, multiscale_flip
+
+    def forward(inp: torch.Tensor) -> torch.Tensor:
+        out = model.run(inp, with_heads=False)
+        h, w = out["grid"]
+        return (out["feat"] @ model.classifier.weight.t()).transpose(1, 2).reshape(inp.shape[0], -1, h, w)
+    return multiscale_flip(forward, x, scales, flips=(False, True) if flip else (False,),
+                           flip_batch=True, **OFFICIAL_MS_CAM)
+
+
+@torch.no_grad()
+def scale_affinity(model: AFANet, x: torch.Tensor, scale: float
+                   ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Affinity logits of the forward of ``x`` resized by ``scale`` (no gradients).
+
+    Official ``utils/camutils.py: multi_scale_cam_with_aff_mat`` keeps the affinity of the
+    largest scale's forward (``aff_mat[np.argmax(scales)]``) and uses it for the unflipped
+    images; this runs that forward (image only, no flip: the flipped half is never used).
+    The resize is the one of the training CAMs: bilinear to ``(int(s*H), int(s*W))``.
+
+    Args:
+        x: ``(B, 3, H, W)`` normalised images; scale: > 0.
+    Returns:
+        ``(aff (B, n, n) float logits Â, symmetric; (h, w) the token grid of that forward)``.
+    Raises:
+        ValueError: ``scale <= 0``.
+    """
+    if scale <= 0:
+        raise ValueError(f"methods.afa cam_scales must be > 0, got {scale}")
+    H, W = x.shape[-2:]
+    xs = x if scale == 1.0 else F.interpolate(x, size=(int(scale * H), int(scale * W)),
+                                              mode="bilinear", align_corners=False)
+    out = model.run(xs, with_heads=False)
+    return model.affinity(num_prefix_tokens(model.vit)), out["grid"]
