@@ -280,6 +280,8 @@ def test_voc_train_cls_profile_is_the_official_schedule():
     assert p["batch_size"] == 4 and p["crop"] == 384 and p["resize_long"] == [345, 438]
     assert p["transforms"] == ["hflip"] and p["alpha"] == p["beta"] == 125
     assert p["reduction"] == "mean" and p["cls_loss"] == "sum" and p["loss_layers"] == "all"
+    assert p["cls_token_norm"] == "before" and p["amp"] in ("off", False)   # official: fp32
+    assert stage_params(cfg, "voc", "acr", "export_seeds")["amp"] in ("off", False)
     assert train_iterations(p, 10582, p["batch_size"]) == 26450    # 2,645 x 10 epochs
     coco = stage_params(cfg, "coco", "acr", "train_cls")
     assert coco["epochs"] == 5 and coco["alpha"] == coco["beta"] == 100
@@ -305,6 +307,33 @@ def test_voc_train_cls_profile_is_the_official_schedule():
             o.step()
     for a, b in zip(ref_model.parameters(), model.parameters()):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_class_token_logits_read_the_last_block_before_the_final_norm():
+    """Official ``forward_cls``: a forward hook on the last block stores its output, whose
+    class token goes into ``cls_head`` (no final LayerNorm). Reference: the same hook on a
+    model built with ``cls_token_norm: after`` (timm's head after ``norm``) and the same
+    weights."""
+    torch.manual_seed(0)
+    before = ACR().build_model(dict(TINY), 5).double().eval()
+    after = ACR().build_model({**TINY, "cls_token_norm": "after"}, 5).double().eval()
+    missing = after.load_state_dict(before.state_dict(), strict=False)
+    assert set(missing.missing_keys) == {"vit.norm.weight", "vit.norm.bias"}
+    with torch.no_grad():
+        after.vit.norm.weight.uniform_(0.5, 1.5)   # a final norm that is not the identity
+        after.vit.norm.bias.uniform_(-0.5, 0.5)
+    seen = {}
+    after.vit.blocks[-1].register_forward_hook(lambda m, i, o: seen.update(out=o))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want_after = after(x)
+        tok = seen["out"][:, 0]                                   # (B, D) before the norm
+        head = after.vit.head
+        assert torch.allclose(want_after, head(after.vit.norm(seen["out"])[:, 0]), atol=1e-12)
+        assert torch.allclose(before(x), head(tok), atol=1e-12)   # the official logits
+        assert not torch.allclose(before(x), want_after, atol=1e-3)
+    with pytest.raises(ValueError, match="cls_token_norm"):
+        ACR().build_model({**TINY, "cls_token_norm": "middle"}, 5)
 
 
 def test_resize_long_draws_the_long_side(monkeypatch):

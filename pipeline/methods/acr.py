@@ -30,6 +30,11 @@ option             official code (DEFAULT)                     paper / other cho
 ``alpha/beta``     125 / 125 (``train_acr.sh --alpha 125``,     paper: unstated
                    one ``args.alpha`` for both terms)
 ``cls_loss``       ``sum``: ``L_cls(view1) + L_cls(view2)``    ``mean``: half of that
+``cls_token_norm`` ``before``: the class token of the last     ``after``: timm's head on the
+                   block's output, taken by a forward hook     class token after the final
+                   BEFORE the final LayerNorm, into the linear LayerNorm (the paper says
+                   head (``DPT/ACR.py: forward_cls``,          only "class token")
+                   ``activations["4"]``)
 =================  ==========================================  ===============================
 
 Seeds (paper Sec. 3.3, Eq. 7-8; official ``infer_cam.py --start_layer 10 --getam_func grad
@@ -118,7 +123,8 @@ def invert_patch_attention(A: torch.Tensor, t: str, grid: tuple[int, int],
 #: official-code defaults of ``methods.acr.train_cls`` (OpenNLPLab/ACR_WSSS ``train_acr.py`` /
 #: ``train_acr.sh``); params.yaml states the same values explicitly
 TRAIN_DEFAULTS = {"transforms": ["hflip"], "loss_layers": "all", "reduction": "mean",
-                  "alpha": 125.0, "beta": 125.0, "cls_loss": "sum", "rescale_range": [0.5, 1.5]}
+                  "alpha": 125.0, "beta": 125.0, "cls_loss": "sum", "rescale_range": [0.5, 1.5],
+                  "cls_token_norm": "before"}
 #: official-code defaults of ``methods.acr.export_seeds`` (``infer_cam.py --start_layer 10
 #: --getam_func grad --aff True``, ``DPT/ACR.py: getam``)
 SEED_DEFAULTS = {"seed_layers": [-2, -1], "grad_head_reduce": "relu_then_mean",
@@ -201,7 +207,26 @@ class ACR(Method):
     refine_key = "cams"                 # ... and refines the ACR seeds with it (Sec. 4.2.2)
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
-        return ViTClassifier({**p, "head": "cls_token"}, num_classes)
+        """:class:`ViTClassifier` with timm's linear head (with bias) on the class token.
+
+        ``cls_token_norm`` (``methods.acr.train_cls``): ``before`` (official default) feeds
+        the head the class token of the last block's output before the final LayerNorm, as
+        the official ``forward_cls`` does (a forward hook on the last block,
+        ``DPT/ACR.py``, ``DPT/vit.py: get_activation``): the ViT's final ``norm`` is replaced
+        by an identity, whose output nothing else of ACR reads (the seeds use the logits and
+        the attention). ``after``: timm's head after the final norm.
+
+        Raises:
+            ValueError: ``cls_token_norm`` is neither ``before`` nor ``after``.
+        """
+        where = p.get("cls_token_norm", TRAIN_DEFAULTS["cls_token_norm"])
+        if where not in ("before", "after"):
+            raise ValueError(f"methods.acr.train_cls.cls_token_norm must be before or after, "
+                             f"got {where!r}")
+        model = ViTClassifier({**p, "head": "cls_token"}, num_classes)
+        if where == "before":
+            model.vit.norm = nn.Identity()
+        return model
 
     def loss(self, model, x, y, p, generator):
         """Eq. 6 on a batch and one randomly drawn transform (shared by the batch).
