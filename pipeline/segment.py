@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data.transforms import IMAGENET_MEAN, to_tensor
+from .data.transforms import to_tensor
+from .models.backbones import model_normalisation
 from .data.voc import IGNORE_INDEX, DatasetError, load_image
 from .models.deeplab import DeepLabV2
 from .accel import Accel
@@ -52,7 +53,6 @@ from .distributed import setup as dist_setup
 from .engine.trainer import LossList, PolySchedule, Trainer
 from .settings import TrainSeg
 
-_MEAN_RGB = tuple(int(round(255 * m)) for m in IMAGENET_MEAN)  # padding colour (-> ~0 input)
 
 
 @contextlib.contextmanager
@@ -147,11 +147,15 @@ class _RankBatches(Sampler):
 class _SegTrainSet(Dataset):
     """Random scale, pad, crop, flip of (image, pseudo label); item = ``(index, seed)``.
 
-    Returns ``(x float32 (3, crop, crop) ImageNet-normalised, y int64 (crop, crop))``.
+    Returns ``(x float32 (3, crop, crop) normalised with (mean, std), y int64 (crop, crop))``;
+    padding takes the mean colour (an input of ~0).
     """
 
-    def __init__(self, root, ids, pseudo_dir, crop: int, scale_range, num_classes: int):
+    def __init__(self, root, ids, pseudo_dir, crop: int, scale_range, num_classes: int,
+                 mean: tuple[float, ...], std: tuple[float, ...]):
         self.root, self.ids, self.pseudo_dir = root, list(ids), pseudo_dir
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.pad_rgb = tuple(int(round(255 * m)) for m in self.mean)
         self.crop = int(crop)
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.num_classes = int(num_classes)
@@ -183,7 +187,7 @@ class _SegTrainSet(Dataset):
         ph, pw = max(c - nh, 0), max(c - nw, 0)
         if ph or pw:
             img2 = np.empty((nh + ph, nw + pw, 3), np.uint8)
-            img2[:] = _MEAN_RGB
+            img2[:] = self.pad_rgb
             img2[:nh, :nw] = img
             lab2 = np.full((nh + ph, nw + pw), IGNORE_INDEX, np.uint8)
             lab2[:nh, :nw] = lab
@@ -195,7 +199,8 @@ class _SegTrainSet(Dataset):
         lab = lab[y0:y0 + c, x0:x0 + c]
         if rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
-        return to_tensor(np.array(img)), torch.from_numpy(lab.astype(np.int64))
+        return (to_tensor(np.array(img), self.mean, self.std),
+                torch.from_numpy(lab.astype(np.int64)))
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor,
@@ -321,7 +326,8 @@ def _train_seg(root, ids, pseudo_dir, out_path, s: TrainSeg, device, log, dd) ->
                                             f"{row['loss']:.4f} "
                                             f"lr {opt.param_groups[0]['lr']:.3g}"))
     start = trainer.it
-    ds = _SegTrainSet(root, ids, pseudo_dir, s.crop, s.scale_range, s.num_classes)
+    ds = _SegTrainSet(root, ids, pseudo_dir, s.crop, s.scale_range, s.num_classes,
+                      *model_normalisation(model))
     sampler = _SeededSampler(len(ds), iters * bs, seed, start=start * bs)
     nw = s.num_workers
     batching = ({"batch_size": bs, "sampler": sampler, "drop_last": True} if not dd.enabled else

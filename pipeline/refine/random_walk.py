@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.data.transforms import to_tensor
 from pipeline.data.voc import VOC_CLASSES, load_image
+from pipeline.models.backbones import model_normalisation
 from pipeline.refine.affinity_labels import STRIDE, resize_maps
 from pipeline.refine.affinity_net import AffinityNet, load_affinity_net
 from pipeline.refine.affinity_pairs import (PAIR_MODES, _check_choice, pair_indices,
@@ -214,7 +215,7 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
     was_training = model.training
     model.eval()
     try:
-        f = model(to_tensor(image)[None].to(device))[0]
+        f = model(to_tensor(image, *model_normalisation(model))[None].to(device))[0]
     finally:
         model.train(was_training)
     h, w = f.shape[1:]
