@@ -269,8 +269,15 @@ class SMAF(Method):
         self.teacher = (tm, tmodel)
         if p.get("init_from_teacher", True):
             sd = {k: v for k, v in tmodel.vit.state_dict().items() if not k.startswith("head.")}
+            # an acr teacher reads its class token before the final norm (`cls_token_norm:
+            # before` replaces that norm by an identity): the student keeps its own, as built
+            free = ({"norm.weight", "norm.bias"} if isinstance(getattr(tmodel.vit, "norm", None),
+                                                                nn.Identity) else set())
             try:
-                model.vit.load_state_dict(sd, strict=True)
+                missing, unexpected = model.vit.load_state_dict(sd, strict=False)
+                if unexpected or set(missing) - free:
+                    raise RuntimeError(f"missing keys {sorted(set(missing) - free)[:4]}, "
+                                       f"unexpected keys {sorted(unexpected)[:4]}")
             except RuntimeError as e:
                 raise ValueError(f"the `{name}` teacher's backbone differs from the smaf student's "
                                  f"train_cls.backbone; set init_from_teacher: false or use the "
