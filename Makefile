@@ -34,21 +34,21 @@ lock:
 ## (+ its report figures and the one-file HTML report, report.html)
 demo: $(BIN)/.installed
 	$(BIN)/snakemake --cores $(CORES) results/demo/acr/miou.json results/demo/acr/report/iou.html
-	$(BIN)/python -m pipeline.summary results/demo/acr/miou.json
+	$(BIN)/python -m pipeline.steps.summary results/demo/acr/miou.json
 	$(BIN)/snakemake --cores $(CORES) --report report.html results/demo/acr/report/iou.html
 
 ## compare the demo chain's *miou.json with the committed expected values (exact; CI runs it)
 check-demo: $(BIN)/.installed
-	$(BIN)/python -m pipeline.summary --check $(EXPECTED) results/demo/acr
+	$(BIN)/python -m pipeline.steps.summary --check $(EXPECTED) results/demo/acr
 
 ## record the demo chain's values as the expected ones (commit with the README's demo row)
 expected: $(BIN)/.installed
-	$(BIN)/python -m pipeline.summary --write $(EXPECTED) results/demo/acr
+	$(BIN)/python -m pipeline.steps.summary --write $(EXPECTED) results/demo/acr
 
 ## the same chain on the 100 real VOC images in ../shared/data/voc2012-sample
 vocsample: $(BIN)/.installed
 	$(BIN)/snakemake --cores $(CORES) results/vocsample/acr/miou.json results/vocsample/cam/miou.json
-	$(BIN)/python -m pipeline.summary results/vocsample/acr/miou.json results/vocsample/cam/miou.json
+	$(BIN)/python -m pipeline.steps.summary results/vocsample/acr/miou.json results/vocsample/cam/miou.json
 
 ## the test suite (unit + end-to-end tests; CI runs exactly this)
 test: $(BIN)/.installed

@@ -3,16 +3,16 @@
 #   -> train_affinity -> refine_seeds -> make_pseudo_labels -> train_seg -> eval_seg
 #   (+ train_cls -> eval_own_seg -> eval_seg: a single-stage method's own segmentation head)
 # Each rule's `params:` is exactly the params.yaml sub-tree its stage reads
-# (pipeline.config.stage_params), so editing one value reruns only that rule and its
+# (pipeline.io.config.stage_params), so editing one value reruns only that rule and its
 # descendants. Stages are thin CLIs (`python -m stages.<name>`), runnable by hand and by DVC.
 #
 # Layout (snakemake-workflows standard): this entry point validates params.yaml and includes
-# workflow/rules/common.smk (helpers, wildcard constraints, paths from pipeline/paths.py, the
+# workflow/rules/common.smk (helpers, wildcard constraints, paths from pipeline/io/paths.py, the
 # shell-command builder, sharding) and one rule file per step.
 from snakemake.utils import validate
 
-from pipeline.config import check_complete, resolve_profiles
-from pipeline.config import validate as validate_keys
+from pipeline.io.config import check_complete, resolve_profiles
+from pipeline.io.config import validate as validate_keys
 
 configfile: "params.yaml"
 report: "report/workflow.rst"   # the landing page of `snakemake --report report.html`

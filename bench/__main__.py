@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench import gpu, micro, scaling, stages
-from pipeline.storage import atomic_write
+from pipeline.io.storage import atomic_write
 
 BENCHES = {
     "crf": micro.crf_pool,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from pipeline.config import load_params, stage_params
+from pipeline.io.config import load_params, stage_params
 
 
 def dataset_ids(dataset: str, role: str) -> tuple[str, list[str], str]:

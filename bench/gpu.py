@@ -2,8 +2,9 @@
 
 ``python -m bench gpu`` -> ``results/bench/gpu.json``. On a CUDA machine it measures the
 paper-scale setting of the ``voc`` profile: timm ``vit_base_patch16_384`` (the ACR method,
-``methods.acr`` settings), batch ``profiles.voc.train_cls.batch_size`` at crop 384, AdamW,
-``amp: bf16`` + ``channels_last``, without and with ``compile``; then the ACR seed export
+``methods.acr`` settings), batch ``profiles.voc.train_cls.batch_size`` at crop 384, the
+profile's ``amp`` (``off`` = fp32 for ACR, as its official code trains) + ``channels_last``,
+without and with ``compile``; then the ACR seed export
 (Eq. 7/8, which needs a backward per image) with the voc ``export_seeds`` scales and flip on
 500 x 375 images (the typical VOC size). Inputs are synthetic tensors (the step time is that
 of the model, not of JPEG decoding) and weights are random init (no download is attempted;
@@ -20,7 +21,8 @@ import time
 
 import torch
 
-from pipeline.config import load_params, stage_params
+from pipeline.engine.accel import amp_mode
+from pipeline.io.config import load_params, stage_params
 
 #: reduced CPU settings (the command is exercised, not a meaningful measurement): the full
 #: 384 px version took 61 s per step and 52 s per exported image on 2 busy cores (7.3 min)
@@ -37,8 +39,8 @@ def _sync(device: torch.device) -> None:
 
 def _train_step_time(method, p: dict, device, compile_: bool, bs: int, steps: int,
                      warmup: int) -> dict:
-    from pipeline.accel import Accel
-    from pipeline.cls import make_optimizer
+    from pipeline.engine.accel import Accel
+    from pipeline.steps.cls import make_optimizer
     torch.manual_seed(0)
     acc = Accel(dict(p, compile=compile_), device, "bench")
     model = acc.prepare(method.build_model(p, 20).to(device).train())
@@ -71,8 +73,8 @@ def _train_step_time(method, p: dict, device, compile_: bool, bs: int, steps: in
 
 
 def _export_rate(method, p_cls: dict, p_exp: dict, device, n: int, hw) -> dict:
-    from pipeline.accel import Accel
-    from pipeline.seeds import multiscale_maps
+    from pipeline.engine.accel import Accel
+    from pipeline.steps.seeds import multiscale_maps
     torch.manual_seed(0)
     acc = Accel(p_exp, device, "bench")
     model = acc.prepare(method.build_model(p_cls, 20).to(device).eval())
@@ -126,7 +128,7 @@ def gpu_bench(dataset: str = "voc", overrides: dict | None = None) -> dict:
     best = min(train, key=lambda r: r["step_s_median"])
     return {"device": name, "cuda": cuda,
             "backbone": p_cls["backbone"]["name"], "crop": int(p_cls["crop"]),
-            "amp": p_cls.get("amp"), "channels_last": p_cls.get("channels_last"),
+            "amp": amp_mode(p_cls.get("amp")), "channels_last": p_cls.get("channels_last"),
             "weights": "random init (no download attempted; timings do not depend on weight values)",
             "inputs": "synthetic tensors (model compute only, no data loading)",
             "reduced_cpu_version": not cuda, "train": train, "export": export,

@@ -18,7 +18,7 @@ from bench.common import dataset_ids, target, timeit
 def crf_pool(dataset: str) -> dict:
     """Dense CRF pseudo labels over images: process pool (2 workers) vs one process."""
     from pipeline.data.voc import load_image
-    from pipeline.storage import MapWriter
+    from pipeline.io.storage import MapWriter
     from pipeline.data.voc import VOC_CLASSES
     root, ids, _ = dataset_ids(dataset, "train")
     ids = ids[:46]
@@ -37,7 +37,7 @@ def crf_pool(dataset: str) -> dict:
         for workers in (1, 2):
             # a fresh interpreter per run, as the stage CLI runs (spawned workers re-import
             # the main module; this one must not be the torch-importing bench)
-            code = ("import sys, json; from pipeline.pseudo import make_pseudo_labels; "
+            code = ("import sys, json; from pipeline.steps.pseudo import make_pseudo_labels; "
                     "a = json.loads(sys.argv[1]); "
                     "make_pseudo_labels(a['h5'], 'probs', a['root'], a['ids'], {'crf': a['crf']}, "
                     "a['out'], workers=a['w'], log=lambda s: None)")
@@ -59,7 +59,7 @@ def crf_pool(dataset: str) -> dict:
 
 def random_walk(dataset: str) -> dict:
     """PSA random walk: sparse local affinity (repeated multiplication) vs dense T^(2^logt)."""
-    from pipeline.refine.random_walk import random_walk as rw_sparse, random_walk_dense
+    from pipeline.steps.refine.random_walk import random_walk as rw_sparse, random_walk_dense
     torch.manual_seed(0)
     out = {}
     for hw in ((48, 48), (64, 48)):   # 64x48: a 500x375 VOC image at PSA's stride 8
@@ -174,7 +174,7 @@ def _loop_tp_fp_fn(preds, gts, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def miou(dataset: str) -> dict:
     """mIoU: one bincount over all pixels vs a per-image, per-class TP/FP/FN Python loop."""
     from pipeline.data.voc import load_mask
-    from pipeline.metrics import confusion_matrix, scores_from_confusion
+    from pipeline.engine.metrics import confusion_matrix, scores_from_confusion
     root, ids, label_dir = dataset_ids(dataset, "val")
     gts = [load_mask(root, i, label_dir) for i in ids]
     rng = np.random.default_rng(0)
@@ -200,7 +200,7 @@ def miou(dataset: str) -> dict:
 
 def storage(dataset: str) -> dict:
     """seeds.h5 (float16, chunked, gzip) vs per-image .npy dicts of float32 maps; random access."""
-    from pipeline.storage import MapReader
+    from pipeline.io.storage import MapReader
     h5 = _find_seeds(dataset)
     with MapReader(h5) as r, tempfile.TemporaryDirectory() as td:
         ids = r.ids

@@ -5,7 +5,7 @@ import csv
 import json
 from pathlib import Path
 
-from pipeline.paths import artifacts
+from pipeline.io.paths import artifacts
 
 #: stage -> (artifact keys it writes, split role it processes)
 STAGE_IO = {

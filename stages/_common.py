@@ -2,9 +2,9 @@
 
 Every stage reads its parameters either from ``--params-json`` (what Snakemake passes: the
 exact ``params:`` of the rule) or from ``params.yaml`` via
-:func:`pipeline.config.stage_params`, so running a stage by hand and under Snakemake/DVC uses
+:func:`pipeline.io.config.stage_params`, so running a stage by hand and under Snakemake/DVC uses
 the same values; chain stages turn them into their typed settings once
-(:func:`stage_settings`, :mod:`pipeline.settings`). Known user errors are printed as one
+(:func:`stage_settings`, :mod:`pipeline.io.settings`). Known user errors are printed as one
 clear line (no traceback) with exit code 2.
 """
 from __future__ import annotations
@@ -17,11 +17,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.config import ConfigError, load_params, stage_params
-from pipeline.paths import artifacts, manifest
+from pipeline.io.config import ConfigError, load_params, stage_params
+from pipeline.io.paths import artifacts, manifest
 
 if TYPE_CHECKING:
-    from pipeline.settings import StageSettings
+    from pipeline.io.settings import StageSettings
 
 log = logging.getLogger("wsss")
 
@@ -48,7 +48,7 @@ def add_manifest(ap: argparse.ArgumentParser) -> None:
 
 
 def _shard_spec(spec: str) -> tuple[int, int]:
-    from pipeline.shards import parse_shard
+    from pipeline.io.shards import parse_shard
     try:
         return parse_shard(spec)
     except ValueError as e:
@@ -70,7 +70,7 @@ def add_shard_args(ap: argparse.ArgumentParser) -> None:
 def stage_config(args: argparse.Namespace, stage: str) -> dict:
     if args.params_json:
         return json.loads(args.params_json)
-    from pipeline.config import validate
+    from pipeline.io.config import validate
     cfg = load_params(args.params)
     validate(cfg)
     return stage_params(cfg, args.dataset, getattr(args, "method", None), stage)
@@ -94,25 +94,25 @@ def load_manifest(path: str) -> dict:
 
 
 def stage_settings(args: argparse.Namespace, stage: str) -> StageSettings:
-    """The stage's typed settings (:data:`pipeline.settings.SETTINGS`), built once from its
+    """The stage's typed settings (:data:`pipeline.io.settings.SETTINGS`), built once from its
     merged params (:func:`stage_config`).
 
-    From params.yaml the method's keys are known (:func:`pipeline.config.method_keys`), so a
+    From params.yaml the method's keys are known (:func:`pipeline.io.config.method_keys`), so a
     key that is neither a field nor the method's is refused; from ``--params-json`` (the
     Snakefile validated the whole params.yaml before any job) every key that is not a field
     is taken as the method's.
 
     Raises:
         ConfigError: unknown key (named with its params.yaml section), missing required key,
-            wrong type (:meth:`pipeline.settings.StageSettings.from_params`).
+            wrong type (:meth:`pipeline.io.settings.StageSettings.from_params`).
     """
-    from pipeline.settings import SETTINGS
+    from pipeline.io.settings import SETTINGS
     cls, method = SETTINGS[stage], getattr(args, "method", None)
     if args.params_json:
         p = json.loads(args.params_json)
         keys = [k for k in p if k not in cls.field_names()]
     else:
-        from pipeline.config import method_keys, validate
+        from pipeline.io.config import method_keys, validate
         cfg = load_params(args.params)
         validate(cfg)
         p = stage_params(cfg, args.dataset, method, stage)
@@ -125,8 +125,8 @@ def parse_stage(ap: argparse.ArgumentParser, stage: str) -> tuple[argparse.Names
 
     Returns:
         ``(args, default_paths(args), stage_settings(args, stage), manifest)``: the parsed
-        arguments, the chain's default artifact paths (:func:`pipeline.paths.artifacts`), the
-        stage's settings (e.g. :class:`pipeline.settings.TrainSeg`) and the dataset manifest
+        arguments, the chain's default artifact paths (:func:`pipeline.io.paths.artifacts`), the
+        stage's settings (e.g. :class:`pipeline.io.settings.TrainSeg`) and the dataset manifest
         (``--manifest`` or the default one).
     Raises:
         FileNotFoundError: the manifest is missing (names the stage that writes it).
@@ -142,10 +142,10 @@ def run_cli(stage: str, main: Callable[[], str | None]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from pipeline.data.voc import DatasetError
-    from pipeline.metrics import PredictionRangeError
+    from pipeline.engine.metrics import PredictionRangeError
     from pipeline.models.backbones import WeightsError
-    from pipeline.storage import StorageError, is_disk_full
-    from pipeline.utils import deterministic_torch
+    from pipeline.io.storage import StorageError, is_disk_full
+    from pipeline.engine.runtime import deterministic_torch
     deterministic_torch()
     t0 = time.time()
     try:

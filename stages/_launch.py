@@ -1,7 +1,7 @@
 """Start a stage module on G GPUs: ``python -m stages._launch G stages.train_cls ARGS...``.
 
 G > 1: ``python -m torch.distributed.run --standalone --nproc_per_node=G -m MODULE ARGS``
-(torchrun: one process per GPU, see :mod:`pipeline.distributed`); G <= 1 (one GPU or CPU):
+(torchrun: one process per GPU, see :mod:`pipeline.engine.distributed`); G <= 1 (one GPU or CPU):
 ``python -m MODULE ARGS``, exactly the command used without this launcher. The Snakefile
 passes the rule's ``resources: gpu`` as G, so the number of GPUs never enters the rule's
 params (changing it does not rerun anything: the results are the same up to float order).

@@ -15,9 +15,9 @@ def main() -> str:
     ap.add_argument("--out", default=None, help="Markdown output (default results/{dataset}/comparison.md); "
                                                 "the .json goes beside it")
     args = ap.parse_args()
-    from pipeline.compare import comparison, to_markdown
-    from pipeline.storage import atomic_write
-    from pipeline.utils import write_json
+    from pipeline.steps.compare import comparison, to_markdown
+    from pipeline.io.storage import atomic_write
+    from pipeline.io.storage import write_json
     methods = args.methods or sorted(load_params(args.params)["methods"])
     c = comparison(args.dataset, methods, args.results)
     out = Path(args.out or f"{args.results}/{args.dataset}/comparison.md")

@@ -15,8 +15,9 @@ def main() -> str:
     ap.add_argument("--out", default=None, help="metrics json (default .../own_seg_miou.json)")
     args, d, s, m = parse_stage(ap, "eval_own_seg")
     from pipeline.data.classes import manifest_classes
-    from pipeline.own_seg import evaluate_own_seg
-    from pipeline.utils import get_device, write_json
+    from pipeline.steps.own_seg import evaluate_own_seg
+    from pipeline.engine.runtime import get_device
+    from pipeline.io.storage import write_json
     ids = m["splits"][s.split]
     res = evaluate_own_seg(args.model or d["cls_model"], m["root"], ids, m["label_dir"], s,
                            get_device(s.device), log=logging.getLogger("wsss").info,

@@ -16,8 +16,8 @@ def main() -> str:
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
     from pipeline.engine.evaluator import OFFICIAL_SWEEP
-    from pipeline.seeds import evaluate_maps
-    from pipeline.utils import write_json
+    from pipeline.steps.seeds import evaluate_maps
+    from pipeline.io.storage import write_json
     method = get_method(args.method)
     ids = m["splits"][s.split]
     res = evaluate_maps(args.seeds or d["seeds"], m["root"], ids, m["label_dir"],

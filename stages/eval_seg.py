@@ -39,8 +39,9 @@ def main() -> str:
                          "`own_segmentation` when not null (default: the chain's, if it exists)")
     args, d, s, m = parse_stage(ap, "eval_seg")
     from pipeline.data.classes import manifest_classes
-    from pipeline.segment_eval import evaluate, load_model
-    from pipeline.utils import get_device, write_json
+    from pipeline.steps.segment_eval import evaluate, load_model
+    from pipeline.engine.runtime import get_device
+    from pipeline.io.storage import write_json
     dev = get_device(s.device)
     ids = m["splits"][s.split]
     res = evaluate(load_model(args.model or d["seg_model"], dev), m["root"], ids, m["label_dir"],

@@ -14,8 +14,8 @@ def main() -> str:
     add_shard_args(ap)
     args, d, s, m = parse_stage(ap, "export_seeds")
     from pipeline.data.classes import manifest_classes
-    from pipeline.seeds import export_seeds
-    from pipeline.shards import merge_map_files, shard_ids
+    from pipeline.steps.seeds import export_seeds
+    from pipeline.io.shards import merge_map_files, shard_ids
     ids = m["splits"][s.split]
     if args.merge:
         merge_map_files(args.merge, args.out or d["seeds"], ids)

@@ -18,17 +18,17 @@ def main() -> str:
     add_shard_args(ap)
     args, d, s, m = parse_stage(ap, "make_pseudo_labels")
     from pipeline.data.classes import manifest_classes
-    from pipeline.pseudo import evaluate_label_dir, make_pseudo_labels
-    from pipeline.utils import write_json
+    from pipeline.steps.pseudo import evaluate_label_dir, make_pseudo_labels
+    from pipeline.io.storage import write_json
     ids = m["splits"][s.split]
     out = args.out or d["pseudo"]
     if args.merge:
-        from pipeline.shards import merge_png_dirs
+        from pipeline.io.shards import merge_png_dirs
         merge_png_dirs(args.merge, out, ids)
         t = {"images": len(ids), "merged_shards": len(args.merge)}
     else:
         if args.shard:
-            from pipeline.shards import shard_ids
+            from pipeline.io.shards import shard_ids
             ids = shard_ids(ids, *args.shard)
         t = make_pseudo_labels(args.maps or d["refined"], s.key, m["root"], ids, s, out,
                                workers=args.workers, log=logging.getLogger("wsss").info)

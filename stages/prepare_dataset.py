@@ -11,7 +11,7 @@ def main() -> str:
     args = ap.parse_args()
     p = stage_config(args, "prepare_dataset")
     from pipeline.data.prepare import build_manifest
-    from pipeline.utils import write_json
+    from pipeline.io.storage import write_json
     m = build_manifest(p["data"], verify_images=bool(p.get("verify_images", True)))
     out = args.out or default_paths(args)["manifest"]
     write_json(out, m)

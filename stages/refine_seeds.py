@@ -20,19 +20,20 @@ def main() -> str:
     args, d, s, m = parse_stage(ap, "refine_seeds")
     from pipeline.data.classes import manifest_classes
     from pipeline.methods import get_method
-    from pipeline.refine.random_walk import refine_seeds
+    from pipeline.steps.refine.random_walk import refine_seeds
     from pipeline.engine.evaluator import OFFICIAL_SWEEP
-    from pipeline.seeds import evaluate_maps
-    from pipeline.utils import get_device, write_json
+    from pipeline.steps.seeds import evaluate_maps
+    from pipeline.engine.runtime import get_device
+    from pipeline.io.storage import write_json
     ids = m["splits"][s.split]
     out = args.out or d["refined"]
     key = s.seed_key or get_method(args.method).refine_key
     if args.merge:
-        from pipeline.shards import merge_map_files
+        from pipeline.io.shards import merge_map_files
         merge_map_files(args.merge, out, ids)
     else:
         if args.shard:
-            from pipeline.shards import shard_ids
+            from pipeline.io.shards import shard_ids
             ids = shard_ids(ids, *args.shard)
         refine_seeds(m["root"], ids, args.seeds or d["seeds"], key,
                      args.model or d["aff_model"], out, s,

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--comparison", help="instead: results/{dataset}/comparison.json to render")
     ap.add_argument("--out", help="with --comparison: the HTML file to write")
     args = ap.parse_args(argv)
-    from pipeline import report
+    from pipeline.steps import report
     if args.comparison:
         if not args.out:
             ap.error("--comparison needs --out")
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> str:
 
 if __name__ == "__main__":
     from pipeline.data.voc import DatasetError
-    from pipeline.report import ReportError
-    from pipeline.storage import StorageError
+    from pipeline.steps.report import ReportError
+    from pipeline.io.storage import StorageError
     t0 = time.time()
     try:
         out = main()

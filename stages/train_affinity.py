@@ -14,8 +14,9 @@ def main() -> str:
     ap.add_argument("--metrics", default=None, help="metrics json (default .../affinity/metrics.json)")
     args, d, s, m = parse_stage(ap, "train_affinity")
     from pipeline.methods import get_method
-    from pipeline.refine.affinity_train import train_affinity_net
-    from pipeline.utils import get_device, write_json
+    from pipeline.steps.refine.affinity_train import train_affinity_net
+    from pipeline.engine.runtime import get_device
+    from pipeline.io.storage import write_json
     ids = m["splits"][s.split]
     key = s.seed_key or get_method(args.method).affinity_key
     met = train_affinity_net(m["root"], ids, args.seeds or d["seeds"], key, s,

@@ -16,9 +16,9 @@ def main() -> str:
                          "default results/{dataset}/{teacher}/cls/model.pt")
     args, d, s, m = parse_stage(ap, "train_cls")
     from pipeline.data.classes import manifest_classes
-    from pipeline.cls import train_classifier
-    from pipeline.paths import artifacts
-    from pipeline.utils import write_json
+    from pipeline.steps.cls import train_classifier
+    from pipeline.io.paths import artifacts
+    from pipeline.io.storage import write_json
     ids = m["splits"][s.split]
     inputs = {}
     teacher = s.method.get("teacher")          # a method key (smaf)
@@ -27,7 +27,7 @@ def main() -> str:
     met = train_classifier(args.method, m["root"], ids, m["labels"], s, args.out or d["cls_model"],
                            log=logging.getLogger("wsss").info, inputs=inputs,
                            class_names=manifest_classes(m))
-    from pipeline.distributed import is_main_process
+    from pipeline.engine.distributed import is_main_process
     if is_main_process():          # torchrun: rank 0 writes (the model too, see train_classifier)
         write_json(args.metrics or d["cls_metrics"], met)
     return f"{met['iters']} iterations on {met['images']} images, final {met['final']}"

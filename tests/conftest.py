@@ -77,7 +77,7 @@ def copy_snakefile(d: Path) -> Path:
 
 def make_workdir(d: Path, vocsample_root: Path | None = None) -> Path:
     """A Snakemake working directory: the repo's Snakefile (+ workflow/), params.yaml merged with TINY."""
-    from pipeline.config import deep_merge
+    from pipeline.io.config import deep_merge
     d.mkdir(parents=True, exist_ok=True)
     copy_snakefile(d)
     params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.cls import make_optimizer, train_iterations
-from pipeline.config import load_params, stage_params
+from pipeline.steps.cls import make_optimizer, train_iterations
+from pipeline.io.config import load_params, stage_params
 from pipeline.methods.acr import ACR, acr_maps, consistency_losses
 from pipeline.methods.base import ViTClassifier
 from pipeline.models.vit import attentions
-from pipeline.seeds import multiscale_maps
+from pipeline.steps.seeds import multiscale_maps
 from pipeline.engine.trainer import poly_lr
 from vit_reference import fd_grad_per_head, tiny_vit
 

@@ -318,7 +318,7 @@ def test_plugin_and_params_defaults_are_official(monkeypatch):
     prop_eps 0.1, aff_attention logits_unscaled), and params.yaml's voc / demo profiles say
     the same."""
     import pipeline.methods.afa as afa_mod
-    from pipeline.config import load_params, stage_params
+    from pipeline.io.config import load_params, stage_params
     cfg = load_params()
     for prof in ("voc", "demo"):
         tc = stage_params(cfg, prof, "afa", "train_cls")

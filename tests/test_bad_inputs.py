@@ -107,7 +107,7 @@ def test_stage_cli_prints_one_line_error_and_writes_nothing(tmp_path):
 
 
 def test_nan_loss_stops_with_iteration_and_batch_ids(tmp_path, monkeypatch):
-    import pipeline.cls as cls
+    import pipeline.steps.cls as cls
     data, ids = make_voc(tmp_path, n=4, size=(32, 32))
     labels = build_manifest(data, log=lambda s: None)["labels"]
     real = cls.get_method

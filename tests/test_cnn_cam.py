@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cls import load_classifier
+from pipeline.steps.cls import load_classifier
 from pipeline.data.datasets import ClassificationDataset, random_scale_crop
 from pipeline.data.voc import load_image
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
@@ -14,7 +14,7 @@ from pipeline.methods.cam import CAM
 from pipeline.models.backbones import backbone_normalisation, create_backbone, model_normalisation
 from pipeline.models.cnn_cam import CNNCAM
 from pipeline.models.vit import attentions, input_stride, patch_grid, token_stride
-from pipeline.seeds import multiscale_maps
+from pipeline.steps.seeds import multiscale_maps
 
 LITE0 = "pypi:efficientnet-lite0"
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

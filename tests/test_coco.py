@@ -161,9 +161,9 @@ def test_rerun_skips_existing_and_a_crowd_change_rerenders(converted, source, tm
 
 def test_81_class_seed_evaluation_and_all_background_floor(converted, tmp_path):
     """eval_seeds' evaluate_maps on a hand-made 81-class seeds.h5, against counts done here."""
-    from pipeline.compare import all_background_miou
-    from pipeline.seeds import evaluate_maps
-    from pipeline.storage import MapWriter
+    from pipeline.steps.compare import all_background_miou
+    from pipeline.steps.seeds import evaluate_maps
+    from pipeline.io.storage import MapWriter
     root, _ = converted
     gt = expected_labels()
     dog = np.zeros(SIZES[T1], np.float32)
@@ -234,8 +234,8 @@ def test_prepare_coco_cli_without_download_stops_with_the_fix(tmp_path, monkeypa
 def test_classifier_is_built_for_the_manifest_classes(converted, tmp_path):
     """train_cls with the COCO manifest: an 80-way classifier (VOC would give 20)."""
     import torch
-    from pipeline.cls import train_classifier
-    from pipeline.config import load_params, stage_params
+    from pipeline.steps.cls import train_classifier
+    from pipeline.io.config import load_params, stage_params
     root, _ = converted
     p = stage_params(load_params(REPO / "params.yaml"), "demo", "cam", "train_cls")
     p.update(iters=1, batch_size=2, crop=32, log_every=1, checkpoint_every=0)

@@ -3,7 +3,7 @@ import json
 
 import numpy as np
 
-from pipeline.compare import all_background_miou, comparison, to_markdown
+from pipeline.steps.compare import all_background_miou, comparison, to_markdown
 from pipeline.data.voc import save_mask_png
 
 

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 
-from pipeline.config import (METHOD_STAGES, STAGES, ConfigError, check_complete, load_params,
+from pipeline.io.config import (METHOD_STAGES, STAGES, ConfigError, check_complete, load_params,
                              stage_params)
 from tests.conftest import REPO, copy_snakefile
 
@@ -52,7 +52,7 @@ def test_merge_order_profile_then_method_then_by_method():
     (lambda c: c["profiles"]["demo"]["refine_seeds"].update(by_method={"acrr": {}}), "by_method.acrr` names no method"),
 ])
 def test_misspelt_keys_are_named(edit, expected):
-    from pipeline.config import validate
+    from pipeline.io.config import validate
     cfg = load_params(REPO / "params.yaml")
     validate(cfg)
     edit(cfg)
@@ -87,10 +87,10 @@ SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 
 def test_schema_keys_are_those_pipeline_config_validates():
-    """The JSON Schema and pipeline.config.validate agree on the keys they allow."""
+    """The JSON Schema and pipeline.io.config.validate agree on the keys they allow."""
     import yaml
 
-    from pipeline.config import REPORT_KEYS, RUN_KEYS, TOP_LEVEL
+    from pipeline.io.config import REPORT_KEYS, RUN_KEYS, TOP_LEVEL
     props = yaml.safe_load(SCHEMA.read_text())["properties"]
     assert set(props) == TOP_LEVEL
     assert set(props["run"]["properties"]) == RUN_KEYS
@@ -138,7 +138,7 @@ def _inheriting_cfg(**profiles) -> dict:
 
 
 def test_child_profile_gets_the_parents_keys_and_its_own_win():
-    from pipeline.config import resolve_profiles
+    from pipeline.io.config import resolve_profiles
     cfg = _inheriting_cfg(
         base={"train_cls": {"iters": 10, "lr": 0.1, "backbone": {"name": "a", "overrides": {"x": 1}},
                             "by_method": {"m": {"iters": 20, "crop": 8}}},
@@ -163,7 +163,7 @@ def test_child_profile_gets_the_parents_keys_and_its_own_win():
     ({"a": {}, "b": {"inherit": "aa"}}, "`profiles.b.inherit: aa` names no profile (did you mean `a`?)"),
 ])
 def test_inheritance_cycle_or_unknown_parent_is_refused(profiles, expected):
-    from pipeline.config import resolve_profiles, validate
+    from pipeline.io.config import resolve_profiles, validate
     for check in (resolve_profiles, validate):
         with pytest.raises(ConfigError) as e:
             check(_inheriting_cfg(**profiles))
@@ -171,7 +171,7 @@ def test_inheritance_cycle_or_unknown_parent_is_refused(profiles, expected):
 
 
 def test_misspelt_key_in_an_inheriting_profile_is_named():
-    from pipeline.config import validate
+    from pipeline.io.config import validate
     raw = load_params(REPO / "params.yaml", resolve=False)
     assert raw["profiles"]["coco"]["inherit"] == "voc"
     validate(raw)

@@ -1,8 +1,8 @@
-"""Tests of pipeline.refine.crf (dense CRF wrapper and PSA CRF labels)."""
+"""Tests of pipeline.steps.refine.crf (dense CRF wrapper and PSA CRF labels)."""
 import numpy as np
 import pytest
 
-from pipeline.refine.crf import (PSA_CRF, background_from_cams, crf_label_from_cams,
+from pipeline.steps.refine.crf import (PSA_CRF, background_from_cams, crf_label_from_cams,
                                  dense_crf)
 
 

@@ -8,10 +8,10 @@ import torch
 
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.models.deeplab import DeepLabV2
-from pipeline.refine.affinity_net import AffinityNet, build_affinity_net, load_affinity_net
-from pipeline.refine.random_walk import refine_maps
-from pipeline.segment import _SegTrainSet, train_seg
-from pipeline.segment_eval import load_model, predict
+from pipeline.steps.refine.affinity_net import AffinityNet, build_affinity_net, load_affinity_net
+from pipeline.steps.refine.random_walk import refine_maps
+from pipeline.steps.segment import _SegTrainSet, train_seg
+from pipeline.steps.segment_eval import load_model, predict
 from test_segment import _make_dataset
 
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

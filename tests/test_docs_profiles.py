@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import STAGES, load_params, stage_params
+from pipeline.io.config import STAGES, load_params, stage_params
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "methods"

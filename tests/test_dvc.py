@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import deep_merge
+from pipeline.io.config import deep_merge
 from tests.conftest import REPO, TINY, copy_demo_chains, snakemake
 
 BIN = Path(sys.executable).parent

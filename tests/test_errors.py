@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from pipeline.config import load_params, stage_params
+from pipeline.io.config import load_params, stage_params
 from pipeline.data.prepare import build_manifest
 from tests.conftest import REPO, copy_snakefile
 from tests.test_bad_inputs import make_voc

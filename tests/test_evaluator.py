@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.data.voc import save_mask_png
 from pipeline.engine.evaluator import SWEEP, Evaluator
-from pipeline.metrics import PredictionRangeError
+from pipeline.engine.metrics import PredictionRangeError
 
 C = 4
 NAMES = ["bg", "a", "b", "c"]

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 
-from pipeline import summary
+from pipeline.steps import summary
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = REPO / "tests/expected/demo-acr.json"

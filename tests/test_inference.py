@@ -1,4 +1,4 @@
-"""pipeline.inference.multiscale_flip against brute-force loops (one forward per pass,
+"""pipeline.engine.inference.multiscale_flip against brute-force loops (one forward per pass,
 F.interpolate per pass, every merge written out), and the AFA / MCC seed export against the
 official ``multi_scale_cam`` semantics (rulixiang/afa, rulixiang/ToCo ``utils/camutils.py``)."""
 import numpy as np
@@ -7,13 +7,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import load_params, stage_params
+from pipeline.io.config import load_params, stage_params
 from pipeline.data.transforms import to_tensor
-from pipeline.inference import OFFICIAL_MS_CAM, multiscale_flip
+from pipeline.engine.inference import OFFICIAL_MS_CAM, multiscale_flip
 from pipeline.methods import get_method
 from pipeline.methods.afa.model import AFANet
 from pipeline.methods.mcc.model import MCCNet
-from pipeline.seeds import multiscale_maps
+from pipeline.steps.seeds import multiscale_maps
 from vit_reference import tiny_afa, tiny_mcc
 
 

@@ -320,7 +320,7 @@ def test_mcc_loss_defaults_are_official(monkeypatch):
 
 def test_params_mcc_defaults_are_official():
     """params.yaml: voc and demo train MCC with the official --mask_rate 0.95 and |cos|."""
-    from pipeline.config import load_params, stage_params
+    from pipeline.io.config import load_params, stage_params
     cfg = load_params()
     for prof in ("voc", "demo", "coco"):
         tc = stage_params(cfg, prof, "mcc", "train_cls")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import confusion_matrix, scores_from_confusion
+from pipeline.engine.metrics import confusion_matrix, scores_from_confusion
 
 
 def test_confusion_by_hand():
@@ -63,7 +63,7 @@ def test_confusion_matches_pixel_loop_for_any_integer_dtype(dtype):
 
 # ------------------------------------------------------------------ issue 14: values out of range
 def test_prediction_outside_classes_raises_naming_the_file():
-    from pipeline.metrics import PredictionRangeError
+    from pipeline.engine.metrics import PredictionRangeError
     gt = np.array([[0, 0, 1], [1, 2, 255]])
     pred = np.array([[0, 1, 1], [1, 7, 0]], np.uint8)     # 7 with C = 3
     with pytest.raises(PredictionRangeError, match=r"pred/im1\.png holds values \[7\] \(1 pixels\) "
@@ -92,7 +92,7 @@ def test_gt_outside_classes_is_ignored_like_255():
 
 def test_stage_cli_prints_one_line_naming_the_prediction_file(tmp_path, capsys):
     from pipeline.data.voc import save_mask_png
-    from pipeline.pseudo import evaluate_label_dir
+    from pipeline.steps.pseudo import evaluate_label_dir
     from stages._common import run_cli
     from tests.test_bad_inputs import make_voc
     data, ids = make_voc(tmp_path / "ds", n=2)
@@ -117,8 +117,8 @@ def test_stage_cli_prints_one_line_naming_the_prediction_file(tmp_path, capsys):
 def test_threshold_sweep_equals_one_confusion_per_threshold():
     """threshold_sweep_confusion == confusion_matrix(maps_to_label(.., t)) for every t,
     ties (map value == threshold) included, void GT ignored, no-class images all background."""
-    from pipeline.labels import maps_to_label
-    from pipeline.metrics import threshold_sweep_confusion
+    from pipeline.engine.labels import maps_to_label
+    from pipeline.engine.metrics import threshold_sweep_confusion
     rng = np.random.default_rng(3)
     ts = [i / 100 for i in range(100)]
     for k, dtype in ((3, np.float32), (1, np.float64), (2, np.float16), (0, np.float32)):
@@ -133,7 +133,7 @@ def test_threshold_sweep_equals_one_confusion_per_threshold():
 
 
 def test_threshold_sweep_rejects_bad_input():
-    from pipeline.metrics import PredictionRangeError, threshold_sweep_confusion
+    from pipeline.engine.metrics import PredictionRangeError, threshold_sweep_confusion
     maps = np.full((1, 2, 2), 0.9, np.float32)
     gt = np.zeros((2, 2), np.uint8)
     with pytest.raises(ValueError, match="ascending"):

@@ -1,4 +1,4 @@
-"""Own segmentation head evaluation (pipeline/own_seg.py, stage eval_own_seg): test-time
+"""Own segmentation head evaluation (pipeline/steps/own_seg.py, stage eval_own_seg): test-time
 augmentation against a hand construction, null result for methods without a head, and the
 gathering into miou.json's stages."""
 import json
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.own_seg import evaluate_own_seg, predict_own
+from pipeline.steps.own_seg import evaluate_own_seg, predict_own
 
 
 class _Vit(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests of the PSA modules of pipeline.refine (affinity labels, pairs, loss, AffinityNet,
+"""Tests of the PSA modules of pipeline.steps.refine (affinity labels, pairs, loss, AffinityNet,
 random walk, the train_affinity / refine_seeds entry points)."""
 import math
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.refine.affinity_labels import downsample_label, make_affinity_label
-from pipeline.refine.affinity_net import AffinityNet
-from pipeline.refine.affinity_pairs import affinity_loss, pair_indices, pair_labels, search_offsets
-from pipeline.refine.affinity_train import train_affinity_net
-from pipeline.refine.random_walk import (affinity_matrix_dense, random_walk, random_walk_dense,
+from pipeline.steps.refine.affinity_labels import downsample_label, make_affinity_label
+from pipeline.steps.refine.affinity_net import AffinityNet
+from pipeline.steps.refine.affinity_pairs import affinity_loss, pair_indices, pair_labels, search_offsets
+from pipeline.steps.refine.affinity_train import train_affinity_net
+from pipeline.steps.refine.random_walk import (affinity_matrix_dense, random_walk, random_walk_dense,
                                          refine_maps, refine_seeds)
-from pipeline.storage import MapReader, MapWriter
+from pipeline.io.storage import MapReader, MapWriter
 
 
 

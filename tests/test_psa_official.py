@@ -3,7 +3,7 @@
 ``ExtractAffinityLabelInRadius``, ``tool/imutils.py: AvgPool2d / RandomCrop /
 RandomHorizontalFlip``, ``tool/pyutils.py: get_indices_of_pairs``, ``network/resnet38_aff.py``,
 ``infer_aff.py``). The references below are written from those semantics with plain loops;
-they share no code with the ``pipeline.refine`` PSA modules."""
+they share no code with the ``pipeline.steps.refine`` PSA modules."""
 import io
 
 import numpy as np
@@ -11,16 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import load_params, stage_params
+from pipeline.io.config import load_params, stage_params
 from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.data.voc import load_image
-from pipeline.refine import affinity_train
-from pipeline.refine.affinity_labels import (crf_scores, downsample_label, pool_affinity_label,
+from pipeline.steps.refine import affinity_train
+from pipeline.steps.refine.affinity_labels import (crf_scores, downsample_label, pool_affinity_label,
                                              window_affinity_labels)
-from pipeline.refine.affinity_pairs import affinity_loss, pair_indices
-from pipeline.refine.crf import PSA_CRF
-from pipeline.refine.random_walk import affinity_matrix_dense, random_walk, random_walk_dense
-from pipeline.settings import RefineSeeds, TrainAffinity
+from pipeline.steps.refine.affinity_pairs import affinity_loss, pair_indices
+from pipeline.steps.refine.crf import PSA_CRF
+from pipeline.steps.refine.random_walk import affinity_matrix_dense, random_walk, random_walk_dense
+from pipeline.io.settings import RefineSeeds, TrainAffinity
 
 
 # ------------------------------------------------------------------------ references
@@ -357,7 +357,7 @@ def test_label_set_and_training_defaults(tmp_path):
         win = np.asarray(im)
     assert win.shape == (48 + 7, 64 + 7) and counts.sum() == 6 * 8
     image = load_image(tmp_path, iid)
-    from pipeline.storage import MapReader
+    from pipeline.io.storage import MapReader
     with MapReader(tmp_path / "seeds.h5") as r:
         cams, cids, _ = r.read(iid, "cams")
     ql = crf_scores(image, cams, 4, p.crf)

@@ -1,7 +1,7 @@
 """The Snakemake HTML report (issue: `snakemake --report report.html` shows every chain's
 scores, per-class IoU, training curves and galleries in one self-contained page).
 
-Unit tests of pipeline/report.py's pure functions (fast, against brute-force references and
+Unit tests of pipeline/steps/report.py's pure functions (fast, against brute-force references and
 hand-known VOC colours), then one slow test: the report of tiny demo chains (tests/conftest.py
 ``tiny_dag``) rendered in headless Chromium.
 """
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import report
-from pipeline.config import ConfigError, validate
+from pipeline.steps import report
+from pipeline.io.config import ConfigError, validate
 from pipeline.data.voc import VOC_CLASSES
 from tests.conftest import REPO, copy_demo_chains
 
@@ -168,8 +168,8 @@ def test_cli_names_the_missing_file(tmp_path):
 def make_chain(tmp: Path, ids_train: list[str], ids_val: list[str], classes=None) -> tuple[Path, Path]:
     """A hand-made 12x10 px chain: dataset, manifest, seeds.h5 / refined.h5, PNGs, metrics."""
     from pipeline.data.voc import save_mask_png
-    from pipeline.storage import MapWriter
-    from pipeline.utils import write_json
+    from pipeline.io.storage import MapWriter
+    from pipeline.io.storage import write_json
     root = tmp / "VOC2012"
     (root / "JPEGImages").mkdir(parents=True)
     (root / "SegmentationClass").mkdir()
@@ -341,7 +341,7 @@ def test_report_is_one_self_contained_page_that_renders_in_chromium(tiny_dag, tm
     `snakemake results/demo/report/comparison.html` draws every chain's figures and the
     comparison; `snakemake --report` embeds them in one HTML page, checked by decoding its
     images and by rendering it in headless Chromium."""
-    from pipeline.config import load_params
+    from pipeline.io.config import load_params
     methods = sorted(load_params(tiny_dag / "params.yaml")["methods"])
     d = copy_demo_chains(tiny_dag, tmp_path / "w", methods)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -361,7 +361,7 @@ def test_report_is_one_self_contained_page_that_renders_in_chromium(tiny_dag, tm
 def test_report_shows_the_protocol_numbers(tmp_path):
     """Per-class table: seeds / refined at the best threshold on GT (labelled official, not
     fair) and the three segmentation protocols as columns; comparison page: the protocol table."""
-    from pipeline.utils import write_json
+    from pipeline.io.storage import write_json
     names = ["background", "zebra", "yak", "xylophone"]
     man, chain = make_chain(tmp_path, ["t1", "t2"], ["v1"], classes=names)
     best = {"miou": 0.625, "bg_threshold": 0.27, "protocol": "official (...)",

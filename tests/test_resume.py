@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import pipeline.cls as cls
+import pipeline.steps.cls as cls
 from pipeline.data.prepare import build_manifest
 from tests.test_bad_inputs import make_voc
 
@@ -92,7 +92,7 @@ def _dies_at(fn, call):
 
 
 def test_train_seg_resumes_to_same_weights(tmp_path, monkeypatch):
-    import pipeline.segment as seg
+    import pipeline.steps.segment as seg
     from tests.test_segment import TINY, _make_dataset
     root = tmp_path / "voc"
     ids = _make_dataset(root, n=5)
@@ -117,7 +117,7 @@ def test_train_seg_resumes_to_same_weights(tmp_path, monkeypatch):
 
 
 def test_train_affinity_resumes_to_same_weights(tmp_path, monkeypatch):
-    import pipeline.refine.affinity_train as psa
+    import pipeline.steps.refine.affinity_train as psa
     from tests.test_psa import TINY_NET, _synthetic_dataset
     ids = _synthetic_dataset(tmp_path, n=3)
     p = dict(TINY_NET, crop=40, resize_long=None, scale_range=[0.8, 1.2],

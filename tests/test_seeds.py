@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.seeds import maps_to_label, normalise_maps
+from pipeline.steps.seeds import maps_to_label, normalise_maps
 
 
 def test_maps_to_label_threshold_by_hand():
@@ -30,7 +30,7 @@ def test_normalise_max_and_minmax():
 
 def _hand_dataset(tmp_path, maps_by_id, cids_by_id, gts, names=("background", "a", "b")):
     from pipeline.data.voc import save_mask_png
-    from pipeline.storage import MapWriter
+    from pipeline.io.storage import MapWriter
     from PIL import Image
     (tmp_path / "JPEGImages").mkdir()
     (tmp_path / "SegmentationClass").mkdir()
@@ -49,7 +49,7 @@ def test_best_threshold_on_gt_by_construction_and_fixed_miou_unchanged(tmp_path)
     i/100 the best is t = 0.38 (the smallest), mIoU 1. The fixed t = 0.35 calls the 0.375 pixel
     foreground: IoU bg 3/4, fg 4/5. The void pixel (map 0.75) is ignored."""
     from pipeline.engine.evaluator import BEST_ON_GT_PROTOCOL, OFFICIAL_SWEEP
-    from pipeline.seeds import evaluate_maps
+    from pipeline.steps.seeds import evaluate_maps
     cam = np.array([[0.125, 0.25, 0.25, 0.375, 0.5, 0.625, 0.75, 0.75, 0.75]], np.float32)
     gt = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 255]], np.uint8)
     h5 = _hand_dataset(tmp_path, {"x": {"cams": cam[None]}}, {"x": [1]}, {"x": gt})
@@ -69,10 +69,10 @@ def test_best_threshold_on_gt_by_construction_and_fixed_miou_unchanged(tmp_path)
 def test_refined_sweep_replaces_the_background_channel(tmp_path):
     """Maps with a background channel (refined probs): `miou` is their arg-max; the sweep uses
     the foreground channels against a constant threshold, as evaluation.py does."""
-    from pipeline.labels import maps_to_label
-    from pipeline.metrics import confusion_matrix, scores_from_confusion
+    from pipeline.engine.labels import maps_to_label
+    from pipeline.engine.metrics import confusion_matrix, scores_from_confusion
     from pipeline.engine.evaluator import OFFICIAL_SWEEP
-    from pipeline.seeds import evaluate_maps
+    from pipeline.steps.seeds import evaluate_maps
     rng = np.random.default_rng(0)
     probs = rng.random((3, 6, 5)).astype(np.float32)
     probs /= probs.sum(0)
@@ -90,7 +90,7 @@ def test_refined_sweep_replaces_the_background_channel(tmp_path):
 
 def test_pseudo_labels_say_the_sweep_is_not_defined(tmp_path):
     from pipeline.data.voc import save_mask_png
-    from pipeline.pseudo import evaluate_label_dir
+    from pipeline.steps.pseudo import evaluate_label_dir
     gt = np.array([[0, 1], [1, 255]], np.uint8)
     h5 = _hand_dataset(tmp_path, {"z": {"cams": np.ones((1, 2, 2), np.float32)}}, {"z": [1]}, {"z": gt})
     (tmp_path / "pseudo").mkdir()

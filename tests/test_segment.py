@@ -13,9 +13,9 @@ from PIL import Image
 
 from pipeline.data.transforms import to_tensor
 from pipeline.data.voc import DatasetError, save_mask_png
-from pipeline.metrics import confusion_matrix, scores_from_confusion
-from pipeline.segment import seg_loss, train_seg
-from pipeline.segment_eval import evaluate, load_model, predict
+from pipeline.engine.metrics import confusion_matrix, scores_from_confusion
+from pipeline.steps.segment import seg_loss, train_seg
+from pipeline.steps.segment_eval import evaluate, load_model, predict
 
 COLOURS = {1: (220, 40, 40), 2: (40, 200, 60)}
 TINY = {"backbone": "resnet10t", "pretrained": None, "crop": 48, "batch_size": 4, "iters": 40,
@@ -224,11 +224,11 @@ def test_evaluate_applies_crf_with_given_kwargs(trained, data, tmp_path, monkeyp
         out[2] = 1.0  # everything -> class 2
         return out
 
-    mod = types.ModuleType("pipeline.refine.crf")
+    mod = types.ModuleType("pipeline.steps.refine.crf")
     mod.dense_crf = fake_crf
-    monkeypatch.setitem(sys.modules, "pipeline.refine.crf", mod)
-    import pipeline.refine
-    monkeypatch.setattr(pipeline.refine, "crf", mod, raising=False)
+    monkeypatch.setitem(sys.modules, "pipeline.steps.refine.crf", mod)
+    import pipeline.steps.refine
+    monkeypatch.setattr(pipeline.steps.refine, "crf", mod, raising=False)
     crf = {"gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 67, "bilateral_srgb": 3,
            "bilateral_compat": 4, "iters": 10}
     evaluate(load_model(ck), root, ids[:2], "SegmentationClass", tmp_path / "p",
@@ -285,7 +285,7 @@ class _TinySeg(torch.nn.Module):
 
 def _brute_force_miou(root, ids, model, scales, flip, crf=None):
     """Each pass run alone by hand, softmax averaged, arg-max, IoU by loops over classes."""
-    from pipeline.refine.crf import dense_crf
+    from pipeline.steps.refine.crf import dense_crf
     C = 3
     inter, union = np.zeros(C), np.zeros(C)
     for i in ids:
@@ -321,7 +321,7 @@ ALL = ["single_scale", "multi_scale_flip", "multi_scale_flip_crf"]
 
 
 def test_protocols_match_brute_force_and_leave_the_configured_miou_unchanged(data, tmp_path):
-    from pipeline.segment_eval import DEEPLAB_CRF
+    from pipeline.steps.segment_eval import DEEPLAB_CRF
     root, ids = data
     model = _TinySeg().eval()
     conf = {"scales": [0.5, 1.0], "flip": True, "crf": None}

@@ -1,5 +1,5 @@
-"""pipeline/settings.py: the typed settings of the stages agree with params.yaml, its schema
-and pipeline.config.validate; their defaults are what the library uses; unknown keys are
+"""pipeline/io/settings.py: the typed settings of the stages agree with params.yaml, its schema
+and pipeline.io.config.validate; their defaults are what the library uses; unknown keys are
 named; the records (checkpoints, metrics `params`) keep the params as given."""
 import argparse
 import copy
@@ -10,9 +10,9 @@ import pickle
 import pytest
 import torch
 
-from pipeline.config import (METHOD_STAGES, STAGES, ConfigError, load_params, method_keys,
+from pipeline.io.config import (METHOD_STAGES, STAGES, ConfigError, load_params, method_keys,
                              stage_params, validate)
-from pipeline.settings import (CONTEXT_KEYS, SETTINGS, EvalSeeds, EvalSeg, ExportSeeds,
+from pipeline.io.settings import (CONTEXT_KEYS, SETTINGS, EvalSeeds, EvalSeg, ExportSeeds,
                                RefineSeeds, TrainAffinity, TrainCls, TrainSeg, profile_keys)
 from tests.conftest import REPO
 
@@ -54,7 +54,7 @@ def test_every_field_is_accepted_by_validate_and_the_schema():
     # and one misspelt field is still refused, naming the closest field
     cfg["profiles"]["demo"]["train_seg"]["num_thread"] = 1
     with pytest.raises(ConfigError, match=r"`profiles.demo.train_seg.num_thread` \(did you mean "
-                                          r"`num_threads`\?\).*pipeline.settings.TrainSeg"):
+                                          r"`num_threads`\?\).*pipeline.io.settings.TrainSeg"):
         validate(cfg)
 
 
@@ -118,7 +118,7 @@ REQUIRED = {"train_cls": {"backbone": {"name": "vit_tiny_patch16_224"}, "crop": 
 
 
 def test_section_with_only_required_keys_gives_the_documented_defaults():
-    from pipeline.refine.crf import PSA_CRF
+    from pipeline.steps.refine.crf import PSA_CRF
     assert PSA_CRF == {"gaussian_sxy": 3, "gaussian_compat": 3, "bilateral_sxy": 80,
                        "bilateral_srgb": 13, "bilateral_compat": 10, "iters": 10}   # PSA's
     cfg = _minimal_cfg(REQUIRED)
@@ -139,8 +139,8 @@ def test_section_with_only_required_keys_gives_the_documented_defaults():
 def test_library_uses_the_dataclass_defaults(tmp_path, monkeypatch):
     """train_seg with a params dict that omits momentum / weight_decay / rates...: the
     optimiser and the model get TrainSeg's defaults, and the checkpoint records them."""
-    import pipeline.segment as seg
-    from pipeline.cls import make_optimizer, train_iterations
+    import pipeline.steps.segment as seg
+    from pipeline.steps.cls import make_optimizer, train_iterations
     from tests.test_segment import TINY, _make_dataset
     root = tmp_path / "voc"
     ids = _make_dataset(root, n=2)
@@ -171,7 +171,7 @@ def test_library_uses_the_dataclass_defaults(tmp_path, monkeypatch):
 
 def test_unknown_keys_are_named_with_the_closest_field():
     with pytest.raises(ConfigError, match=r"unknown key `profiles.demo.train_seg.lr_` "
-                                          r"\(did you mean `lr`\?\).*pipeline.settings.TrainSeg"):
+                                          r"\(did you mean `lr`\?\).*pipeline.io.settings.TrainSeg"):
         TrainSeg.from_params({"lr_": 0.1}, where="profiles.demo.train_seg")
     # a method key of a stage no plug-in reads: named in the method's section
     with pytest.raises(ConfigError, match=r"`methods.acr.refine_seeds.bta` \(did you mean `beta`"):

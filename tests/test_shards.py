@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from pipeline.shards import merge_map_files, merge_png_dirs, parse_shard, shard_ids
-from pipeline.storage import MapWriter, StorageError
+from pipeline.io.shards import merge_map_files, merge_png_dirs, parse_shard, shard_ids
+from pipeline.io.storage import MapWriter, StorageError
 from tests.conftest import copy_demo_cam, snakemake
 
 

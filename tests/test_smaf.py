@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cls import load_classifier, make_optimizer
+from pipeline.steps.cls import load_classifier, make_optimizer
 from pipeline.methods import get_method
 from pipeline.methods.smaf import (SMAF, denoise, fuse_maps, fused_teacher_targets, mac_loss,
                                    reactivate, student_maps)
@@ -255,7 +255,7 @@ def test_student_head_default_gap_is_official_eps_pooling():
     F.avg_pool2d(cam, kernel_size=(h, w))``: each class logit is the mean over the token grid
     of the CAM ``W F`` (by loops); ``gmp`` (old default) applies W to the per-channel max of
     the tokens instead. params.yaml's voc and demo profiles use gap."""
-    from pipeline.config import load_params, stage_params
+    from pipeline.io.config import load_params, stage_params
     from pipeline.methods.smaf import student_maps_bg
     from pipeline.models.vit import patch_tokens
     cfg = load_params()

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from pipeline.storage import MapReader, MapWriter, StorageError
+from pipeline.io.storage import MapReader, MapWriter, StorageError
 
 
 def test_hdf5_round_trip(tmp_path):
@@ -51,7 +51,7 @@ def test_failed_write_leaves_no_artifact(tmp_path):
 def test_artifact_records_its_inputs_and_consumers_refuse_others(tmp_path):
     import json as _json
 
-    from pipeline.storage import MapReader, MapWriter, StorageError, ids_digest
+    from pipeline.io.storage import MapReader, MapWriter, StorageError, ids_digest
     p = tmp_path / "seeds.h5"
     params = {"data": {"root": str(tmp_path / "VOC2012")}, "scales": [1.0]}
     with MapWriter(p, ["background", "a"], {"params": params}) as w:
@@ -74,7 +74,7 @@ def _listing(d):
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
-    from pipeline.storage import atomic_write, temp_path
+    from pipeline.io.storage import atomic_write, temp_path
     p = tmp_path / "sub" / "m.json"            # parent created
     seen = []
 
@@ -100,7 +100,7 @@ def test_atomic_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), ValueError("bad"),
                                  KeyboardInterrupt()])
 def test_atomic_write_failure_keeps_old_file_and_removes_temporary(tmp_path, exc):
-    from pipeline.storage import atomic_write
+    from pipeline.io.storage import atomic_write
     p = tmp_path / "model.pt"
     p.write_text("old")
 
@@ -118,7 +118,7 @@ def test_atomic_write_failure_keeps_old_file_and_removes_temporary(tmp_path, exc
 
 def test_atomic_torch_save_and_write_json_go_through_atomic_write(tmp_path):
     import torch
-    from pipeline.utils import atomic_torch_save, write_json
+    from pipeline.io.storage import atomic_torch_save, write_json
     atomic_torch_save({"a": torch.ones(2)}, tmp_path / "m.pt")
     write_json(tmp_path / "x.json", {"b": np.int64(3), "a": [np.float32(0.5)]})
     assert torch.load(tmp_path / "m.pt")["a"].tolist() == [1.0, 1.0]
@@ -134,7 +134,7 @@ def test_atomic_torch_save_and_write_json_go_through_atomic_write(tmp_path):
 
 
 def test_atomic_directory_publishes_the_whole_folder(tmp_path):
-    from pipeline.storage import atomic_directory
+    from pipeline.io.storage import atomic_directory
     out = tmp_path / "pseudo"
     out.mkdir()
     (out / "old.png").write_text("old")
@@ -153,7 +153,7 @@ def test_atomic_directory_publishes_the_whole_folder(tmp_path):
 @pytest.mark.parametrize("exc", [OSError(28, "No space left on device"), RuntimeError("x"),
                                  KeyboardInterrupt()])
 def test_atomic_directory_failure_keeps_old_folder_and_removes_temporary(tmp_path, exc):
-    from pipeline.storage import atomic_directory
+    from pipeline.io.storage import atomic_directory
     out = tmp_path / "pred"
     out.mkdir()
     (out / "old.png").write_text("old")
@@ -171,7 +171,7 @@ def test_atomic_directory_failure_keeps_old_folder_and_removes_temporary(tmp_pat
 
 def test_is_disk_full_recognises_enospc_edquot_efbig_and_hdf5_messages():
     import errno
-    from pipeline.storage import is_disk_full
+    from pipeline.io.storage import is_disk_full
     for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         assert is_disk_full(OSError(code, os.strerror(code)))
         assert is_disk_full(OSError(code, "")) # by errno, whatever the text

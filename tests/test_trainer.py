@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from pipeline.accel import Accel
-from pipeline.distributed import Dist
+from pipeline.engine.accel import Accel
+from pipeline.engine.distributed import Dist
 from pipeline.engine.trainer import LossList, PolySchedule, RunningSums, Trainer, poly_lr
 
 

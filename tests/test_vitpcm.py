@@ -10,7 +10,7 @@ from pipeline.methods.common.tokens import transform_image
 from pipeline.methods.vitpcm import (ViTPCM, bpm, equivariance_loss, invert_patch_grid,
                                      mce_loss, merge_class_labels, pcm_scores, with_background)
 from pipeline.models.vit import patch_tokens
-from pipeline.seeds import maps_to_label
+from pipeline.steps.seeds import maps_to_label
 from vit_reference import tiny_vit
 
 TINY = {"backbone": tiny_vit(patch=8, dim=24, depth=2)}

@@ -37,7 +37,7 @@ Label rendering (documented choices; exposed as ``datasets.coco.crowd``)
   instances) in its summary.
 
 Rendering streams one image at a time (tqdm), writes each PNG (and image symlink, and list)
-with :func:`pipeline.storage.atomic_write` (to ``<id>.png.tmp``, then renamed), skips PNGs
+with :func:`pipeline.io.storage.atomic_write` (to ``<id>.png.tmp``, then renamed), skips PNGs
 that already exist (resumable; a change of the rendering settings, kept in
 ``ImageSets/Segmentation/coco_convert.json``, re-renders everything), and writes the split
 lists last, so an interrupted conversion never looks complete.
@@ -54,9 +54,9 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .classes import COCO_ID_TO_INDEX
-from ..storage import atomic_write
-from .voc import IGNORE_INDEX, DatasetError, save_mask_png
+from pipeline.data.classes import COCO_ID_TO_INDEX
+from pipeline.io.storage import atomic_write
+from pipeline.data.voc import IGNORE_INDEX, DatasetError, save_mask_png
 
 #: split name -> official image folder / annotation file stem
 COCO_SPLITS = {"train": "train2014", "val": "val2014"}
@@ -227,7 +227,7 @@ def download_coco(dest: str | Path = "data/coco", log: Callable[[str], None] = p
     Raises:
         DatasetError: offline (fails within seconds, naming where to place the files).
     """
-    from .prepare import _online
+    from pipeline.data.prepare import _online
     dest = Path(dest)
     if not _online("images.cocodataset.org"):
         raise DatasetError("cannot reach images.cocodataset.org: no internet here, so COCO 2014 "

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
-from .voc import NUM_CLASSES, labels_to_multihot, load_image
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from pipeline.data.voc import NUM_CLASSES, labels_to_multihot, load_image
 
 
 def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,

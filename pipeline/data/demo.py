@@ -35,7 +35,7 @@ from pipeline.data.demo_shapes import (CLASS_SPECS, GAIN_RANGE, JITTER, MIN_VISI
                                        SIZE_RANGE, TEXTURE_AMPLITUDE, render_sample)
 from pipeline.data.voc import (NUM_CLASSES, VOC_CLASSES, VOC_PALETTE, image_labels, load_image,
                                load_mask, read_ids, save_mask_png)
-from pipeline.storage import atomic_directory, atomic_write
+from pipeline.io.storage import atomic_directory, atomic_write
 
 GENERATOR_VERSION = 1
 ID_PREFIX = "demo_"
@@ -134,7 +134,7 @@ def make_demo_dataset(root: str | Path, num_train: int = 160, num_val: int = 48,
     """Write the synthetic demo dataset under ``root`` (VOC 2012 layout), atomically.
 
     The dataset is built in the sibling folder ``<root>.tmp`` and renamed to ``root`` at the end
-    (:func:`pipeline.storage.atomic_directory`; on a failure ``<root>.tmp`` is removed).
+    (:func:`pipeline.io.storage.atomic_directory`; on a failure ``<root>.tmp`` is removed).
     If ``root`` already holds a complete dataset made with the same parameters (its
     ``.complete`` marker), nothing is written. A ``root`` made with other parameters, or one
     holding no file at all (only empty folders), is replaced.
@@ -237,7 +237,7 @@ def make_demo_dataset(root: str | Path, num_train: int = 160, num_val: int = 48,
 def save_preview(root: str | Path, out: str | Path, n: int = 8, split: str = "train") -> Path:
     """Save a mosaic of the first ``n`` images of ``split`` (top row) and their coloured masks
     (bottom row, VOC palette) as a PNG (or the format of ``out``'s suffix), published with
-    :func:`pipeline.storage.atomic_write`; returns ``Path(out)``.
+    :func:`pipeline.io.storage.atomic_write`; returns ``Path(out)``.
 
     Raises:
         DatasetError: missing split file / image / mask.

@@ -14,9 +14,9 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from .classes import dataset_classes
-from .voc import IGNORE_INDEX, DatasetError, image_labels, load_mask, read_ids, save_mask_png
-from ..storage import atomic_write
+from pipeline.data.classes import dataset_classes
+from pipeline.data.voc import IGNORE_INDEX, DatasetError, image_labels, load_mask, read_ids, save_mask_png
+from pipeline.io.storage import atomic_write
 
 _log = logging.getLogger("wsss")
 
@@ -147,7 +147,7 @@ def download_voc(dest: str | Path = "data/voc", log: Callable[[str], None] = pri
     ``train_aug`` = (SBD train ∪ SBD val ∪ VOC train) − VOC val, 10,582 ids (the list used by
     PSA/IRN/AFA/ACR). SBD ``.mat`` boundaries are converted to palette PNGs; VOC's own masks
     win where both exist. Every PNG and the list are published with
-    :func:`pipeline.storage.atomic_write` (``<name>.tmp``, then renamed).
+    :func:`pipeline.io.storage.atomic_write` (``<name>.tmp``, then renamed).
 
     Raises:
         DatasetError: offline (fails within seconds, naming the expected layout).

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from .classes import VOC_CLASSES  # noqa: F401  (re-exported: the VOC class names)
+from pipeline.data.classes import VOC_CLASSES  # noqa: F401  (re-exported: the VOC class names)
 
 IGNORE_INDEX = 255
 
@@ -174,7 +174,7 @@ def labels_to_multihot(class_ids: Sequence[int], num_classes: int = NUM_CLASSES)
 def save_mask_png(path: str | Path, mask: np.ndarray) -> None:
     """Write a ``(H, W)`` uint8 class-index mask as a VOC palette PNG (PNG whatever the
     suffix of ``path``, so it can write the ``<name>.png.tmp`` of
-    :func:`pipeline.storage.atomic_write`)."""
+    :func:`pipeline.io.storage.atomic_write`)."""
     im = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     im.putpalette(VOC_PALETTE.reshape(-1).tolist())
     im.save(path, format="PNG")

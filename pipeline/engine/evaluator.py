@@ -4,11 +4,11 @@ a method's own segmentation head and the all-background floor.
 :meth:`Evaluator.run` iterates image ids and, for each one, asks a caller-supplied function
 for the prediction, loads the ground truth (:meth:`Evaluator.ground_truth`, i.e.
 :func:`pipeline.data.voc.load_mask`), optionally saves the label map as a palette PNG, and
-adds the pixel confusion (:func:`pipeline.metrics.confusion_matrix`) to one or more named
+adds the pixel confusion (:func:`pipeline.engine.metrics.confusion_matrix`) to one or more named
 *streams* (several fixed thresholds, several test protocols, scored in the same pass) and,
 for score maps, the background-threshold sweep
-(:func:`pipeline.metrics.threshold_sweep_confusion`). It returns
-:func:`pipeline.metrics.scores_from_confusion` of the first stream plus ``num_images``::
+(:func:`pipeline.engine.metrics.threshold_sweep_confusion`). It returns
+:func:`pipeline.engine.metrics.scores_from_confusion` of the first stream plus ``num_images``::
 
     ev = Evaluator(root, "SegmentationClass", class_names)
     scores = ev.run(ids, lambda iid: label_map_of(iid), desc="eval")
@@ -32,9 +32,9 @@ from typing import Any, Callable, Hashable, Iterable, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ..data.voc import load_mask, save_mask_png
-from ..metrics import confusion_matrix, scores_from_confusion, threshold_sweep_confusion
-from ..storage import atomic_directory
+from pipeline.data.voc import load_mask, save_mask_png
+from pipeline.engine.metrics import confusion_matrix, scores_from_confusion, threshold_sweep_confusion
+from pipeline.io.storage import atomic_directory
 
 #: Key of a prediction dict whose value ``(maps, class_ids)`` feeds the threshold sweep.
 SWEEP = "sweep"
@@ -56,7 +56,7 @@ def best_threshold_on_gt(confs: np.ndarray, thresholds: Sequence[float],
 
     Args:
         confs: ``(T, C, C)`` int confusion matrices, one per threshold
-            (:func:`pipeline.metrics.threshold_sweep_confusion` summed over images).
+            (:func:`pipeline.engine.metrics.threshold_sweep_confusion` summed over images).
         thresholds: the ``T`` ascending thresholds.
         class_names: background first.
         note: appended to the result as ``note`` (what the maps were).
@@ -190,7 +190,7 @@ class Evaluator:
             desc: progress-bar title (tqdm on stderr); None = no bar.
             save_dir: if given, the first stream's label map is written as a VOC palette PNG
                 ``<save_dir>/<id>.png`` (uint8), the folder published atomically
-                (:func:`pipeline.storage.atomic_directory`: an existing folder is replaced
+                (:func:`pipeline.io.storage.atomic_directory`: an existing folder is replaced
                 at the end; on an error it is left as it was).
         Returns:
             :meth:`result`.
@@ -207,7 +207,7 @@ class Evaluator:
         return self.result()
 
     def scores(self, stream: Hashable = _FIRST) -> dict:
-        """:func:`pipeline.metrics.scores_from_confusion` of one stream (default the first):
+        """:func:`pipeline.engine.metrics.scores_from_confusion` of one stream (default the first):
         ``miou``, ``pixel_accuracy``, ``mean_accuracy`` (floats in [0, 1]) and ``iou``
         (class name -> IoU, None where the class never occurs)."""
         return scores_from_confusion(self.conf[self.streams[0] if stream is _FIRST else stream],

@@ -12,11 +12,11 @@ configures one :class:`Trainer`, which owns the machinery around them:
 * windowed loss logging into ``curve`` (one row every ``log_every`` iterations and at the
   last one; :class:`RunningSums` or :class:`LossList` for the window);
 * the tqdm progress bar;
-* resume files (:class:`pipeline.utils.ResumeFile`): saved every ``checkpoint_every``
+* resume files (:class:`pipeline.engine.runtime.ResumeFile`): saved every ``checkpoint_every``
   iterations, loaded when the trainer is built, removed after the final checkpoint;
-* AMP (:class:`pipeline.accel.Accel`): the step's forward under autocast, backward and
+* AMP (:class:`pipeline.engine.accel.Accel`): the step's forward under autocast, backward and
   optimiser step through the fp16 GradScaler;
-* data parallel (:class:`pipeline.distributed.Dist`): logged values averaged over the ranks
+* data parallel (:class:`pipeline.engine.distributed.Dist`): logged values averaged over the ranks
   (so every rank sees the same NaN and raises together), optional gradient all-reduce before
   the optimiser step (train_cls; train_seg's DistributedDataParallel averages by itself),
   only rank 0 logs and writes files.
@@ -40,9 +40,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..accel import Accel
-from ..distributed import Dist
-from ..utils import ResumeFile, atomic_torch_save, rng_states, set_rng_states
+from pipeline.engine.accel import Accel
+from pipeline.engine.distributed import Dist
+from pipeline.engine.runtime import ResumeFile, rng_states, set_rng_states
+from pipeline.io.storage import atomic_torch_save
 
 
 def poly_lr(base_lr: float, it: int, max_it: int, power: float = 0.9, warmup: int = 0,

@@ -1,13 +1,13 @@
 """Method plug-in registry: ``get_method(name)`` for the ``{method}`` wildcard."""
 from __future__ import annotations
 
-from .acr import ACR
-from .afa import AFA
-from .base import Method
-from .cam import CAM
-from .mcc import MCC
-from .smaf import SMAF
-from .vitpcm import ViTPCM
+from pipeline.methods.acr import ACR
+from pipeline.methods.afa import AFA
+from pipeline.methods.base import Method
+from pipeline.methods.cam import CAM
+from pipeline.methods.mcc import MCC
+from pipeline.methods.smaf import SMAF
+from pipeline.methods.vitpcm import ViTPCM
 
 METHODS: dict[str, type[Method]] = {"acr": ACR, "afa": AFA, "cam": CAM, "mcc": MCC,
                                     "smaf": SMAF, "vitpcm": ViTPCM}

@@ -60,7 +60,7 @@ option               official code (DEFAULT)                   paper literal
 
 The seed export around these maps (scale 1 + horizontal flip, flip back, sum, bilinear
 ``align_corners=True``, per-class min-max with eps 1e-6, the official input resized to a
-square ``crop``) is :func:`pipeline.seeds.multiscale_maps` with ``methods.acr.export_seeds``
+square ``crop``) is :func:`pipeline.steps.seeds.multiscale_maps` with ``methods.acr.export_seeds``
 / ``profiles.<d>.export_seeds.by_method.acr`` in params.yaml.
 
 Resized views (option ``rescale``): the grid of ``A'`` is bilinearly resized and multiplied
@@ -72,9 +72,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.vit import attentions, num_prefix_tokens, patch_grid, token_stride
-from .base import Method, ViTClassifier, multilabel_loss
-from .common.tokens import inverse_token_permutation, transform_image
+from pipeline.models.vit import attentions, num_prefix_tokens, patch_grid, token_stride
+from pipeline.methods.base import Method, ViTClassifier, multilabel_loss
+from pipeline.methods.common.tokens import inverse_token_permutation, transform_image
 
 
 def invert_class_attention(a: torch.Tensor, t: str, grid: tuple[int, int],

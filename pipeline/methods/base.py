@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.vit import create_vit, patch_tokens
+from pipeline.models.vit import create_vit, patch_tokens
 
 
 class Method(ABC):
@@ -37,7 +37,7 @@ class Method(ABC):
     #: then :meth:`segment` gives its logits and stage ``eval_own_seg`` scores them.
     has_seg_head: bool = False
     #: defaults of the seed export's multi-scale merge (``ms_flip_merge``, ``ms_relu``; see
-    #: :func:`pipeline.seeds.multiscale_maps`) that ``export_seeds`` params override
+    #: :func:`pipeline.steps.seeds.multiscale_maps`) that ``export_seeds`` params override
     seed_merge: dict = {}
 
     def param_groups(self, model: nn.Module, p: dict) -> list[dict] | None:
@@ -69,18 +69,18 @@ class Method(ABC):
 
     def setup(self, model: nn.Module, p: dict, inputs: dict[str, Classifier],
               device: torch.device | str = "cpu") -> None:
-        """Optional hook run once by :func:`pipeline.cls.train_classifier` after
+        """Optional hook run once by :func:`pipeline.steps.cls.train_classifier` after
         :meth:`build_model` and before the first :meth:`loss` (no-op by default).
 
         Methods that need other trained classifiers of the DAG (e.g. SMAF's frozen teacher)
         get them here, already loaded by the trainer (the host owns checkpoint loading, a
-        plug-in never imports :mod:`pipeline.cls`), and may initialise ``model`` from them.
+        plug-in never imports :mod:`pipeline.steps.cls`), and may initialise ``model`` from them.
 
         Args:
             model: the freshly built classifier (already on ``device``).
             p: ``train_cls`` params.
             inputs: the trainer's extra input classifiers by name, each loaded by
-                :func:`pipeline.cls.load_classifier` onto ``device`` as a :data:`Classifier`
+                :func:`pipeline.steps.cls.load_classifier` onto ``device`` as a :data:`Classifier`
                 ``(method, model, params)`` (model in eval mode), e.g. ``{"teacher": ...}``;
                 empty when the stage has none.
             device: the training device.
@@ -114,7 +114,7 @@ class Method(ABC):
         """
 
 
-#: A trained classifier as :func:`pipeline.cls.load_classifier` returns it and
+#: A trained classifier as :func:`pipeline.steps.cls.load_classifier` returns it and
 #: :meth:`Method.setup` receives it: ``(method, model, params)`` — the plug-in that trained
 #: it, its model (on the device, eval mode) and its ``train_cls`` params.
 Classifier = tuple[Method, nn.Module, dict]

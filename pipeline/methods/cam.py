@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.cnn_cam import CNNCAM
-from ..models.vit import patch_grid, patch_tokens
-from .base import Method, ViTClassifier, multilabel_loss
+from pipeline.models.cnn_cam import CNNCAM
+from pipeline.models.vit import patch_grid, patch_tokens
+from pipeline.methods.base import Method, ViTClassifier, multilabel_loss
 
 #: ``train_cls.arch`` values of the cam method.
 CAM_ARCHS = ("vit", "cnn")

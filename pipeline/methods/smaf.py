@@ -54,8 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.vit import patch_grid, patch_tokens, token_stride
-from .base import Method, ViTClassifier, multilabel_loss
+from pipeline.models.vit import patch_grid, patch_tokens, token_stride
+from pipeline.methods.base import Method, ViTClassifier, multilabel_loss
 
 
 def fuse_maps(maps: list[torch.Tensor], size: tuple[int, int], eps: float = 1e-5) -> torch.Tensor:

@@ -44,9 +44,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..models.vit import create_vit, patch_grid, patch_tokens
-from .common.tokens import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
-from .base import Method
+from pipeline.models.vit import create_vit, patch_grid, patch_tokens
+from pipeline.methods.common.tokens import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
+from pipeline.methods.base import Method
 
 
 class HVBiLSTM(nn.Module):

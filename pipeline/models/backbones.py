@@ -185,7 +185,7 @@ def backbone_normalisation(backbone: Mapping[str, Any]) -> tuple[tuple[float, ..
     """``(mean, std)`` of a ``backbone:`` params section: :func:`input_normalisation` of
     its ``pretrained``, or of ``stem.pretrained`` for a hybrid ViT whose pixels enter through
     a pretrained CNN stem (:func:`pipeline.models.vit.create_vit`). The one rule the trainer
-    (:func:`pipeline.cls.train_classifier`) and the classifier loader use; they record the
+    (:func:`pipeline.steps.cls.train_classifier`) and the classifier loader use; they record the
     result on the model as ``model.input_norm`` (see :func:`model_normalisation`).
     """
     stem = backbone.get("stem")
@@ -193,9 +193,9 @@ def backbone_normalisation(backbone: Mapping[str, Any]) -> tuple[tuple[float, ..
 
 
 def model_normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``model.input_norm``: set by the classifier trainer / :func:`pipeline.cls.load_classifier`
+    """``model.input_norm``: set by the classifier trainer / :func:`pipeline.steps.cls.load_classifier`
     from :func:`backbone_normalisation`, and by :class:`pipeline.models.deeplab.DeepLabV2` /
-    :class:`pipeline.refine.affinity_net.AffinityNet` (and their loaders) from their
+    :class:`pipeline.steps.refine.affinity_net.AffinityNet` (and their loaders) from their
     ``pretrained``; ImageNet's for a model built without them."""
     return getattr(model, "input_norm", None) or (IMAGENET_MEAN, IMAGENET_STD)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .backbones import create_backbone
+from pipeline.models.backbones import create_backbone
 
 #: ``head`` values of :class:`CNNCAM`.
 CNN_HEADS = ("gap", "gmp")

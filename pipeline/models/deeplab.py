@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .backbones import create_backbone, input_normalisation
+from pipeline.models.backbones import create_backbone, input_normalisation
 
 
 class ASPPSum(nn.Module):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .backbones import create_backbone
+from pipeline.models.backbones import create_backbone
 
 
 class CapturingAttention(nn.Module):

@@ -1,5 +1,5 @@
 # Helpers shared by workflow/rules/*.smk - names from params.yaml, wildcard constraints, the
-# artifact paths (pipeline.paths), the one shell-command builder of the chain stages and the
+# artifact paths (pipeline.io.paths), the one shell-command builder of the chain stages and the
 # one sharding mechanism. Functions live here only (snakemake --lint: rules and functions are
 # not mixed in one file).
 #
@@ -14,8 +14,8 @@ import sys
 from snakemake.exceptions import WorkflowError
 from snakemake.io import is_flagged
 
-from pipeline.config import stage_params
-from pipeline.paths import artifacts, manifest
+from pipeline.io.config import stage_params
+from pipeline.io.paths import artifacts, manifest
 
 envvars: "PATH"
 
@@ -36,7 +36,7 @@ CONVERTED = [d for d in DATASETS if config["datasets"][d].get("classes") == "coc
 # rule; outputs are identical to an unsharded run.
 SHARDS = int(config.get("run", {}).get("shards", 1) or 1)
 # run.gpus G > 1: train_cls and train_seg ask for G GPUs and run under torchrun (one process
-# per GPU, data parallel: pipeline/distributed.py); stages._launch picks torchrun or plain
+# per GPU, data parallel: pipeline/engine/distributed.py); stages._launch picks torchrun or plain
 # `python -m` from {resources.gpu}, so the GPU count is not a param (no rerun when it changes).
 GPUS = int(config.get("run", {}).get("gpus", 1) or 1)
 
@@ -48,7 +48,7 @@ wildcard_constraints:
 
 # ------------------------------------------------------------------ paths
 # Every artifact of a chain as a wildcard pattern, from the one table the stage CLIs and
-# dvc.yaml also follow (pipeline/paths.py): A["seeds"] == "results/{dataset}/{method}/seeds.h5".
+# dvc.yaml also follow (pipeline/io/paths.py): A["seeds"] == "results/{dataset}/{method}/seeds.h5".
 A = artifacts("{dataset}", "{method}")
 MANIFEST = manifest("{dataset}")
 # Snakemake-only files of a chain: logs, benchmarks, report figures
@@ -105,7 +105,7 @@ def dataset_inputs(w):
 def teacher_model(w):
     """A method whose train_cls params name a `teacher` (smaf) trains from that method's
     classifier: the DAG edge results/{dataset}/{teacher}/cls/model.pt -> this train_cls.
-    The stage reads the same path (pipeline.paths.artifacts) from the `teacher` param, so the
+    The stage reads the same path (pipeline.io.paths.artifacts) from the `teacher` param, so the
     rule's params and shell command stay those of every other method (no rerun of existing
     chains)."""
     t = stage_params(config, w.dataset, w.method, "train_cls").get("teacher")
@@ -165,7 +165,7 @@ def per_image_stage(stage, *, input, args, output, opts="", env=ENV, threads=2, 
     artifact (`--shard k/N`, shard_path) and the main rule merges them (`--merge`) on the CPU,
     then writes the rest of its outputs (metrics). With N = 1 the main rule does it all and no
     shard job is planned. Sharding another stage is one call in its rule file; its CLI needs
-    `--shard k/N` and `--merge` (stages._common.add_shard_args, pipeline/shards.py).
+    `--shard k/N` and `--merge` (stages._common.add_shard_args, pipeline/io/shards.py).
     """
     named = output if isinstance(output, dict) else {}
     first = next(iter(named), None)
@@ -209,7 +209,7 @@ def _not(names):
 
 
 def _unknown(w):
-    from pipeline.config import unknown_target
+    from pipeline.io.config import unknown_target
     method = getattr(w, "bad_method", None)
     dataset = getattr(w, "bad_dataset", None) or w.dataset
     target = f"results/{dataset}/" + (f"{method}/" if method else "") + w.rest

@@ -21,7 +21,7 @@ rule compare:
 
 rule report_figures:
     """Training curves, per-class IoU table and fixed-image galleries of one chain
-    (pipeline/report.py; no torch import, ~3 s)."""
+    (pipeline/steps/report.py; no torch import, ~3 s)."""
     input:
         manifest=MANIFEST, miou=A["miou"], predictions=A["predictions"],
         seeds=A["seeds"], refined=A["refined"], pseudo=A["pseudo"],

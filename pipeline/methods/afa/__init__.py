@@ -86,14 +86,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ..base import Method, multilabel_loss
-from ..common.cam_labels import combine_high_low, refine_cams_with_bkg
-from ..common.par import PAR, maps_to_par_label, par_input
-from ..common.token_affinity import (affinity_label_from_seg, propagate_affinity,
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.methods.base import Method, multilabel_loss
+from pipeline.methods.common.cam_labels import combine_high_low, refine_cams_with_bkg
+from pipeline.methods.common.par import PAR, maps_to_par_label, par_input
+from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,
                                     propagate_cams_with_bkg, radius_mask)
-from .losses import AFF_LOSS_FORMS, affinity_loss_afa, local_consistency_loss, seg_loss
-from .model import AFANet, minmax, scale_affinity, train_time_cams
+from pipeline.methods.afa.losses import AFF_LOSS_FORMS, affinity_loss_afa, local_consistency_loss, seg_loss
+from pipeline.methods.afa.model import AFANet, minmax, scale_affinity, train_time_cams
 
 PROP_AFFINITY = ("largest_scale", "train_forward")
 #: default ``prop_eps``: official ``propagte_aff_cam_with_bkg`` adds 1e-1 to the sums (Eq. 6: 0)

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..common.par import NEIGHBOURS_8
+from pipeline.methods.common.par import NEIGHBOURS_8
 
 AFF_LOSS_FORMS = ("code", "paper")
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...models.vit import create_vit, num_prefix_tokens, patch_grid
+from pipeline.models.vit import create_vit, num_prefix_tokens, patch_grid
 
 #: ``methods.afa.train_cls.aff_attention`` values (see :meth:`AFANet.affinity`)
 AFF_ATTENTION = ("logits_unscaled", "logits", "softmax")
@@ -156,7 +156,7 @@ def train_time_cams(model: AFANet, x: torch.Tensor, scales=(1.0,), flip: bool = 
     Returns:
         ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the labels).
     """
-    from ...inference import OFFICIAL_MS_CAM, multiscale_flip
+    from pipeline.engine.inference import OFFICIAL_MS_CAM, multiscale_flip
 
     def forward(inp: torch.Tensor) -> torch.Tensor:
         out = model.run(inp, with_heads=False)

@@ -8,5 +8,5 @@
   learned affinity (AFA Sec. 3.3, Eq. 6-7; MCC);
 * :mod:`.tokens` — token-permuting spatial transforms and their inverse (ACR, ViT-PCM).
 
-Plug-in code: nothing here imports the host (``pipeline.cls``, ``stages``) or a method.
+Plug-in code: nothing here imports the host (``pipeline.steps.cls``, ``stages``) or a method.
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .par import PAR, maps_to_par_label
+from pipeline.methods.common.par import PAR, maps_to_par_label
 
 
 # ---------------------------------------------------------------- pseudo labels (AFA Eq. 4)

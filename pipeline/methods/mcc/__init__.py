@@ -84,15 +84,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from ...models.vit import num_prefix_tokens, patch_grid
-from ..base import Method, multilabel_loss
-from ..common.cam_labels import cam_to_label, refine_cams_with_bkg
-from ..common.par import PAR
-from ..common.token_affinity import affinity_label_from_seg
-from .losses import (INFO_NCE_FORMS, affinity_loss, discretise_levels, draw_key_masks, info_nce,
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models.vit import num_prefix_tokens, patch_grid
+from pipeline.methods.base import Method, multilabel_loss
+from pipeline.methods.common.cam_labels import cam_to_label, refine_cams_with_bkg
+from pipeline.methods.common.par import PAR
+from pipeline.methods.common.token_affinity import affinity_label_from_seg
+from pipeline.methods.mcc.losses import (INFO_NCE_FORMS, affinity_loss, discretise_levels, draw_key_masks, info_nce,
                      info_nce_code, key_mask_bias, positive_flags, seg_loss_balanced)
-from .model import MCCNet, ema_update, train_time_cams
+from pipeline.methods.mcc.model import MCCNet, ema_update, train_time_cams
 
 
 class MCC(Method):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...models.vit import create_vit, num_prefix_tokens, patch_grid
+from pipeline.models.vit import create_vit, num_prefix_tokens, patch_grid
 
 # ---------------------------------------------------------------------- EMA (MoCo update)
 
@@ -172,7 +172,7 @@ def train_time_cams(model: MCCNet, x: torch.Tensor, scales=(1.0,), flip: bool = 
         ``(cam, cam_aux)``, each ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the
         image labels before use).
     """
-    from ...inference import OFFICIAL_MS_CAM, multiscale_flip
+    from pipeline.engine.inference import OFFICIAL_MS_CAM, multiscale_flip
 
     def forward(inp: torch.Tensor) -> dict[str, torch.Tensor]:
         c, ca = model.cams(inp)

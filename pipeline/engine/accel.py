@@ -31,7 +31,7 @@ from typing import Mapping
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
+from pipeline.io.config import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

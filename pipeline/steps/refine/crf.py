@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pydensecrf.densecrf as dcrf
 
-from pipeline.settings import PSA_CRF   # PSA defaults (official PSA code), re-exported here
+from pipeline.io.settings import PSA_CRF   # PSA defaults (official PSA code), re-exported here
 
 #: Probabilities are clipped to ``[PROB_CLIP, 1]`` before ``-log`` (as pydensecrf's
 #: ``unary_from_softmax`` does by default).

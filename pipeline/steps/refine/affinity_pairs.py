@@ -2,7 +2,7 @@
 affinity loss.
 
 Ahn & Kwak, CVPR 2018 ("PSA"; official code jiwoon-ahn/psa), step 2 of the PSA modules (map in
-:mod:`pipeline.refine.affinity_train`; settings in ``docs/methods/psa.md``).
+:mod:`pipeline.steps.refine.affinity_train`; settings in ``docs/methods/psa.md``).
 
 * Pairs (:func:`pair_indices`): pixel pairs of the stride-8 grid closer than ``radius`` (PSA
   eq. 4), enumerated once with PSA's half-disk search offsets (:func:`search_offsets`).
@@ -191,7 +191,7 @@ def affinity_loss(f: torch.Tensor, labels: torch.Tensor, radius: int = 5,
 
     Args:
         f: ``(B, D, h, w)`` float affinity features (output of
-            :class:`pipeline.refine.affinity_net.AffinityNet`).
+            :class:`pipeline.steps.refine.affinity_net.AffinityNet`).
         labels: ``(B, h, w)`` int labels on the same grid (0 bg, class ids, 255 ignored).
         radius: pair radius (PSA: 5).
         return_parts: also return a dict with the three terms and pair counts (floats).

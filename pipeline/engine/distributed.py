@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ConfigError
+from pipeline.io.config import ConfigError
 
 
 class Dist:

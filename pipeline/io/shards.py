@@ -14,7 +14,7 @@ from typing import Sequence
 
 import h5py
 
-from .storage import FORMAT, StorageError, atomic_directory, atomic_write, ids_digest
+from pipeline.io.storage import FORMAT, StorageError, atomic_directory, atomic_write, ids_digest
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -41,11 +41,11 @@ def shard_ids(ids: Sequence[str], index: int, count: int) -> list[str]:
 
 
 def merge_map_files(parts: Sequence[str | Path], out_path: str | Path, ids: Sequence[str]) -> None:
-    """Merge shard HDF5 files (:class:`pipeline.storage.MapWriter` format) into ``out_path``.
+    """Merge shard HDF5 files (:class:`pipeline.io.storage.MapWriter` format) into ``out_path``.
 
     Groups are copied (h5py ``copy``: data, dtype, chunks and filters unchanged) in the order
     of ``ids``; file attributes come from the first part, with ``num_images`` (if present) set
-    to ``len(ids)``. Published with :func:`pipeline.storage.atomic_write` (``<out>.tmp``, then
+    to ``len(ids)``. Published with :func:`pipeline.io.storage.atomic_write` (``<out>.tmp``, then
     renamed), so a failure leaves no partial file.
 
     Raises:
@@ -94,7 +94,7 @@ def merge_map_files(parts: Sequence[str | Path], out_path: str | Path, ids: Sequ
 
 def merge_png_dirs(parts: Sequence[str | Path], out_dir: str | Path, ids: Sequence[str]) -> None:
     """Copy ``<id>.png`` of every id from the shard folders into ``out_dir`` (built in
-    ``<out_dir>.tmp`` and renamed by :func:`pipeline.storage.atomic_directory`).
+    ``<out_dir>.tmp`` and renamed by :func:`pipeline.io.storage.atomic_directory`).
 
     Raises:
         StorageError: an id's PNG is in no shard folder or in two.

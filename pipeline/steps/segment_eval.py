@@ -1,11 +1,11 @@
-"""DeepLab-v2 test time: load the checkpoint of :func:`pipeline.segment.train_seg`, predict
+"""DeepLab-v2 test time: load the checkpoint of :func:`pipeline.steps.segment.train_seg`, predict
 with multi-scale + flip testing, score the validation split (VOC mIoU, optional dense CRF,
 the test protocols papers report side by side).
 
 * Test time: softmax probabilities are **averaged** over scales and flips (the paper's
   MSC uses max fusion of logits); optional dense CRF on those probabilities.
 * Scoring: :class:`pipeline.engine.evaluator.Evaluator` (one stream per protocol, one pass).
-* Settings and their defaults: :class:`pipeline.settings.EvalSeg`.
+* Settings and their defaults: :class:`pipeline.io.settings.EvalSeg`.
 
 Source: DeepLab-v2 (Chen et al., TPAMI 2017) multi-scale testing (0.5/0.75/1.0) and CRF
 post-processing; settings in ``shared/reference/official-settings.md``.
@@ -19,15 +19,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .data.classes import VOC_CLASSES
-from .data.transforms import to_tensor
-from .models.backbones import input_normalisation, model_normalisation
-from .data.voc import DatasetError, load_image
-from .engine.evaluator import Evaluator
-from .inference import multiscale_flip
-from .models.deeplab import DeepLabV2
-from .segment import _torch_threads, build_model
-from .settings import EvalSeg
+from pipeline.data.classes import VOC_CLASSES
+from pipeline.data.transforms import to_tensor
+from pipeline.models.backbones import input_normalisation, model_normalisation
+from pipeline.data.voc import DatasetError, load_image
+from pipeline.engine.evaluator import Evaluator
+from pipeline.engine.inference import multiscale_flip
+from pipeline.models.deeplab import DeepLabV2
+from pipeline.steps.segment import _torch_threads, build_model
+from pipeline.io.settings import EvalSeg
 
 #: Test protocols :func:`evaluate` can score beside the configured one (``protocols``):
 #: single scale 1.0 without flip; the configured scales with flip; the same followed by a
@@ -42,7 +42,7 @@ DEEPLAB_CRF: dict[str, Any] = {"gaussian_sxy": 3, "gaussian_compat": 3, "bilater
 
 
 def load_model(path: str | Path, device: str = "cpu") -> DeepLabV2:
-    """Rebuild the DeepLabV2 saved by :func:`pipeline.segment.train_seg` (random init, then
+    """Rebuild the DeepLabV2 saved by :func:`pipeline.steps.segment.train_seg` (random init, then
     its state dict), on ``device``, in eval mode.
 
     Raises:
@@ -146,14 +146,14 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
              class_names: Sequence[str] | None = None) -> dict:
     """Predict, save and score every id.
 
-    ``params``: :class:`pipeline.settings.EvalSeg` or a mapping of its keys (converted once
+    ``params``: :class:`pipeline.io.settings.EvalSeg` or a mapping of its keys (converted once
     here; missing keys take its defaults): scales, flip, crf, num_threads (as in
-    :func:`pipeline.segment.train_seg`), protocols. For each id: :func:`predict` (scales,
+    :func:`pipeline.steps.segment.train_seg`), protocols. For each id: :func:`predict` (scales,
     flip), optional dense CRF (``crf``: None, or the keyword arguments of
-    ``pipeline.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
+    ``pipeline.steps.refine.crf.dense_crf``), argmax, palette PNG ``<pred_dir>/<id>.png`` (uint8
     class ids), confusion matrix against ``load_mask(root, id, label_dir)`` (255 ignored),
     all in one :meth:`pipeline.engine.evaluator.Evaluator.run` (one stream per protocol).
-    ``pred_dir`` is written atomically with :func:`pipeline.storage.atomic_directory`: into
+    ``pred_dir`` is written atomically with :func:`pipeline.io.storage.atomic_directory`: into
     ``<pred_dir>.tmp/``, then renamed (an existing ``pred_dir`` is replaced; on a failure the
     temporary folder is removed and ``pred_dir`` left as it was). ``class_names`` (background
     first, the manifest's ``classes``) names the per-class IoU; None = the VOC names for a
@@ -169,7 +169,7 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
     Returns:
         ``scores_from_confusion(conf, class_names)`` (miou, pixel_accuracy, mean_accuracy,
         iou per class) of the configured protocol plus ``num_images``, ``eval_params``
-        (resolved settings, :meth:`~pipeline.settings.StageSettings.record`), ``configured_as`` (the name in :data:`PROTOCOLS` that the
+        (resolved settings, :meth:`~pipeline.io.settings.StageSettings.record`), ``configured_as`` (the name in :data:`PROTOCOLS` that the
         configured settings equal, else None) and, when ``protocols`` is not empty,
         ``protocols``: ``{name: scores_from_confusion(...) + {"scales", "flip", "crf",
         "same_as_configured"}}`` (``multi_scale_flip_crf`` also has ``crf_seconds``, the
@@ -188,7 +188,7 @@ def evaluate(model: DeepLabV2, root: str | Path, ids: Sequence[str], label_dir: 
 
 def protocol_settings(p: EvalSeg | Mapping) -> dict[str, dict]:
     """``{protocol: {"scales", "flip", "crf", "same_as_configured"}}`` for every name of
-    :data:`PROTOCOLS`, from :class:`pipeline.settings.EvalSeg` (or its params): scales,
+    :data:`PROTOCOLS`, from :class:`pipeline.io.settings.EvalSeg` (or its params): scales,
     flip, crf."""
     s = EvalSeg.of(p)
     scales, flip, crf = list(s.scales), s.flip, s.crf or None
@@ -216,7 +216,7 @@ def _evaluate(model, root, ids, label_dir, pred_dir, s: EvalSeg, device, log, cl
     settings = protocol_settings(s)
     crf = s.crf
     if crf or "multi_scale_flip_crf" in want:
-        from .refine.crf import dense_crf  # lazy: optional dependency (pydensecrf)
+        from pipeline.steps.refine.crf import dense_crf  # lazy: optional dependency (pydensecrf)
     ev = Evaluator(root, label_dir, names, streams=["configured", *want])
     crf_seconds = [0.0]
 

@@ -1,7 +1,7 @@
 """A chain's mIoU summary, and its comparison with committed expected values.
 
-``python -m pipeline.summary FILE...`` prints where each ``miou.json`` is and its per-stage
-mIoU. ``python -m pipeline.summary --check EXPECTED CHAIN_DIR`` compares every
+``python -m pipeline.steps.summary FILE...`` prints where each ``miou.json`` is and its per-stage
+mIoU. ``python -m pipeline.steps.summary --check EXPECTED CHAIN_DIR`` compares every
 ``CHAIN_DIR/*miou.json`` with the values recorded in ``EXPECTED`` (exit 1 naming each value
 that differs); ``--write EXPECTED CHAIN_DIR`` records them. CI runs ``make demo`` and then
 the check against ``tests/expected/demo-acr.json`` (``make check-demo``): under the locked
@@ -88,7 +88,7 @@ def compare(expected: dict, actual: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.summary", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m pipeline.steps.summary", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--check", metavar="EXPECTED", help="compare CHAIN_DIR's *miou.json with "
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--check/--write take exactly one chain folder")
     actual = chain_values(args.paths[0])
     if args.write:
-        from pipeline.storage import atomic_write
+        from pipeline.io.storage import atomic_write
         text = json.dumps(actual, indent=2, sort_keys=True) + "\n"
         atomic_write(args.write, lambda tmp: tmp.write_text(text))
         print(f"wrote {args.write} from {args.paths[0]}")

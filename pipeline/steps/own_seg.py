@@ -4,7 +4,7 @@ papers report, next to the DeepLabV2 retrained on the pseudo labels.
 Test-time augmentation follows the official AFA code (digest ``official-settings.md``,
 "AFA (code facts)"): per scale the image and its horizontal flip, logits upsampled to the
 image size and averaged over the flip, then merged over scales by element-wise max
-(``merge: max``; ``mean`` averages). VOC mIoU with :mod:`pipeline.metrics`.
+(``merge: max``; ``mean`` averages). VOC mIoU with :mod:`pipeline.engine.metrics`.
 """
 from __future__ import annotations
 
@@ -15,27 +15,27 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .data.transforms import to_tensor
-from .data.classes import VOC_CLASSES
-from .data.voc import load_image
-from .engine.evaluator import Evaluator
-from .inference import multiscale_flip
-from .models.backbones import model_normalisation
-from .models.vit import input_stride
-from .settings import EvalOwnSeg
+from pipeline.data.transforms import to_tensor
+from pipeline.data.classes import VOC_CLASSES
+from pipeline.data.voc import load_image
+from pipeline.engine.evaluator import Evaluator
+from pipeline.engine.inference import multiscale_flip
+from pipeline.models.backbones import model_normalisation
+from pipeline.models.vit import input_stride
+from pipeline.io.settings import EvalOwnSeg
 
 
 @torch.no_grad()
 def predict_own(method, model, image: np.ndarray, p: EvalOwnSeg | Mapping, device) -> torch.Tensor:
     """Multi-scale + flip logits of the method's own head
-    (:func:`pipeline.inference.multiscale_flip`): per scale (a multiple of the token stride)
+    (:func:`pipeline.engine.inference.multiscale_flip`): per scale (a multiple of the token stride)
     the mean of the image's and its mirror's upsampled logits, then max (or mean) over scales.
 
     Args:
         method: a plug-in with ``has_seg_head`` (:meth:`Method.segment`).
         model: its trained network (eval mode), with ``.vit`` (token stride).
         image: ``(H, W, 3)`` uint8 RGB.
-        p: :class:`pipeline.settings.EvalOwnSeg` (``scales``, ``flip``, ``merge``: ``max`` |
+        p: :class:`pipeline.io.settings.EvalOwnSeg` (``scales``, ``flip``, ``merge``: ``max`` |
             ``mean``; defaults there) or a mapping of its keys (converted here); the
             plug-in's ``segment`` gets the keys as given, but the stage's own (``HOST_KEYS``).
     Returns:
@@ -61,7 +61,7 @@ def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str
                      class_names: Sequence[str] = VOC_CLASSES) -> dict:
     """mIoU of the own segmentation head of the classifier checkpoint ``model_path`` over
     the ``len(class_names)`` classes (background first; the manifest's ``classes``); ``p``:
-    :class:`pipeline.settings.EvalOwnSeg` or its params (converted once here).
+    :class:`pipeline.io.settings.EvalOwnSeg` or its params (converted once here).
 
     Returns:
         ``scores_from_confusion`` (miou, iou per VOC class, accuracies) + ``num_images``,
@@ -74,10 +74,10 @@ def evaluate_own_seg(model_path: str | Path, root: str | Path, ids: Sequence[str
     if not Path(model_path).is_file():
         raise FileNotFoundError(f"classifier checkpoint {model_path} not found; run the train_cls stage.")
     ck = torch.load(model_path, map_location="cpu", weights_only=False)
-    from .methods import get_method
+    from pipeline.methods import get_method
     if not get_method(ck["method"]).has_seg_head:
         return {"miou": None, "note": f"method {ck['method']} has no segmentation head"}
-    from .cls import load_classifier
+    from pipeline.steps.cls import load_classifier
     method, model, _ = load_classifier(model_path, device)
     t0 = time.time()
 

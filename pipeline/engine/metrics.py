@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.voc import IGNORE_INDEX  # 255, ignored in predictions and ground truth
+from pipeline.data.voc import IGNORE_INDEX  # 255, ignored in predictions and ground truth
 
 
 class PredictionRangeError(ValueError):
@@ -110,7 +110,7 @@ def threshold_sweep_confusion(maps: np.ndarray, class_ids: Sequence[int], gt: np
 
     For every ``t`` in ``thresholds`` this equals
     ``confusion_matrix(maps_to_label(maps, class_ids, t), gt, num_classes)``
-    (:func:`pipeline.labels.maps_to_label`: a pixel is background (0) where
+    (:func:`pipeline.engine.labels.maps_to_label`: a pixel is background (0) where
     ``max_c maps <= t``, ties to background, else the class id of the first arg-max channel),
     but the pixels are visited once whatever the number of thresholds: each pixel falls in the
     bin ``n = #{t : t < max_c maps}`` (compared in the maps' dtype, as ``maps_to_label`` does)

@@ -16,7 +16,7 @@ report job costs ~2 s):
 
 Colours are the VOC colour map (:data:`pipeline.data.voc.VOC_PALETTE`); class names come from
 the dataset manifest's ``classes`` when it has them, else :data:`pipeline.data.voc.VOC_CLASSES`.
-Every writer goes through :func:`pipeline.storage.atomic_write` (``<path>.tmp`` then ``os.replace``), so an
+Every writer goes through :func:`pipeline.io.storage.atomic_write` (``<path>.tmp`` then ``os.replace``), so an
 interrupted job never leaves a half-written figure under its final name.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from .data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE
-from .storage import atomic_write  # noqa: F401  (report.atomic_write: used by the CLI)
+from pipeline.data.voc import IGNORE_INDEX, VOC_CLASSES, VOC_PALETTE
+from pipeline.io.storage import atomic_write  # noqa: F401  (report.atomic_write: used by the CLI)
 
 #: (key in the chain's metrics files, column title) of the evaluated stages, in DAG order
 STAGE_COLUMNS = (("seeds", "seeds (CAM)"), ("refined", "refined (PSA RW)"),
@@ -129,7 +129,7 @@ def strongest_cam(maps: np.ndarray, class_ids: np.ndarray) -> tuple[np.ndarray, 
     """The map of the class with the largest mean activation: ``(float (h, w), class id)``.
 
     Args:
-        maps: float ``(k, h, w)`` CAMs in [0, 1] (seeds.h5 layout, :mod:`pipeline.storage`).
+        maps: float ``(k, h, w)`` CAMs in [0, 1] (seeds.h5 layout, :mod:`pipeline.io.storage`).
         class_ids: int ``(k,)``. With ``k == 0`` (no class) a zero map and id 0 are returned.
     """
     if len(class_ids) == 0:
@@ -287,9 +287,9 @@ def iou_table_html(stages: dict[str, dict], names: Sequence[str], title: str) ->
 
 
 def comparison_html(c: dict) -> str:
-    """The cross-method comparison (:func:`pipeline.compare.comparison`) as a standalone HTML
+    """The cross-method comparison (:func:`pipeline.steps.compare.comparison`) as a standalone HTML
     table (mIoU in %, one row per method)."""
-    from .compare import COLUMNS
+    from pipeline.steps.compare import COLUMNS
     fmt = lambda v: "–" if v is None else f"{v:.1f}"  # noqa: E731
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in COLUMNS)
     rows = "".join(
@@ -298,7 +298,7 @@ def comparison_html(c: dict) -> str:
         + f"<td>{fmt(r.get('chain_minutes'))}</td></tr>" for r in c["rows"])
     foot = (f"<p>All-background prediction on val: {c['all_background']:.1f} mIoU.</p>"
             if "all_background" in c else "")
-    from .compare import PROTOCOL_COLUMNS, PROTOCOL_NOTE, protocol_cell
+    from pipeline.steps.compare import PROTOCOL_COLUMNS, PROTOCOL_NOTE, protocol_cell
     foot += ("<h3>Evaluation protocols as papers report them: mIoU (%)</h3><table><tr>"
              "<th class='l'>method</th>"
              + "".join(f"<th>{html.escape(t)}</th>" for _, t in PROTOCOL_COLUMNS) + "</tr>"
@@ -357,12 +357,12 @@ def chain_report(manifest_path: str | Path, chain: str | Path, out_dir: str | Pa
     Raises:
         ReportError: a needed artifact is missing or malformed (named, with its rule).
         pipeline.data.voc.DatasetError: an image or mask of the dataset is missing.
-        pipeline.storage.StorageError: seeds.h5 / refined.h5 missing an image.
+        pipeline.io.storage.StorageError: seeds.h5 / refined.h5 missing an image.
     Returns:
         ``{"curves": path, "iou": path, "gallery_train": path, "gallery_val": path}``.
     """
-    from .data.voc import load_image, load_mask
-    from .storage import MapReader
+    from pipeline.data.voc import load_image, load_mask
+    from pipeline.io.storage import MapReader
     chain, out_dir = Path(chain), Path(out_dir)
     man = read_json(manifest_path, "prepare_dataset")
     names = class_names(man)

@@ -240,7 +240,7 @@ def _suggest(key: str, known) -> str:
 def unknown_key(where: str, key: str, known, valid: str) -> ConfigError:
     """The error of a misspelt or misplaced key: ``params.yaml: unknown key `<where>.<key>`
     (did you mean `<closest of known>`?); <valid>`` (used by :func:`validate` and
-    :meth:`pipeline.settings.StageSettings.from_params`)."""
+    :meth:`pipeline.io.settings.StageSettings.from_params`)."""
     return ConfigError(f"params.yaml: unknown key `{where}.{key}`{_suggest(key, known)}; {valid}")
 
 
@@ -252,7 +252,7 @@ def validate(cfg: dict) -> None:
     * ``report``: ``gallery_images`` (a positive integer);
     * every ``profiles.<d>.<stage>`` key must exist in the reference profile ``profiles.voc``
       (recursively, except free-form mappings such as ``backbone.overrides``) or be a field of
-      the stage's settings class (:func:`pipeline.settings.profile_keys`: e.g. ``split``,
+      the stage's settings class (:func:`pipeline.io.settings.profile_keys`: e.g. ``split``,
       ``num_threads``, whose defaults live there); ``by_method.<m>`` must name a defined method;
     * ``profiles.<d>.inherit`` must name another profile without a cycle; an inheriting
       profile is checked after resolution (its own keys and its parent's, against ``voc``).
@@ -282,7 +282,7 @@ def validate(cfg: dict) -> None:
                                   f"not define{_suggest(name, cfg.get(kind) or {})}")
     profiles = resolve_profiles(cfg).get("profiles") or {}
     ref = profiles.get(REFERENCE_PROFILE) or {}
-    from pipeline.settings import SETTINGS, profile_keys   # (imports this module)
+    from pipeline.io.settings import SETTINGS, profile_keys   # (imports this module)
 
     def walk(node: dict, schema: dict, where: str, fields: tuple = (), valid: str = "") -> None:
         for k, v in node.items():
@@ -305,7 +305,7 @@ def validate(cfg: dict) -> None:
             if d != REFERENCE_PROFILE and isinstance(sec, dict):
                 cls = SETTINGS.get(st)
                 walk(sec, ref.get(st) or {}, f"profiles.{d}.{st}", profile_keys(st),
-                     f" and the fields of pipeline.settings.{cls.__name__}" if cls else "")
+                     f" and the fields of pipeline.io.settings.{cls.__name__}" if cls else "")
     for m, sec in (cfg.get("methods") or {}).items():
         for st in sec or {}:
             if st not in STAGES:
@@ -345,7 +345,7 @@ def stage_params(cfg: dict, dataset: str, method: str | None, stage: str) -> dic
 def method_keys(cfg: dict, dataset: str, method: str | None, stage: str) -> dict[str, str]:
     """The keys of :func:`stage_params` that the method sets, each with the section it comes
     from: ``methods.<method>.<stage>``, or ``profiles.<dataset>.<stage>.by_method.<method>``
-    (merged last, so it wins). :meth:`pipeline.settings.StageSettings.from_params` keeps
+    (merged last, so it wins). :meth:`pipeline.io.settings.StageSettings.from_params` keeps
     those that are not stage fields for the method's plug-in, and names the section when it
     refuses one."""
     if method is None:

@@ -2,10 +2,10 @@
 stage of every method).
 
 Ahn & Kwak, CVPR 2018 ("PSA"; official code jiwoon-ahn/psa ``infer_aff.py``), step 5 of the
-PSA modules (map in :mod:`pipeline.refine.affinity_train`; settings in ``docs/methods/psa.md``).
+PSA modules (map in :mod:`pipeline.steps.refine.affinity_train`; settings in ``docs/methods/psa.md``).
 
 * Random walk (:func:`random_walk`, :func:`random_walk_dense`): ``W = a^beta`` over the pairs
-  of :func:`pipeline.refine.affinity_pairs.pair_indices` (symmetrised with the transpose,
+  of :func:`pipeline.steps.refine.affinity_pairs.pair_indices` (symmetrised with the transpose,
   diagonal 1, zero elsewhere; official ``resnet38_aff.Net.forward(to_dense=True)``),
   ``T = W D^-1`` (column-normalised, PSA eq. 9-10), refined maps ``vec(M) T^t`` with
   ``t = 2^logt`` (PSA eq. 11).
@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from pipeline.data.transforms import to_tensor
 from pipeline.data.voc import VOC_CLASSES, load_image
 from pipeline.models.backbones import model_normalisation
-from pipeline.refine.affinity_labels import STRIDE, resize_maps
-from pipeline.refine.affinity_net import AffinityNet, load_affinity_net
-from pipeline.refine.affinity_pairs import (PAIR_MODES, _check_choice, pair_indices,
+from pipeline.steps.refine.affinity_labels import STRIDE, resize_maps
+from pipeline.steps.refine.affinity_net import AffinityNet, load_affinity_net
+from pipeline.steps.refine.affinity_pairs import (PAIR_MODES, _check_choice, pair_indices,
                                             pairwise_affinity, search_offsets)
-from pipeline.refine.crf import background_from_cams
-from pipeline.settings import RefineSeeds
-from pipeline.storage import MapReader, MapWriter
+from pipeline.steps.refine.crf import background_from_cams
+from pipeline.io.settings import RefineSeeds
+from pipeline.io.storage import MapReader, MapWriter
 
 
 def _check_rw_inputs(f: torch.Tensor, maps: torch.Tensor, logt: int) -> None:
@@ -46,7 +46,7 @@ def _check_rw_inputs(f: torch.Tensor, maps: torch.Tensor, logt: int) -> None:
 def affinity_matrix_dense(f: torch.Tensor, radius: int = 5, beta: float = 8,
                           pairs: str = "official") -> torch.Tensor:
     """Dense ``W = a^beta``, ``(n, n)`` with ``n = h*w``: ``a`` on the
-    :func:`pipeline.refine.affinity_pairs.pair_indices` pairs and their transposes, diagonal 1,
+    :func:`pipeline.steps.refine.affinity_pairs.pair_indices` pairs and their transposes, diagonal 1,
     0 elsewhere (so with ``pairs="official"`` also 0 for close pairs that no interior pixel
     starts). Memory O(n^2). Source: official PSA code
     (``resnet38_aff.Net.forward(to_dense=True)``: a sparse matrix of ``[(from, to), (i, i),
@@ -186,10 +186,10 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
        official code takes the argmax, which this normalisation does not change.
 
     Args:
-        model: trained :class:`pipeline.refine.affinity_net.AffinityNet` (its device is used).
+        model: trained :class:`pipeline.steps.refine.affinity_net.AffinityNet` (its device is used).
         image: ``(H, W, 3)`` uint8 RGB.
         cams: ``(k, H, W)`` float in [0, 1] (other sizes are bilinearly resized to ``(H, W)``).
-        params: :class:`pipeline.settings.RefineSeeds` or a mapping of its keys: ``radius``,
+        params: :class:`pipeline.io.settings.RefineSeeds` or a mapping of its keys: ``radius``,
             ``beta``, ``logt``, ``bg_alpha``, ``pairs`` (defaults: the dataclass, PSA's).
 
     Returns:
@@ -237,10 +237,10 @@ def refine_seeds(root: str | Path, ids: Sequence[str], seeds_path: str | Path, s
                  log: Callable[[str], Any] = print) -> None:
     """Refine the seeds of ``ids`` with a trained AffinityNet and write ``out_path``.
 
-    Output (:class:`pipeline.storage.MapWriter`, atomic): per image ``class_ids = [0] + fg
+    Output (:class:`pipeline.io.storage.MapWriter`, atomic): per image ``class_ids = [0] + fg
     ids`` and key ``probs`` = :func:`refine_maps` output ``(k+1, H, W)``; file attributes
     ``stage="refine_seeds"``, ``method="psa"``, ``params`` (the
-    :attr:`~pipeline.settings.RefineSeeds.RECORD` keys with their defaults, then the params as
+    :attr:`~pipeline.io.settings.RefineSeeds.RECORD` keys with their defaults, then the params as
     given).
 
     Args:
@@ -248,14 +248,14 @@ def refine_seeds(root: str | Path, ids: Sequence[str], seeds_path: str | Path, s
         ids: image ids.
         seeds_path: seeds HDF5 (:class:`MapReader`), maps ``seed_key`` of shape ``(k, h, w)``.
         seed_key: map key, e.g. ``"cams"``.
-        model_path: checkpoint of :func:`pipeline.refine.affinity_train.train_affinity_net`.
+        model_path: checkpoint of :func:`pipeline.steps.refine.affinity_train.train_affinity_net`.
         out_path: output HDF5.
-        params: :class:`pipeline.settings.RefineSeeds` or its params (converted once here).
+        params: :class:`pipeline.io.settings.RefineSeeds` or its params (converted once here).
         device: torch device.
         log: message sink.
 
     Raises:
-        pipeline.storage.StorageError, pipeline.data.voc.DatasetError, FileNotFoundError:
+        pipeline.io.storage.StorageError, pipeline.data.voc.DatasetError, FileNotFoundError:
             missing inputs.
     """
     from tqdm import tqdm

@@ -3,7 +3,7 @@ class), confident background, or uncertain, from two dense CRFs of the image's s
 
 Ahn & Kwak, "Learning Pixel-level Semantic Affinity with Image-level Supervision for Weakly
 Supervised Semantic Segmentation", CVPR 2018 (below "PSA"; official code jiwoon-ahn/psa),
-step 1 of the PSA modules (the map is in :mod:`pipeline.refine.affinity_train`; every setting
+step 1 of the PSA modules (the map is in :mod:`pipeline.steps.refine.affinity_train`; every setting
 in ``docs/methods/psa.md``).
 
 :func:`crf_scores`, :func:`pool_affinity_label`, :func:`window_affinity_labels`: two dense-CRF
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.data.voc import IGNORE_INDEX
-from pipeline.refine.crf import (CRF_KEYS, PSA_CRF, background_from_cams, crf_label_from_cams,
+from pipeline.steps.refine.crf import (CRF_KEYS, PSA_CRF, background_from_cams, crf_label_from_cams,
                                  dense_crf)
 
 #: Stride of the affinity feature grid (PSA: 8).
@@ -65,7 +65,7 @@ def make_affinity_label(image: np.ndarray, cams: np.ndarray, class_ids: Sequence
         cams: ``(k, H, W)`` float in [0, 1], the seeds of the image's foreground classes.
         class_ids: ``k`` foreground class ids (1..254) in channel order.
         alpha_low, alpha_high: background powers, ``alpha_low < alpha_high`` (PSA: 4, 32).
-        crf: :func:`pipeline.refine.crf.dense_crf` keywords (PSA defaults when ``None``).
+        crf: :func:`pipeline.steps.refine.crf.dense_crf` keywords (PSA defaults when ``None``).
 
     Returns:
         ``(H, W)`` uint8 with values in ``{0, 255} ∪ class_ids``.
@@ -186,7 +186,7 @@ def downsample_label(label: np.ndarray | torch.Tensor, stride: int = STRIDE):
     Cell ``(i, j)`` covers pixels ``[stride*i, stride*(i+1))``; it takes the label of pixel
     ``(min(stride*i + stride//2, H-1), min(stride*j + stride//2, W-1))``. The grid has
     ``ceil(H/stride) x ceil(W/stride)`` cells, the size of
-    :class:`pipeline.refine.affinity_net.AffinityNet`'s output. The official code
+    :class:`pipeline.steps.refine.affinity_net.AffinityNet`'s output. The official code
     (``train_aff.py``) instead average-pools the two CRF *score* maps over each cell and
     combines the per-cell argmaxes (:func:`pool_affinity_label`).
 

@@ -1,11 +1,11 @@
 """PSA AffinityNet: per-pixel affinity features at output stride 8.
 
 Ahn & Kwak, CVPR 2018 ("PSA"; official code jiwoon-ahn/psa ``network/resnet38_aff.py``), step
-3 of the PSA modules (map in :mod:`pipeline.refine.affinity_train`; settings in
+3 of the PSA modules (map in :mod:`pipeline.steps.refine.affinity_train`; settings in
 ``docs/methods/psa.md``): a timm backbone at output stride 8, 1x1 convs on the last three
 feature maps, concatenated, 1x1 conv -> ``feature_dim`` channels (:class:`AffinityNet`);
 :func:`build_affinity_net` from params, :func:`load_affinity_net` from a
-:func:`pipeline.refine.affinity_train.train_affinity_net` checkpoint.
+:func:`pipeline.steps.refine.affinity_train.train_affinity_net` checkpoint.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.models.backbones import create_backbone, input_normalisation
-from pipeline.refine.affinity_labels import STRIDE
-from pipeline.settings import TrainAffinity
+from pipeline.steps.refine.affinity_labels import STRIDE
+from pipeline.io.settings import TrainAffinity
 
 
 class AffinityNet(nn.Module):
@@ -100,7 +100,7 @@ class AffinityNet(nn.Module):
 
 def build_affinity_net(params: TrainAffinity | Mapping[str, Any],
                        pretrained: Any = "from_params") -> AffinityNet:
-    """:class:`AffinityNet` from :class:`pipeline.settings.TrainAffinity` or a mapping of its
+    """:class:`AffinityNet` from :class:`pipeline.io.settings.TrainAffinity` or a mapping of its
     keys (e.g. a checkpoint's ``params``; defaults: the dataclass, PSA with a ResNet-50):
     ``backbone``, ``pretrained``, ``feature_dim``, ``freeze_bn``; ``pretrained=None``
     overrides the params (used when a checkpoint's state dict is loaded afterwards)."""
@@ -110,7 +110,7 @@ def build_affinity_net(params: TrainAffinity | Mapping[str, Any],
 
 
 def load_affinity_net(model_path: str | Path, device: str | torch.device = "cpu") -> AffinityNet:
-    """Load a checkpoint written by :func:`pipeline.refine.affinity_train.train_affinity_net`
+    """Load a checkpoint written by :func:`pipeline.steps.refine.affinity_train.train_affinity_net`
     (``{"state_dict", "params"}``), in eval mode on ``device``.
 
     Raises:

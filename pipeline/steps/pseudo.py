@@ -9,12 +9,12 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from .data.classes import VOC_CLASSES
-from .data.voc import load_image, save_mask_png
-from .engine.evaluator import Evaluator
-from .labels import maps_to_label
-from .settings import MakePseudoLabels
-from .storage import MapReader, atomic_directory
+from pipeline.data.classes import VOC_CLASSES
+from pipeline.data.voc import load_image, save_mask_png
+from pipeline.engine.evaluator import Evaluator
+from pipeline.engine.labels import maps_to_label
+from pipeline.io.settings import MakePseudoLabels
+from pipeline.io.storage import MapReader, atomic_directory
 
 _STATE: dict = {}
 
@@ -31,12 +31,12 @@ def pseudo_label(image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray,
         image: ``(H, W, 3)`` uint8.
         probs: ``(k+1, H, W)`` float in [0, 1], background channel included (``class_ids``
             starts with 0).
-        crf: keyword arguments of :func:`pipeline.refine.crf.dense_crf` or None.
+        crf: keyword arguments of :func:`pipeline.steps.refine.crf.dense_crf` or None.
     Returns:
         ``(H, W)`` uint8 class ids.
     """
     if crf:
-        from .refine.crf import dense_crf
+        from pipeline.steps.refine.crf import dense_crf
         p = probs / np.maximum(probs.sum(0, keepdims=True), 1e-8)
         probs = dense_crf(image, p.astype(np.float32), **crf)
     return maps_to_label(probs, class_ids, None)
@@ -54,11 +54,11 @@ def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Seq
                        p: MakePseudoLabels | Mapping, out_dir: str | Path, workers: int = 1,
                        log: Callable[[str], None] = print) -> dict:
     """Write ``out_dir/<id>.png`` for every id (dense CRF per the ``crf`` of
-    :class:`pipeline.settings.MakePseudoLabels`, or of a params mapping converted here), in
+    :class:`pipeline.io.settings.MakePseudoLabels`, or of a params mapping converted here), in
     parallel.
 
     The PNGs are written into ``<out_dir>.tmp`` and the folder is renamed when complete
-    (:func:`pipeline.storage.atomic_directory`: on a failure the temporary folder is removed
+    (:func:`pipeline.io.storage.atomic_directory`: on a failure the temporary folder is removed
     and ``out_dir`` left as it was).
     """
     crf = MakePseudoLabels.of(p).crf

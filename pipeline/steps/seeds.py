@@ -9,19 +9,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .accel import Accel
-from .cls import load_classifier
-from .data.transforms import to_tensor
-from .data.classes import VOC_CLASSES
-from .data.voc import load_image
-from .inference import multiscale_flip, normalise
-from .engine.evaluator import SWEEP, Evaluator
-from .labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
-from .models.backbones import model_normalisation
-from .models.vit import input_stride
-from .settings import ExportSeeds
-from .storage import MapReader, MapWriter
-from .utils import get_device
+from pipeline.engine.accel import Accel
+from pipeline.steps.cls import load_classifier
+from pipeline.data.transforms import to_tensor
+from pipeline.data.classes import VOC_CLASSES
+from pipeline.data.voc import load_image
+from pipeline.engine.inference import multiscale_flip, normalise
+from pipeline.engine.evaluator import SWEEP, Evaluator
+from pipeline.engine.labels import maps_to_label  # noqa: F401  (re-exported: numpy-only home)
+from pipeline.models.backbones import model_normalisation
+from pipeline.models.vit import input_stride
+from pipeline.io.settings import ExportSeeds
+from pipeline.io.storage import MapReader, MapWriter
+from pipeline.engine.runtime import get_device
 
 
 def normalise_maps(maps: torch.Tensor, mode: str = "max", eps: float = 1e-5) -> torch.Tensor:
@@ -39,20 +39,20 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor,
                     p: ExportSeeds | Mapping, device: torch.device,
                     accel: Accel | None = None) -> dict[str, torch.Tensor]:
     """Merge a method's maps over ``scales`` and horizontal flips at image size
-    (:func:`pipeline.inference.multiscale_flip`). ``p``: :class:`pipeline.settings.ExportSeeds`
+    (:func:`pipeline.engine.inference.multiscale_flip`). ``p``: :class:`pipeline.io.settings.ExportSeeds`
     (or a mapping, converted here; keys that are not its fields go to the method); the
-    plug-in's ``maps`` gets :meth:`~pipeline.settings.StageSettings.as_dict` (every key).
+    plug-in's ``maps`` gets :meth:`~pipeline.io.settings.StageSettings.as_dict` (every key).
 
     Each scale resizes the image to a multiple of the token stride, the maps are bilinearly
     upsampled to ``(H, W)``, flipped maps are flipped back, merged, then normalised per
     class (``norm``: ``max`` / ``minmax``, see :func:`normalise_maps`, or ``mean``:
     divided by the number of scale x flip passes, for maps that are already probabilities
-    in [0, 1] such as ViT-PCM's). ``accel`` (:class:`pipeline.accel.Accel`): the method's
+    in [0, 1] such as ViT-PCM's). ``accel`` (:class:`pipeline.engine.accel.Accel`): the method's
     forward runs under its autocast / memory format; the maps are merged in float32 either way.
 
     Optional keys (``ms_flip_merge`` / ``ms_relu`` absent or null = the method's ``seed_merge``
     (:class:`pipeline.methods.base.Method`), then the behaviour every method had before them;
-    defaults of the others: :class:`~pipeline.settings.ExportSeeds`):
+    defaults of the others: :class:`~pipeline.io.settings.ExportSeeds`):
 
     * ``resize_square`` (int or null): scale 1 is the image resized to this square side,
       ignoring the aspect ratio (ACR official ``infer_cam.py`` via ``get_data_from_chunk_val``:
@@ -121,17 +121,17 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
                  out_path: str | Path,
                  log: Callable[[str], None] = print,
                  class_names: Sequence[str] = VOC_CLASSES) -> dict:
-    """Write ``seeds.h5`` (see :mod:`pipeline.storage`) for ``ids``.
+    """Write ``seeds.h5`` (see :mod:`pipeline.io.storage`) for ``ids``.
 
     Maps are stored for the image-label classes only (float16, chunked, gzip), under each of
     the method's ``seed_keys``. Images with no foreground class get an empty entry.
     ``class_names`` (the manifest's ``classes``, background first) is stored as the file's
     class list.
 
-    ``p``: :class:`pipeline.settings.ExportSeeds` (device, scales, flip, norm, ..., and
-    amp / channels_last / compile of :mod:`pipeline.accel`) with the method's keys, or the
+    ``p``: :class:`pipeline.io.settings.ExportSeeds` (device, scales, flip, norm, ..., and
+    amp / channels_last / compile of :mod:`pipeline.engine.accel`) with the method's keys, or the
     params mapping (converted once here); the file's ``params`` attribute is
-    :meth:`~pipeline.settings.StageSettings.as_dict` (the params as given).
+    :meth:`~pipeline.io.settings.StageSettings.as_dict` (the params as given).
 
     Returns:
         summary dict (images, seconds, images_per_s, keys).

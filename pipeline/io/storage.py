@@ -31,7 +31,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 try:
@@ -369,3 +369,34 @@ class MapReader:
 
     def __exit__(self, *a) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------ JSON and torch files
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj)`` published atomically with :func:`pipeline.io.storage.atomic_write`
+    (built as ``<path>.tmp``, then renamed; the temporary is removed on any failure)."""
+    import torch   # lazily: CRF worker processes import this module without torch
+    atomic_write(path, lambda t: torch.save(obj, t))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON (sorted keys, indent 2, numpy scalars/arrays and paths converted) atomically
+    with :func:`pipeline.io.storage.atomic_write` (``<path>.tmp``, then renamed).
+
+    Raises:
+        TypeError: ``obj`` holds something not JSON-serialisable (nothing is written).
+    """
+    text = json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n"
+    atomic_write(path, lambda t: t.write_text(text))
+
+
+def _default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -1,5 +1,5 @@
 """Final stage of WSSS: train DeepLab-v2 on pseudo labels (test time and scoring:
-:mod:`pipeline.segment_eval`).
+:mod:`pipeline.steps.segment_eval`).
 
 Settings follow the DeepLab-v2 paper (Chen et al., TPAMI 2017) for PASCAL VOC with the
 values of its official Caffe solver (``deeplab-public-ver2``) and of the PyTorch port that
@@ -24,7 +24,7 @@ Documented choices where implementations differ:
   that variant is not implemented.
 * Loss curve entries are the mean loss over each window of ``log_every`` iterations.
 
-The settings and their defaults (the values above) are :class:`pipeline.settings.TrainSeg`.
+The settings and their defaults (the values above) are :class:`pipeline.io.settings.TrainSeg`.
 
 All randomness is derived from the ``seed`` setting: the model init (``torch.manual_seed``),
 the sample order and every per-sample augmentation (a numpy ``Generator`` in the sampler
@@ -44,14 +44,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .data.transforms import to_tensor
-from .models.backbones import model_normalisation
-from .data.voc import IGNORE_INDEX, DatasetError, load_image
-from .models.deeplab import DeepLabV2
-from .accel import Accel
-from .distributed import setup as dist_setup
-from .engine.trainer import LossList, PolySchedule, Trainer
-from .settings import TrainSeg
+from pipeline.data.transforms import to_tensor
+from pipeline.models.backbones import model_normalisation
+from pipeline.data.voc import IGNORE_INDEX, DatasetError, load_image
+from pipeline.models.deeplab import DeepLabV2
+from pipeline.engine.accel import Accel
+from pipeline.engine.distributed import setup as dist_setup
+from pipeline.engine.trainer import LossList, PolySchedule, Trainer
+from pipeline.io.settings import TrainSeg
 
 
 
@@ -127,7 +127,7 @@ class _SeededSampler(Sampler):
 
 class _RankBatches(Sampler):
     """Groups a sampler's items into global batches of ``batch`` and yields this rank's
-    slice of each (:meth:`pipeline.distributed.Dist.shard`); incomplete last batch dropped."""
+    slice of each (:meth:`pipeline.engine.distributed.Dist.shard`); incomplete last batch dropped."""
 
     def __init__(self, sampler: Sampler, batch: int, dd):
         self.sampler, self.batch, self.dd = sampler, int(batch), dd
@@ -229,7 +229,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor,
 
 
 def build_model(params: TrainSeg | Mapping) -> DeepLabV2:
-    """DeepLabV2 from :class:`pipeline.settings.TrainSeg` (or a mapping of its keys, e.g. a
+    """DeepLabV2 from :class:`pipeline.io.settings.TrainSeg` (or a mapping of its keys, e.g. a
     checkpoint's ``params``): backbone, num_classes, pretrained, output_stride, rates."""
     s = TrainSeg.of(params)
     return DeepLabV2(backbone=s.backbone, num_classes=s.num_classes, pretrained=s.pretrained,
@@ -246,10 +246,10 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
         ids: training image ids (e.g. VOC ``train_aug``).
         pseudo_dir: folder of ``<id>.png`` pseudo labels (P/L mode, same size as the image,
             values 0..num_classes-1, 255 = ignored).
-        out_path: checkpoint file; published with :func:`pipeline.utils.atomic_torch_save`
+        out_path: checkpoint file; published with :func:`pipeline.io.storage.atomic_torch_save`
             (``<out_path>.tmp``, then renamed). It holds
             ``{"state_dict", "params", "num_classes"}`` (load with :func:`load_model`).
-        params: :class:`pipeline.settings.TrainSeg` or a mapping of its keys (converted
+        params: :class:`pipeline.io.settings.TrainSeg` or a mapping of its keys (converted
             once here; missing keys take its defaults, the paper values of the module doc):
             backbone, pretrained, num_classes, output_stride, rates, crop, batch_size, iters,
             lr (backbone; head 10x), momentum, weight_decay, poly_power, scale_range
@@ -258,8 +258,8 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
             unchanged), checkpoint_every (N > 0: ``<out_path>.resume`` every N iterations; a
             rerun with the same params resumes from it to the same final weights as an
             uninterrupted run; removed at the end), amp / channels_last / compile
-            (:mod:`pipeline.accel`). Under ``torchrun``
-            (:mod:`pipeline.distributed`): DistributedDataParallel, each rank trains on its
+            (:mod:`pipeline.engine.accel`). Under ``torchrun``
+            (:mod:`pipeline.engine.distributed`): DistributedDataParallel, each rank trains on its
             ``batch_size / world_size`` slice of every global batch, the loss is normalised
             by the global count of labelled pixels, only rank 0 writes files.
         device: torch device string (``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun).
@@ -267,7 +267,7 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
     Returns:
         dict: ``loss_curve`` (list of ``{"iter": i, "loss": mean loss of the last log_every
         iterations}``, i 1-based), ``final_loss``, ``wall_time_s``, ``iters``, ``num_images``,
-        ``params`` (resolved: :meth:`~pipeline.settings.StageSettings.record`, also the
+        ``params`` (resolved: :meth:`~pipeline.io.settings.StageSettings.record`, also the
         checkpoint's ``params`` and the resume fingerprint).
     Raises:
         DatasetError: no id, a missing image or pseudo label, size mismatch, or a label value

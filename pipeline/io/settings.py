@@ -1,12 +1,12 @@
 """Typed settings of the stages: one frozen dataclass per stage, built once from the stage's
-merged params (:func:`pipeline.config.stage_params`); the ONE place of their defaults.
+merged params (:func:`pipeline.io.config.stage_params`); the ONE place of their defaults.
 
 * Fields: the stage keys the host reads (stage CLI: ``split``, ``device``, ``seed_key``...;
-  library: :mod:`pipeline.cls`, :mod:`pipeline.seeds`, :mod:`pipeline.segment`, ...), from
+  library: :mod:`pipeline.steps.cls`, :mod:`pipeline.steps.seeds`, :mod:`pipeline.steps.segment`, ...), from
   ``profiles.<d>.<stage>`` or set by ``methods.<m>.<stage>`` / ``by_method.<m>``; a field
   without a default is required; ``data`` / ``seed`` come from ``datasets.<d>`` / ``seed``.
   Conversions are those the library applied where it read a key (numbers it used as given,
-  e.g. ``beta``, stay as given: same arithmetic). :func:`pipeline.config.validate` accepts
+  e.g. ``beta``, stay as given: same arithmetic). :func:`pipeline.io.config.validate` accepts
   every field but ``data`` / ``seed`` in a profile's stage section (:func:`profile_keys`).
 * ``method``: the method's own keys (read-only; the plug-ins in :mod:`pipeline.methods`
   read them from :meth:`StageSettings.as_dict`, the params exactly as given, which is also
@@ -20,7 +20,7 @@ import dataclasses
 from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping
 
-from .config import ConfigError, unknown_key
+from pipeline.io.config import ConfigError, unknown_key
 
 
 class FrozenMap(Mapping):
@@ -77,7 +77,7 @@ def _int_or_0(v) -> int:         # ``checkpoint_every: null`` = 0
 
 
 #: PSA's dense-CRF settings (official PSA code): train_affinity's ``crf`` defaults, and
-#: :mod:`pipeline.refine.crf`'s for a missing key
+#: :mod:`pipeline.steps.refine.crf`'s for a missing key
 PSA_CRF = dict(gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80, bilateral_srgb=13,
                bilateral_compat=10, iters=10)
 
@@ -131,9 +131,9 @@ class StageSettings:
         """Settings from a stage's merged params.
 
         Args:
-            merged: :func:`pipeline.config.stage_params` output (or any mapping).
+            merged: :func:`pipeline.io.config.stage_params` output (or any mapping).
             method_keys: keys that come from the method (``methods.<m>.<stage>``,
-                ``by_method.<m>``), or ``{key: its section}`` (:func:`pipeline.config.method_keys`);
+                ``by_method.<m>``), or ``{key: its section}`` (:func:`pipeline.io.config.method_keys`);
                 those that are not fields go to ``method``.
             where: the params.yaml section named in messages (default the stage name).
         Raises:
@@ -152,13 +152,13 @@ class StageSettings:
                 method[k] = copy.deepcopy(v)
             else:
                 raise unknown_key(mk.get(k, where), k, names,
-                                  f"the {cls.STAGE} settings are the fields of pipeline.settings."
+                                  f"the {cls.STAGE} settings are the fields of pipeline.io.settings."
                                   f"{cls.__name__}" + ("" if cls.TAKES_METHOD_KEYS else
                                                        " (no method plug-in reads them)"))
         missing = [n for n in cls.required() if n not in values]
         if missing:
             raise ConfigError(f"params.yaml: `{where}` lacks {', '.join(f'`{n}`' for n in missing)} "
-                              f"(required by pipeline.settings.{cls.__name__})")
+                              f"(required by pipeline.io.settings.{cls.__name__})")
         s = cls(**_converted(cls, values, where), method=FrozenMap(method))
         object.__setattr__(s, "_given", copy.deepcopy(dict(merged)))
         return s
@@ -210,30 +210,30 @@ def _converted(cls, values: Mapping[str, Any], where: str) -> dict[str, Any]:
             out[k] = v if conv is None else conv(v)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"params.yaml: `{where}.{k}` = {v!r} is not valid for "
-                              f"pipeline.settings.{cls.__name__}.{k} ({e})") from None
+                              f"pipeline.io.settings.{cls.__name__}.{k} ({e})") from None
     return out
 
 
 @dataclass(frozen=True, kw_only=True)
 class AccelSettings(StageSettings):
-    """``amp`` / ``channels_last`` / ``compile`` (:class:`pipeline.accel.Accel`; off by default)."""
-    #: bf16 | fp16 | off, as given (YAML reads `off` as false; pipeline.accel.amp_mode
+    """``amp`` / ``channels_last`` / ``compile`` (:class:`pipeline.engine.accel.Accel`; off by default)."""
+    #: bf16 | fp16 | off, as given (YAML reads `off` as false; pipeline.engine.accel.amp_mode
     #: normalises it where Accel is built, as before)
     amp: str | bool | None = "off"
     channels_last: bool = _f(False, bool)
     compile: bool = _f(False, bool)
 
     def accel(self) -> dict[str, Any]:
-        """The params :class:`pipeline.accel.Accel` reads."""
+        """The params :class:`pipeline.engine.accel.Accel` reads."""
         return {"amp": self.amp, "channels_last": self.channels_last, "compile": self.compile}
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainCls(AccelSettings):
-    """``train_cls`` (:func:`pipeline.cls.train_classifier`); method keys go to the plug-in."""
+    """``train_cls`` (:func:`pipeline.steps.cls.train_classifier`); method keys go to the plug-in."""
     STAGE: ClassVar[str] = "train_cls"
     TAKES_METHOD_KEYS: ClassVar[bool] = True
-    device: str = "auto"                 # auto | cpu | cuda (pipeline.utils.get_device)
+    device: str = "auto"                 # auto | cpu | cuda (pipeline.engine.runtime.get_device)
     split: str = "train"                 # manifest split of the training ids
     backbone: Mapping[str, Any] = _f(conv=_opt(_map))   # required: {name, pretrained, overrides}
     crop: int = _f(conv=_opt(int))       # required
@@ -257,7 +257,7 @@ class TrainCls(AccelSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class ExportSeeds(AccelSettings):
-    """``export_seeds`` (:func:`pipeline.seeds.export_seeds`, ``multiscale_maps``)."""
+    """``export_seeds`` (:func:`pipeline.steps.seeds.export_seeds`, ``multiscale_maps``)."""
     STAGE: ClassVar[str] = "export_seeds"
     TAKES_METHOD_KEYS: ClassVar[bool] = True
     device: str = "auto"
@@ -274,7 +274,7 @@ class ExportSeeds(AccelSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class EvalSeeds(StageSettings):
-    """``eval_seeds`` (stage :mod:`stages.eval_seeds`, :func:`pipeline.seeds.evaluate_maps`)."""
+    """``eval_seeds`` (stage :mod:`stages.eval_seeds`, :func:`pipeline.steps.seeds.evaluate_maps`)."""
     STAGE: ClassVar[str] = "eval_seeds"
     split: str = "eval_train"
     bg_threshold: float = _f(conv=_opt(float))   # required: the fixed threshold
@@ -283,7 +283,7 @@ class EvalSeeds(StageSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainAffinity(StageSettings):
-    """``train_affinity`` (:func:`pipeline.refine.affinity_train.train_affinity_net`; paper-scale
+    """``train_affinity`` (:func:`pipeline.steps.refine.affinity_train.train_affinity_net`; paper-scale
     PSA with a ResNet-50; momentum 0 = official PolyOptimizer, see docs/methods/psa.md)."""
     STAGE: ClassVar[str] = "train_affinity"
     RECORD: ClassVar[tuple[str, ...]] = (
@@ -323,7 +323,7 @@ class TrainAffinity(StageSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class RefineSeeds(StageSettings):
-    """``refine_seeds`` (:func:`pipeline.refine.random_walk.refine_seeds`; PSA values)."""
+    """``refine_seeds`` (:func:`pipeline.steps.refine.random_walk.refine_seeds`; PSA values)."""
     STAGE: ClassVar[str] = "refine_seeds"
     RECORD: ClassVar[tuple[str, ...]] = ("radius", "beta", "logt", "bg_alpha", "pairs")
     device: str = "auto"
@@ -339,7 +339,7 @@ class RefineSeeds(StageSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class MakePseudoLabels(StageSettings):
-    """``make_pseudo_labels`` (:func:`pipeline.pseudo.make_pseudo_labels`)."""
+    """``make_pseudo_labels`` (:func:`pipeline.steps.pseudo.make_pseudo_labels`)."""
     STAGE: ClassVar[str] = "make_pseudo_labels"
     split: str = "train"
     eval_split: str = "eval_train"
@@ -349,7 +349,7 @@ class MakePseudoLabels(StageSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSeg(AccelSettings):
-    """``train_seg`` (:func:`pipeline.segment.train_seg`; DeepLab-v2 paper values, VOC)."""
+    """``train_seg`` (:func:`pipeline.steps.segment.train_seg`; DeepLab-v2 paper values, VOC)."""
     STAGE: ClassVar[str] = "train_seg"
     RECORD: ClassVar[tuple[str, ...]] = (
         "backbone", "pretrained", "num_classes", "output_stride", "rates", "crop", "batch_size",
@@ -380,7 +380,7 @@ class TrainSeg(AccelSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class EvalOwnSeg(StageSettings):
-    """``eval_own_seg`` (:func:`pipeline.own_seg.evaluate_own_seg`; AFA test time)."""
+    """``eval_own_seg`` (:func:`pipeline.steps.own_seg.evaluate_own_seg`; AFA test time)."""
     STAGE: ClassVar[str] = "eval_own_seg"
     TAKES_METHOD_KEYS: ClassVar[bool] = True
     #: keys the plug-in's ``segment`` never received
@@ -394,7 +394,7 @@ class EvalOwnSeg(StageSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class EvalSeg(StageSettings):
-    """``eval_seg`` (:func:`pipeline.segment_eval.evaluate`; DeepLab-v2 multi-scale test)."""
+    """``eval_seg`` (:func:`pipeline.steps.segment_eval.evaluate`; DeepLab-v2 multi-scale test)."""
     STAGE: ClassVar[str] = "eval_seg"
     RECORD: ClassVar[tuple[str, ...]] = ("scales", "flip", "crf", "num_threads", "protocols")
     device: str = "auto"
@@ -410,7 +410,7 @@ class EvalSeg(StageSettings):
 SETTINGS: dict[str, type[StageSettings]] = {c.STAGE: c for c in (
     TrainCls, ExportSeeds, EvalSeeds, TrainAffinity, RefineSeeds, MakePseudoLabels, TrainSeg,
     EvalOwnSeg, EvalSeg)}
-#: fields set by :func:`pipeline.config.stage_params`, not by a profile's stage section
+#: fields set by :func:`pipeline.io.config.stage_params`, not by a profile's stage section
 CONTEXT_KEYS = ("data", "seed")
 
 

@@ -4,9 +4,9 @@ them" in the pipeline.
 
 Callers (each passes its merge semantics explicitly; see their docstrings for the source):
 
-* :func:`pipeline.seeds.multiscale_maps` (seed export of every method),
-* :func:`pipeline.own_seg.predict_own` (a method's own segmentation head),
-* :func:`pipeline.segment_eval.predict_protocols` (DeepLab-v2 test-time augmentation),
+* :func:`pipeline.steps.seeds.multiscale_maps` (seed export of every method),
+* :func:`pipeline.steps.own_seg.predict_own` (a method's own segmentation head),
+* :func:`pipeline.steps.segment_eval.predict_protocols` (DeepLab-v2 test-time augmentation),
 * :func:`pipeline.methods.afa.model.train_time_cams` and
   :func:`pipeline.methods.mcc.model.train_time_cams`
   (official ``multi_scale_cam`` of rulixiang/afa and rulixiang/ToCo ``utils/camutils.py``).

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .data.classes import VOC_CLASSES, manifest_classes
-from .engine.evaluator import Evaluator
+from pipeline.data.classes import VOC_CLASSES, manifest_classes
+from pipeline.engine.evaluator import Evaluator
 
 COLUMNS = [("seeds", "seeds"), ("refined", "refined (PSA RW)"), ("pseudo", "pseudo (CRF)"),
            ("segmentation", "DeepLabV2 val"), ("own_segmentation", "own seg head val")]

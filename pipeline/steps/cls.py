@@ -8,15 +8,15 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .accel import Accel
-from .data.datasets import ClassificationDataset
-from .data.classes import VOC_CLASSES
-from .distributed import setup as dist_setup
-from .methods import get_method
-from .models.backbones import backbone_normalisation
-from .engine.trainer import PolySchedule, RunningSums, Trainer
-from .settings import TrainCls
-from .utils import get_device, seed_everything
+from pipeline.engine.accel import Accel
+from pipeline.data.datasets import ClassificationDataset
+from pipeline.data.classes import VOC_CLASSES
+from pipeline.engine.distributed import setup as dist_setup
+from pipeline.methods import get_method
+from pipeline.models.backbones import backbone_normalisation
+from pipeline.engine.trainer import PolySchedule, RunningSums, Trainer
+from pipeline.io.settings import TrainCls
+from pipeline.engine.runtime import get_device, seed_everything
 
 
 def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
@@ -31,20 +31,20 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         method_name: plug-in name (``acr``, ``cam``...).
         root: VOC-layout root; ids: training ids; labels: id -> foreground class ids
             (1..K, K = ``len(class_names) - 1``: 20 for VOC, 80 for COCO).
-        p: :class:`pipeline.settings.TrainCls` (or the merged ``train_cls`` params, converted
+        p: :class:`pipeline.io.settings.TrainCls` (or the merged ``train_cls`` params, converted
             once here; keys that are not its fields go to the method): ``backbone{name,
             pretrained,overrides}``, ``crop``, ``scale_range`` (or ``resize_long: [lo, hi]``,
             long side in pixels), ``batch_size``, ``iters`` (or ``iters: null`` and
             ``epochs``), ``lr``, ``weight_decay``, ``warmup_iters``, ``poly_power``,
             ``num_workers``, ``log_every``, ``seed``, ``device``, ``optimizer`` (``adamw`` or
             ``sgd`` with ``momentum``; defaults: the dataclass) and the method's own keys (the
-            plug-in gets :meth:`~pipeline.settings.StageSettings.as_dict`, every key as given,
+            plug-in gets :meth:`~pipeline.io.settings.StageSettings.as_dict`, every key as given,
             also recorded in the checkpoint); ``checkpoint_every`` N > 0 writes
             ``<out_path>.resume`` (model, optimiser, iteration, position in the epoch, every RNG
             state) every N iterations, and a rerun with the same params resumes from it and
             reaches the same final weights as an uninterrupted run (CPU); ``amp``,
-            ``channels_last``, ``compile`` (:mod:`pipeline.accel`, off when absent).
-            Under ``torchrun`` (``WORLD_SIZE`` > 1, :mod:`pipeline.distributed`) each process
+            ``channels_last``, ``compile`` (:mod:`pipeline.engine.accel`, off when absent).
+            Under ``torchrun`` (``WORLD_SIZE`` > 1, :mod:`pipeline.engine.distributed`) each process
             trains on its ``batch_size / world_size`` slice of every global batch, gradients
             are averaged, only rank 0 writes files. Methods that draw per-sample randomness
             from ``gen`` in their loss (views, masks) get another, equally valid, stream then.
@@ -144,7 +144,7 @@ def train_iterations(p: TrainCls | Mapping, num_images: int, batch_size: int) ->
     """``iters`` when set, else ``epochs`` full batches per epoch (last partial batch dropped,
     as the training loop does): ``epochs * (num_images // batch_size)`` (ACR official
     ``max_step = len(list) // (batch * gpus) * max_epoches``). ``p``:
-    :class:`pipeline.settings.TrainCls` or a (partial) mapping of its keys.
+    :class:`pipeline.io.settings.TrainCls` or a (partial) mapping of its keys.
 
     Raises:
         ValueError: neither ``iters`` nor ``epochs`` is set.
@@ -159,7 +159,7 @@ def train_iterations(p: TrainCls | Mapping, num_images: int, batch_size: int) ->
 
 def make_optimizer(model: torch.nn.Module, p: TrainCls | Mapping,
                    groups: list[dict] | None = None) -> torch.optim.Optimizer:
-    """Optimiser of the trainable parameters from :class:`pipeline.settings.TrainCls` (or a
+    """Optimiser of the trainable parameters from :class:`pipeline.io.settings.TrainCls` (or a
     partial mapping of its keys; the dataclass holds the defaults).
 
     ``optimizer: adamw`` (default; ``lr``, ``weight_decay``) or ``sgd`` (``lr``,

@@ -7,16 +7,16 @@ an option (project issue 14); every setting is tabulated in ``docs/methods/psa.m
 
 PSA modules
 -----------
-1. :mod:`pipeline.refine.affinity_labels`: affinity labels of the stride-8 cells from two
+1. :mod:`pipeline.steps.refine.affinity_labels`: affinity labels of the stride-8 cells from two
    dense CRFs of the seeds (official average-pooled form, or centre pixels);
-2. :mod:`pipeline.refine.affinity_pairs`: pixel pairs within ``radius``, pair labels,
+2. :mod:`pipeline.steps.refine.affinity_pairs`: pixel pairs within ``radius``, pair labels,
    affinities ``a_ij = exp(-mean_d |f_i - f_j|)`` and the loss (PSA eqs. 3-8);
-3. :mod:`pipeline.refine.affinity_net`: :class:`~pipeline.refine.affinity_net.AffinityNet`;
+3. :mod:`pipeline.steps.refine.affinity_net`: :class:`~pipeline.steps.refine.affinity_net.AffinityNet`;
 4. this module: :func:`train_affinity_net` (labels of every image, then SGD with the poly
    schedule through :class:`pipeline.engine.trainer.Trainer`). Training augmentation as
    official ``train_aff.py``: colour jitter, random crop, horizontal flip, no rescale
    (``resize_long`` / ``scale_range`` are options);
-5. :mod:`pipeline.refine.random_walk`: random walk with ``a^beta`` and refinement of the seeds
+5. :mod:`pipeline.steps.refine.random_walk`: random walk with ``a^beta`` and refinement of the seeds
    (the ``refine_seeds`` stage).
 """
 from __future__ import annotations
@@ -37,13 +37,13 @@ from pipeline.data.transforms import to_tensor
 from pipeline.data.voc import IGNORE_INDEX, load_image
 from pipeline.engine.trainer import LossList, PolySchedule, Trainer
 from pipeline.models.backbones import input_normalisation
-from pipeline.refine.affinity_labels import (LABEL_POOLING, STRIDE, crf_scores,
+from pipeline.steps.refine.affinity_labels import (LABEL_POOLING, STRIDE, crf_scores,
                                              make_affinity_label, resize_maps,
                                              window_affinity_labels)
-from pipeline.refine.affinity_net import build_affinity_net
-from pipeline.refine.affinity_pairs import PAIR_MODES, _check_choice, affinity_loss
-from pipeline.settings import TrainAffinity
-from pipeline.storage import MapReader
+from pipeline.steps.refine.affinity_net import build_affinity_net
+from pipeline.steps.refine.affinity_pairs import PAIR_MODES, _check_choice, affinity_loss
+from pipeline.io.settings import TrainAffinity
+from pipeline.io.storage import MapReader
 
 
 def _encode_png(label: np.ndarray) -> bytes:
@@ -60,9 +60,9 @@ def _decode_png(data: bytes) -> np.ndarray:
 class _LabelSet(torch.utils.data.Dataset):
     """Computes affinity labels (two CRFs per image) in DataLoader workers.
 
-    ``label_pooling="avgpool"``: :func:`pipeline.refine.affinity_labels.window_affinity_labels`
+    ``label_pooling="avgpool"``: :func:`pipeline.steps.refine.affinity_labels.window_affinity_labels`
     of the two CRF score maps, ``(H+7, W+7)``; ``centre``:
-    :func:`pipeline.refine.affinity_labels.make_affinity_label`, ``(H, W)``. Counts (bg, fg,
+    :func:`pipeline.steps.refine.affinity_labels.make_affinity_label`, ``(H, W)``. Counts (bg, fg,
     ignored) are over the image's own 8x8 cells (``avgpool``) or pixels (``centre``)."""
 
     def __init__(self, root, ids, seeds_path, seed_key, s: TrainAffinity):
@@ -216,28 +216,28 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
                        device: str = "cpu", log: Callable[[str], Any] = print) -> dict:
     """Train a PSA AffinityNet on affinity labels derived from seeds.
 
-    Steps: (1) affinity labels of every image (:mod:`pipeline.refine.affinity_labels`, two
+    Steps: (1) affinity labels of every image (:mod:`pipeline.steps.refine.affinity_labels`, two
     dense CRFs;
     computed once, in ``num_workers`` DataLoader workers, kept PNG-compressed in memory);
     (2) SGD (``momentum``, default 0 as in the official code), poly learning rate
     ``lr * (1 - it/iters)^poly_power``, backbone at ``lr`` and the new 1x1 convs at
-    ``head_lr_mult * lr``, loss :func:`pipeline.refine.affinity_pairs.affinity_loss` over the
+    ``head_lr_mult * lr``, loss :func:`pipeline.steps.refine.affinity_pairs.affinity_loss` over the
     ``pairs`` set, in the loop of :class:`pipeline.engine.trainer.Trainer`;
     augmentation (official ``train_aff.py``): optional colour jitter, horizontal flip, random
     ``crop`` (padding: image 0, label 255), no rescale unless ``resize_long`` = [lo, hi] (long
     side) or ``scale_range`` = [lo, hi] (factor) is set; the label on the crop's 8x8 cells is
     the official average-pooled one (``label_pooling="avgpool"``,
-    :func:`~pipeline.refine.affinity_labels.window_affinity_labels`) or the centre pixel of
+    :func:`~pipeline.steps.refine.affinity_labels.window_affinity_labels`) or the centre pixel of
     the full-resolution label (``centre``,
-    :func:`~pipeline.refine.affinity_labels.downsample_label`);
+    :func:`~pipeline.steps.refine.affinity_labels.downsample_label`);
     (3) checkpoint ``{"state_dict", "params"}`` published with
-    :func:`pipeline.utils.atomic_torch_save` (``<out_path>.tmp``, then renamed).
+    :func:`pipeline.io.storage.atomic_torch_save` (``<out_path>.tmp``, then renamed).
 
     Args:
         root: dataset root (``JPEGImages``).
         ids: training image ids (must be in the seeds file).
         seeds_path, seed_key: seeds HDF5 and its map key (``(k, H, W)`` in [0, 1]).
-        params: :class:`pipeline.settings.TrainAffinity` or a mapping of its keys (converted
+        params: :class:`pipeline.io.settings.TrainAffinity` or a mapping of its keys (converted
             once here; missing keys take its defaults, ``crf`` keys PSA's):
             backbone, pretrained, feature_dim, freeze_bn, crop, resize_long, scale_range,
             color_jitter, batch_size, iters (``None`` -> ``epochs * ceil(len(ids)/batch)``),
@@ -263,7 +263,7 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     Raises:
         ValueError: empty ``ids``, unknown ``label_pooling`` / ``pairs`` values; ConfigError
             (a ValueError): an unknown param key.
-        pipeline.storage.StorageError, pipeline.data.voc.DatasetError: missing inputs.
+        pipeline.io.storage.StorageError, pipeline.data.voc.DatasetError: missing inputs.
         FloatingPointError: the loss became NaN/inf (lr too high; names the iteration).
     """
     from tqdm import tqdm

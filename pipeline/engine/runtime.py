@@ -1,5 +1,6 @@
-"""Small shared helpers: seeding, devices, atomic writes, JSON, resume files (the poly
-learning rate is :func:`pipeline.engine.trainer.poly_lr`)."""
+"""Run state of a stage: seeding, determinism, devices, RNG states and resume files (the poly
+learning rate is :func:`pipeline.engine.trainer.poly_lr`; atomic writes and JSON are
+:mod:`pipeline.io.storage`)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .storage import atomic_write
+from pipeline.io.storage import atomic_torch_save
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -51,35 +52,6 @@ def get_device(name: str | None) -> torch.device:
         raise RuntimeError("device `cuda` requested but no CUDA GPU is available; set "
                            "`device: cpu` (or `auto`) in params.yaml.")
     return dev
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save(obj)`` published atomically with :func:`pipeline.storage.atomic_write`
-    (built as ``<path>.tmp``, then renamed; the temporary is removed on any failure)."""
-    atomic_write(path, lambda t: torch.save(obj, t))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON (sorted keys, indent 2, numpy scalars/arrays and paths converted) atomically
-    with :func:`pipeline.storage.atomic_write` (``<path>.tmp``, then renamed).
-
-    Raises:
-        TypeError: ``obj`` holds something not JSON-serialisable (nothing is written).
-    """
-    text = json.dumps(obj, indent=2, sort_keys=True, default=_default) + "\n"
-    atomic_write(path, lambda t: t.write_text(text))
-
-
-def _default(o: Any):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 class ResumeFile:
