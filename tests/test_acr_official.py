@@ -336,6 +336,26 @@ def test_class_token_logits_read_the_last_block_before_the_final_norm():
         ACR().build_model({**TINY, "cls_token_norm": "middle"}, 5)
 
 
+def test_an_acr_checkpoint_from_before_cls_token_norm_loads_with_its_final_norm(tmp_path):
+    """Checkpoints written before the option have ``vit.norm.*`` and no ``cls_token_norm``
+    key: they load as ``after`` (timm's head after the norm), giving the logits they were
+    trained with; new checkpoints load as written."""
+    from pipeline.steps.cls import load_classifier
+    torch.manual_seed(0)
+    old = ACR().build_model({**TINY, "cls_token_norm": "after"}, 5).eval()
+    torch.save({"state_dict": old.state_dict(), "params": dict(TINY), "method": "acr",
+                "num_classes": 5}, tmp_path / "old.pt")
+    _, model, _ = load_classifier(tmp_path / "old.pt")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), old(x))
+    new = ACR().build_model(dict(TINY), 5).eval()
+    torch.save({"state_dict": new.state_dict(), "params": dict(TINY), "method": "acr",
+                "num_classes": 5}, tmp_path / "new.pt")
+    _, model2, _ = load_classifier(tmp_path / "new.pt")
+    assert isinstance(model2.vit.norm, torch.nn.Identity)
+
+
 def test_resize_long_draws_the_long_side(monkeypatch):
     """Long side uniform over the inclusive integer range, aspect kept, then crop (pad)."""
     from pipeline.data import datasets as ds_mod

@@ -184,6 +184,27 @@ def test_acr_teacher_per_image_path(tmp_path):
     assert torch.isfinite(loss) and parts["mac"] > 0
 
 
+def test_a_cnn_teacher_cannot_initialise_the_vit_student(tmp_path):
+    """vocsample's cam teacher is a CNN CAM (`arch: cnn`): init_from_teacher names the fix;
+    without it the student trains from its own initialisation."""
+    import pytest
+    from pipeline.models.cnn_cam import CNNCAM
+    cam = get_method("cam")
+    cnn = {"arch": "cnn", "head": "gap", "freeze": False, "output_stride": None,
+           "backbone": {"name": "resnet10t", "pretrained": None, "overrides": None}}
+    torch.manual_seed(0)
+    model = cam.build_model(cnn, 5)
+    assert isinstance(model, CNNCAM)
+    torch.save({"state_dict": model.state_dict(), "params": cnn, "method": "cam",
+                "num_classes": 5}, tmp_path / "cnn.pt")
+    m = SMAF()
+    p = {**TINY, "teacher": "cam", "teacher_scales": [1.0]}
+    with pytest.raises(ValueError, match="init_from_teacher: false"):
+        m.setup(m.build_model(p, 5), p, {"teacher": load_classifier(tmp_path / "cnn.pt")})
+    q = {**p, "init_from_teacher": False}
+    m.setup(m.build_model(q, 5), q, {"teacher": load_classifier(tmp_path / "cnn.pt")})
+
+
 # ------------------------- official student loss (issue 14; bupt-ai-cz/SMAF adaptation_modelv2.py)
 
 def test_student_softmax_with_background_matches_pixel_loops(teacher_ckpt):

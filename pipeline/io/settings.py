@@ -284,7 +284,8 @@ class EvalSeeds(StageSettings):
 @dataclass(frozen=True, kw_only=True)
 class TrainAffinity(StageSettings):
     """``train_affinity`` (:func:`pipeline.steps.refine.affinity_train.train_affinity_net`; paper-scale
-    PSA with a ResNet-50; momentum 0 = official PolyOptimizer, see docs/methods/psa.md)."""
+    PSA with a ResNet-50; the official PolyOptimizer has momentum 5e-4, as the `voc` profile sets it;
+    see docs/methods/psa.md)."""
     STAGE: ClassVar[str] = "train_affinity"
     RECORD: ClassVar[tuple[str, ...]] = (
         "backbone", "pretrained", "feature_dim", "freeze_bn", "crop", "resize_long",

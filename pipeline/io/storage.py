@@ -1,4 +1,6 @@
-"""HDF5 storage of per-image class maps (seeds, refined maps).
+"""HDF5 storage of per-image class maps (seeds, refined maps), and the one atomic-write owner
+(:func:`atomic_write`, :func:`atomic_directory`; JSON through :func:`write_json`, torch
+checkpoints through :func:`atomic_torch_save`).
 
 One file per (dataset, method, stage) instead of one ``.npy`` dict per image.
 

@@ -268,6 +268,11 @@ class SMAF(Method):
         # gradient maps differentiate w.r.t. attention only, so parameters keep requires_grad)
         self.teacher = (tm, tmodel)
         if p.get("init_from_teacher", True):
+            if not hasattr(tmodel, "vit"):
+                raise ValueError(f"the `{name}` teacher is not a ViT classifier (e.g. the CNN CAM "
+                                 f"of `arch: cnn`), so the ViT student cannot start from its "
+                                 f"weights; set methods.smaf.train_cls.init_from_teacher: false "
+                                 f"(or profiles.<dataset>.train_cls.by_method.smaf)")
             sd = {k: v for k, v in tmodel.vit.state_dict().items() if not k.startswith("head.")}
             # an acr teacher reads its class token before the final norm (`cls_token_norm:
             # before` replaces that norm by an identity): the student keeps its own, as built

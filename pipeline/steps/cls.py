@@ -167,7 +167,7 @@ def make_optimizer(model: torch.nn.Module, p: TrainCls | Mapping,
     (used by ACR's official code) calls ``SGD(params, lr, weight_decay)``, so its
     ``weight_decay`` lands in SGD's *momentum* slot: it is ``sgd`` with
     ``momentum: 5.0e-4, weight_decay: 0`` and the poly schedule here. ``groups``: the method's
-    parameter groups (:meth:`Method.param_groups`, each with an ``lr_mult``); default one
+    parameter groups (:meth:`pipeline.methods.base.Method.param_groups`, each with an ``lr_mult``); default one
     group of every parameter. Frozen parameters are left out. The learning rate is
     overwritten every iteration by the poly schedule times the group's ``lr_mult``.
 
@@ -203,6 +203,9 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu"):
     params["backbone"] = {**params["backbone"], "pretrained": None}  # weights come from ck
     if params["backbone"].get("stem"):                                # (hybrid ViT stem too)
         params["backbone"]["stem"] = {**params["backbone"]["stem"], "pretrained": None}
+    if (ck["method"] == "acr" and "cls_token_norm" not in params
+            and "vit.norm.weight" in ck["state_dict"]):
+        params["cls_token_norm"] = "after"   # an ACR checkpoint from before that option
     model = method.build_model(params, ck["num_classes"])
     model.load_state_dict(ck["state_dict"])
     model.input_norm = backbone_normalisation(ck["params"]["backbone"])  # as in training

@@ -32,7 +32,7 @@ def predict_own(method, model, image: np.ndarray, p: EvalOwnSeg | Mapping, devic
     the mean of the image's and its mirror's upsampled logits, then max (or mean) over scales.
 
     Args:
-        method: a plug-in with ``has_seg_head`` (:meth:`Method.segment`).
+        method: a plug-in with ``has_seg_head`` (:meth:`pipeline.methods.base.Method.segment`).
         model: its trained network (eval mode), with ``.vit`` (token stride).
         image: ``(H, W, 3)`` uint8 RGB.
         p: :class:`pipeline.io.settings.EvalOwnSeg` (``scales``, ``flip``, ``merge``: ``max`` |

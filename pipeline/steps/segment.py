@@ -248,7 +248,7 @@ def train_seg(root: str | Path, ids: Sequence[str], pseudo_dir: str | Path, out_
             values 0..num_classes-1, 255 = ignored).
         out_path: checkpoint file; published with :func:`pipeline.io.storage.atomic_torch_save`
             (``<out_path>.tmp``, then renamed). It holds
-            ``{"state_dict", "params", "num_classes"}`` (load with :func:`load_model`).
+            ``{"state_dict", "params", "num_classes"}`` (load with :func:`pipeline.steps.segment_eval.load_model`).
         params: :class:`pipeline.io.settings.TrainSeg` or a mapping of its keys (converted
             once here; missing keys take its defaults, the paper values of the module doc):
             backbone, pretrained, num_classes, output_stride, rates, crop, batch_size, iters,

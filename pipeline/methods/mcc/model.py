@@ -115,7 +115,7 @@ class MCCNet(nn.Module):
         Args:
             x: ``(B, 3, H, W)`` normalised images.
             attn_bias: optional additive attention bias broadcastable to ``(B, heads, N, N)``
-                (e.g. :func:`key_mask_bias`), applied in every block.
+                (e.g. :func:`pipeline.methods.mcc.losses.key_mask_bias`), applied in every block.
         Returns:
             ``(class token (B, D), final patch tokens (B, n, D) after the final norm,
             aux-block patch tokens (B, n, D))``.

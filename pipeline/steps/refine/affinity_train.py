@@ -219,7 +219,7 @@ def train_affinity_net(root: str | Path, ids: Sequence[str], seeds_path: str | P
     Steps: (1) affinity labels of every image (:mod:`pipeline.steps.refine.affinity_labels`, two
     dense CRFs;
     computed once, in ``num_workers`` DataLoader workers, kept PNG-compressed in memory);
-    (2) SGD (``momentum``, default 0 as in the official code), poly learning rate
+    (2) SGD (``momentum``; the official ``PolyOptimizer`` passes 5e-4 there, the `voc` profile too), poly learning rate
     ``lr * (1 - it/iters)^poly_power``, backbone at ``lr`` and the new 1x1 convs at
     ``head_lr_mult * lr``, loss :func:`pipeline.steps.refine.affinity_pairs.affinity_loss` over the
     ``pairs`` set, in the loop of :class:`pipeline.engine.trainer.Trainer`;
