@@ -175,3 +175,55 @@ def test_hybrid_vit_on_the_pretrained_efficientnet_lite_stem(use_cache):
         assert torch.equal(v, ref[k]), k
     assert m.vit.patch_embed.proj.in_channels == 112
     assert m.vit.patch_embed.proj.kernel_size == (1, 1)
+
+
+def _hybrid_backbone(freeze: bool) -> dict:
+    return {"name": "vit_tiny_patch16_224", "pretrained": None,
+            "overrides": {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2},
+            "stem": {"name": "tf_efficientnet_lite0", "pretrained": None, "stride": 16,
+                     "freeze": freeze}}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_frozen_hybrid_stem_keeps_its_weights_and_statistics(freeze):
+    """``stem.freeze``: one training step under ``model.train()`` leaves every stem tensor
+    (weights and BatchNorm running statistics) as it was and gives the stem no gradient,
+    while the ViT blocks learn. The unfrozen stem (the mutation) changes both."""
+    torch.manual_seed(0)
+    m = ViTClassifier({"backbone": _hybrid_backbone(freeze), "head": "cls_token"}, 20)
+    m.train()
+    stem = m.vit.patch_embed.backbone
+    before = {k: v.clone() for k, v in stem.state_dict().items()}
+    blk = m.vit.blocks[0].attn.inner.qkv.weight.detach().clone()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(2, 3, 64, 64), torch.zeros(2, 20)
+    y[:, 3] = 1
+    torch.nn.functional.multilabel_soft_margin_loss(m(x), y).backward()
+    opt.step()
+    after = stem.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not torch.equal(blk, m.vit.blocks[0].attn.inner.qkv.weight)
+    if freeze:
+        assert changed == []
+        assert all(p.grad is None and not p.requires_grad for p in stem.parameters())
+        assert not any(mod.training for mod in stem.net.modules())
+    else:
+        assert any(k.endswith("running_mean") for k in changed)
+        assert any(k.endswith(".weight") and "bn" not in k for k in changed)
+
+
+@pytest.mark.parametrize("method", ["acr", "afa", "mcc", "vitpcm"])
+def test_every_vit_plugin_builds_the_hybrid(method):
+    """``backbone.stem`` reaches every ViT plug-in: its tokens come from the CNN stem at
+    stride 16 (timm HybridEmbed, 1x1 projection of the 112 Lite0 channels)."""
+    from timm.layers import HybridEmbed
+    from pipeline.methods import get_method
+    from tests.vit_reference import tiny_afa, tiny_mcc
+    p = {"afa": tiny_afa, "mcc": tiny_mcc}.get(method, dict)()
+    p["backbone"] = _hybrid_backbone(True)
+    torch.manual_seed(0)
+    vit = get_method(method).build_model(p, 20).vit
+    assert isinstance(vit.patch_embed, HybridEmbed)
+    assert token_stride(vit) == 16 and patch_grid(vit, 64, 96) == (4, 6)
+    assert vit.patch_embed.proj.in_channels == 112
+    assert vit.patch_embed.backbone.freeze

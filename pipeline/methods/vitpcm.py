@@ -84,7 +84,8 @@ class PCMClassifier(nn.Module):
     def __init__(self, p: dict, num_classes: int):
         super().__init__()
         bb = p["backbone"]
-        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"))
+        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"),
+                              stem=bb.get("stem"))
         dim = self.vit.num_features
         drop = float(p.get("dropout", 0.2))
         if p.get("hv_bilstm", True):

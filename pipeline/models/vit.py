@@ -97,15 +97,26 @@ def create_vit(name: str, num_classes: int, pretrained: str | None = None,
 
 class _StemTo(nn.Module):
     """A timm CNN run up to its intermediate ``index`` (later stages pruned): ``x`` -> that
-    feature map ``(B, C, h, w)``."""
+    feature map ``(B, C, h, w)``. ``freeze``: no gradients, BatchNorm in eval mode even under
+    ``model.train()``, forward under ``torch.no_grad`` (a fixed pretrained feature extractor)."""
 
-    def __init__(self, net: nn.Module, index: int):
+    def __init__(self, net: nn.Module, index: int, freeze: bool = False):
         super().__init__()
         net.prune_intermediate_layers([index], prune_norm=True, prune_head=True)
-        self.net, self.index = net, index
+        self.net, self.index, self.freeze = net, index, bool(freeze)
+        if self.freeze:
+            self.net.requires_grad_(False)
+            self.net.eval()
+
+    def train(self, mode: bool = True) -> "_StemTo":
+        super().train(mode)
+        if self.freeze:
+            self.net.eval()
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_intermediates(x, indices=[self.index], intermediates_only=True)[-1]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
+            return self.net.forward_intermediates(x, indices=[self.index], intermediates_only=True)[-1]
 
 
 def hybrid_stem(stem: dict) -> nn.Module:
@@ -113,6 +124,8 @@ def hybrid_stem(stem: dict) -> nn.Module:
     (:func:`pipeline.models.backbones.create_backbone`) run up to its feature map whose
     reduction is ``stem["stride"]`` (default 16; EfficientNet-Lite0: ``blocks.4``, 112
     channels); later stages and the head are pruned (timm ``prune_intermediate_layers``).
+    ``stem["freeze"]`` (default false): keep the stem fixed (no gradients, BatchNorm
+    statistics of the weights; see :class:`_StemTo`), as the ``cam`` CNN's ``freeze``.
 
     Raises:
         ValueError: no feature map of the network has that reduction.
@@ -123,7 +136,7 @@ def hybrid_stem(stem: dict) -> nn.Module:
     if stride not in red:
         raise ValueError(f"hybrid stem {stem['name']!r} has no feature map at stride {stride} "
                          f"(its strides: {red})")
-    return _StemTo(net, len(red) - 1 - red[::-1].index(stride))
+    return _StemTo(net, len(red) - 1 - red[::-1].index(stride), freeze=stem.get("freeze", False))
 
 
 def attentions(model: nn.Module) -> list[torch.Tensor]:

@@ -47,7 +47,8 @@ class AFANet(nn.Module):
     def __init__(self, p: dict, num_classes: int):
         super().__init__()
         bb = p["backbone"]
-        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"))
+        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"),
+                              stem=bb.get("stem"))
         depth = len(self.vit.blocks)
         heads = self.vit.blocks[0].attn.inner.num_heads
         d = self.vit.num_features

@@ -89,7 +89,8 @@ class MCCNet(nn.Module):
     def __init__(self, p: dict, num_classes: int):
         super().__init__()
         bb = p["backbone"]
-        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"))
+        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"),
+                              stem=bb.get("stem"))
         depth = len(self.vit.blocks)
         self.aux_layer = int(p.get("aux_layer", -3)) % depth
         if self.aux_layer == depth - 1:
