@@ -203,6 +203,18 @@ def test_a_cnn_teacher_cannot_initialise_the_vit_student(tmp_path):
         m.setup(m.build_model(p, 5), p, {"teacher": load_classifier(tmp_path / "cnn.pt")})
     q = {**p, "init_from_teacher": False}
     m.setup(m.build_model(q, 5), q, {"teacher": load_classifier(tmp_path / "cnn.pt")})
+    # ... and its targets come from the CNN's maps at the CNN's stride (32 px here): the
+    # 64 px crop is one 2 x 2 map cell grid, fused onto the student's 8 x 8 token grid
+    cam_t, teacher, _ = load_classifier(tmp_path / "cnn.pt")
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 1, 0, 0]])
+    got = fused_teacher_targets(cam_t, teacher, x, y, (8, 8), scales=[1.0], flip=False,
+                                reactivate_thr=None)
+    m1 = torch.stack([cam_t.maps(teacher, x[b:b + 1], torch.arange(5), {})["cams"] for b in range(2)])
+    assert m1.shape[-2:] == (2, 2)
+    ref = torch.nn.functional.interpolate(m1, size=(8, 8), mode="bilinear", align_corners=False)
+    ref = ref / (ref.flatten(2).amax(-1)[..., None, None] + 1e-5) * y[:, :, None, None]
+    assert got.shape == (2, 5, 8, 8)
+    assert torch.allclose(got, ref, atol=1e-5)
 
 
 # ------------------------- official student loss (issue 14; bupt-ai-cz/SMAF adaptation_modelv2.py)

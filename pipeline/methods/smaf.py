@@ -54,7 +54,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.vit import patch_grid, patch_tokens, token_stride
+from pipeline.models.cnn_cam import CNNCAM
+from pipeline.models.vit import input_stride, patch_grid, patch_tokens
 from pipeline.methods.base import Method, ViTClassifier, multilabel_loss
 
 
@@ -160,12 +161,16 @@ def teacher_class_maps(method: Method, model: nn.Module, x: torch.Tensor, y: tor
                        p: dict, key: str | None = None) -> torch.Tensor:
     """Teacher class-aware maps ``(B, K, h, w)`` (>= 0) of one scale/flip of a batch.
 
-    CAM-type teachers (:class:`ViTClassifier` with a pooled head) run batched
-    (``ReLU(W F)`` for all K classes); any other method calls its ``maps`` per image for the
-    present classes only, absent channels are 0 (they are zeroed by :func:`denoise` anyway).
-    ``key`` selects the map kind (default: the method's first ``seed_keys``).
+    CAM-type teachers run batched, ``ReLU(W F)`` for all K classes: a
+    :class:`ViTClassifier` with a pooled head (``h, w`` = its token grid) or a CNN CAM
+    (:class:`pipeline.models.cnn_cam.CNNCAM`, ``h, w`` = its feature map; the ``vocsample``
+    ``cam``). Any other method calls its ``maps`` per image for the present classes only,
+    absent channels are 0 (they are zeroed by :func:`denoise` anyway). ``key`` selects the
+    map kind (default: the method's first ``seed_keys``).
     """
     B, K = y.shape
+    if isinstance(model, CNNCAM):
+        return model.cams(x)
     h, w = patch_grid(model.vit, x.shape[-2], x.shape[-1])
     if isinstance(model, ViTClassifier) and model.head_type in ("gmp", "gap"):
         _, f = patch_tokens(model.vit, x)
@@ -189,7 +194,8 @@ def fused_teacher_targets(method: Method, model: nn.Module, x: torch.Tensor, y: 
     Args:
         x: ``(B, 3, S, S)`` the student's (augmented) batch; y: ``(B, K)`` multi-hot labels.
         grid: the student's token grid at scale 1.
-        scales: image scales; each is resized to a multiple of the teacher's token stride.
+        scales: image scales; each is resized to a multiple of the teacher's stride (token
+            stride of a ViT, feature-map cell of a CNN CAM).
         reactivate_thr: background value of Eq. 8, or None to skip reactivation.
         keep_background: return the reactivated background channel too (official target
             ``rectified``, for ``student_target: softmax_bg``).
@@ -202,7 +208,7 @@ def fused_teacher_targets(method: Method, model: nn.Module, x: torch.Tensor, y: 
     if keep_background and reactivate_thr is None:
         raise ValueError("methods.smaf student_target softmax_bg needs reactivate: true (the "
                          "background channel of the target is Eq. 8's)")
-    stride = token_stride(model.vit)
+    stride = input_stride(model)      # the teacher's: a ViT's token stride or a CNN's cell
     maps = []
     for s in scales:
         hs = max(stride, int(round(x.shape[-2] * s / stride)) * stride)
