@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.vit import create_vit, patch_tokens
+from pipeline.models.vit import patch_tokens, vit_from_params
 
 
 class Method(ABC):
@@ -144,8 +144,7 @@ class ViTClassifier(nn.Module):
             raise ValueError(f"train_cls.head must be cls_token, gmp or gap, got {self.head_type!r}")
         bb = p["backbone"]
         n_vit = num_classes if self.head_type == "cls_token" else 0
-        self.vit = create_vit(bb["name"], n_vit, bb.get("pretrained"), bb.get("overrides"),
-                              stem=bb.get("stem"))
+        self.vit = vit_from_params(bb, n_vit)
         if self.head_type != "cls_token":
             self.classifier = nn.Linear(self.vit.num_features, num_classes, bias=False)
 

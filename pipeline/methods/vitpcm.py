@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from pipeline.models.vit import create_vit, patch_grid, patch_tokens
+from pipeline.models.vit import patch_grid, patch_tokens, vit_from_params
 from pipeline.methods.common.tokens import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
 from pipeline.methods.base import Method
 
@@ -84,8 +84,7 @@ class PCMClassifier(nn.Module):
     def __init__(self, p: dict, num_classes: int):
         super().__init__()
         bb = p["backbone"]
-        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"),
-                              stem=bb.get("stem"))
+        self.vit = vit_from_params(bb)
         dim = self.vit.num_features
         drop = float(p.get("dropout", 0.2))
         if p.get("hv_bilstm", True):

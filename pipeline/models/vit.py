@@ -95,6 +95,14 @@ def create_vit(name: str, num_classes: int, pretrained: str | None = None,
     return model
 
 
+
+def vit_from_params(backbone: dict, num_classes: int = 0) -> nn.Module:
+    """:func:`create_vit` from a ``train_cls.backbone`` params section ``{name, pretrained,
+    overrides, stem}`` (every key but ``name`` optional): the one reading of that section
+    that every ViT plug-in shares, so none can drop a key (``stem`` once was)."""
+    return create_vit(backbone["name"], num_classes, backbone.get("pretrained"),
+                      backbone.get("overrides"), stem=backbone.get("stem"))
+
 class _StemTo(nn.Module):
     """A timm CNN run up to its intermediate ``index`` (later stages pruned): ``x`` -> that
     feature map ``(B, C, h, w)``. ``freeze``: no gradients, BatchNorm in eval mode even under

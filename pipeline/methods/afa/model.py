@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.vit import create_vit, num_prefix_tokens, patch_grid
+from pipeline.models.vit import num_prefix_tokens, patch_grid, vit_from_params
 
 #: ``methods.afa.train_cls.aff_attention`` values (see :meth:`AFANet.affinity`)
 AFF_ATTENTION = ("logits_unscaled", "logits", "softmax")
@@ -47,8 +47,7 @@ class AFANet(nn.Module):
     def __init__(self, p: dict, num_classes: int):
         super().__init__()
         bb = p["backbone"]
-        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"),
-                              stem=bb.get("stem"))
+        self.vit = vit_from_params(bb)
         depth = len(self.vit.blocks)
         heads = self.vit.blocks[0].attn.inner.num_heads
         d = self.vit.num_features

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.vit import create_vit, num_prefix_tokens, patch_grid
+from pipeline.models.vit import num_prefix_tokens, patch_grid, vit_from_params
 
 # ---------------------------------------------------------------------- EMA (MoCo update)
 
@@ -89,8 +89,7 @@ class MCCNet(nn.Module):
     def __init__(self, p: dict, num_classes: int):
         super().__init__()
         bb = p["backbone"]
-        self.vit = create_vit(bb["name"], 0, bb.get("pretrained"), bb.get("overrides"),
-                              stem=bb.get("stem"))
+        self.vit = vit_from_params(bb)
         depth = len(self.vit.blocks)
         self.aux_layer = int(p.get("aux_layer", -3)) % depth
         if self.aux_layer == depth - 1:
