@@ -4,6 +4,7 @@
     python -m bench crf randomwalk       # a subset
     python -m bench --list
     python -m bench gpu                  # ACR ViT-B/16 @384 step time + export img/s (only when named)
+    python -m bench rw_ceiling           # the random walk with ground-truth affinity over built chains' seeds (only when named)
 
 Each benchmark writes ``results/bench/<name>.json`` with the machine description, the measured
 numbers and, for the ratio targets of the performance issue, the target and whether it was met.
@@ -20,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import gpu, micro, scaling, stages
+from bench import gpu, micro, quality, scaling, stages
 from pipeline.io.storage import atomic_write
 
 BENCHES = {
@@ -32,10 +33,11 @@ BENCHES = {
     "storage": micro.storage,
     "rss": scaling.rss_scaling,
     "stages": stages.stage_table,
+    "rw_ceiling": quality.rw_ceiling,
     "gpu": gpu.gpu_bench,
 }
 #: run only when named (on a CPU machine it measures a reduced version, see bench/gpu.py)
-ON_REQUEST = {"gpu"}
+ON_REQUEST = {"gpu", "rw_ceiling"}
 
 
 def machine() -> dict:

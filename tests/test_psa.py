@@ -11,8 +11,9 @@ from pipeline.steps.refine.affinity_labels import downsample_label, make_affinit
 from pipeline.steps.refine.affinity_net import AffinityNet
 from pipeline.steps.refine.affinity_pairs import affinity_loss, pair_indices, pair_labels, search_offsets
 from pipeline.steps.refine.affinity_train import train_affinity_net
-from pipeline.steps.refine.random_walk import (affinity_matrix_dense, random_walk, random_walk_dense,
-                                         refine_maps, refine_seeds)
+from pipeline.steps.refine.random_walk import (affinity_matrix_dense, label_affinity_features,
+                                               random_walk, random_walk_dense, refine_maps,
+                                               refine_seeds, refine_with_features)
 from pipeline.io.storage import MapReader, MapWriter
 
 
@@ -171,6 +172,51 @@ def test_refine_maps_is_distribution():
     assert out.min() >= 0 and out.max() <= 1 + 1e-6
     np.testing.assert_allclose(out.sum(0), 1.0, atol=1e-5)
     assert (refine_maps(net, img, cams[:0]) == 1).all()
+
+
+def test_label_affinity_features_distances():
+    lab = np.zeros((16, 24), np.uint8)
+    lab[:, 8:16] = 7
+    lab[:, 16:] = 255                      # the ignore index is a label of its own
+    lab[0, 0] = 7                          # one impure cell
+    f = label_affinity_features(lab)
+    assert f.shape == (3, 2, 3) and f.dtype == torch.float32
+    d = lambda a, b: float((f[:, a[0], a[1]] - f[:, b[0], b[1]]).abs().mean())
+    assert d((1, 0), (1, 1)) == pytest.approx(2.0) and d((1, 1), (1, 2)) == pytest.approx(2.0)
+    assert d((0, 1), (1, 1)) == 0.0        # same label, pure cells
+    assert 0 < d((0, 0), (1, 0)) < 2.0     # the impure cell: 63/64 background, 1/64 of label 7
+    assert d((0, 0), (1, 0)) == pytest.approx(2 * 3 * (1 / 64) / 3)
+    with pytest.raises(ValueError, match="values must lie"):
+        label_affinity_features(np.full((8, 8), 300, np.int64))
+    with pytest.raises(ValueError, match="must be"):
+        label_affinity_features(np.zeros((2, 8, 8), np.uint8))
+
+
+def test_walk_with_label_affinity_fills_the_object_and_stops_at_its_edge():
+    # object (class 3) in columns 0..79 of an 80 x 160 image; its seed covers columns 0..55
+    # only. At the seeds' threshold columns 56..79 are background; a walk whose affinity is the
+    # object mask averages the seed inside the object (class 0.7 > background 0.3) and never
+    # leaks across column 80, so it labels the object exactly. (The grid must be larger than
+    # the radius: official pairs start only where a full search window fits.)
+    H, W = 80, 160
+    obj = np.zeros((H, W), np.uint8)
+    obj[:, :80] = 3
+    cams = np.zeros((1, H, W), np.float32)
+    cams[0, :, :56] = 1.0
+    probs = refine_with_features(label_affinity_features(obj), cams, (H, W),
+                                 dict(radius=5, beta=8, logt=8, bg_alpha=2))
+    assert probs.shape == (2, H, W)
+    np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)
+    label = np.array([0, 3])[probs.argmax(0)]
+    assert (label[:, :56] == 3).all()      # the seed itself
+    # filled to the object's edge, not beyond; the 8 px around the edge lie between two cell
+    # centres (75.5 and 83.5), where the bilinear upsampling of the cell grid decides
+    assert (label[:, :76] == 3).all() and (label[:, 84:] == 0).all()
+    # the same walk with an uninformative affinity (one label everywhere) spreads the seed
+    # over the whole image, where the background outweighs it
+    flat = refine_with_features(label_affinity_features(np.zeros((H, W), np.uint8)), cams,
+                                (H, W), dict(radius=5, beta=8, logt=8, bg_alpha=2))
+    assert (flat.argmax(0) == 0).mean() > 0.9
 
 
 def _synthetic_dataset(root, n=4, h=48, w=64):

@@ -9,8 +9,10 @@ PSA modules (map in :mod:`pipeline.steps.refine.affinity_train`; settings in ``d
   diagonal 1, zero elsewhere; official ``resnet38_aff.Net.forward(to_dense=True)``),
   ``T = W D^-1`` (column-normalised, PSA eq. 9-10), refined maps ``vec(M) T^t`` with
   ``t = 2^logt`` (PSA eq. 11).
-* :func:`refine_maps` / :func:`refine_seeds`: per image, background ``(1 - max)^bg_alpha``,
-  8x8 average pooling, random walk, bilinear upsampling, per-pixel normalisation.
+* :func:`refine_maps` / :func:`refine_with_features` / :func:`refine_seeds`: per image,
+  background ``(1 - max)^bg_alpha``, 8x8 average pooling, random walk, bilinear upsampling,
+  per-pixel normalisation. :func:`label_affinity_features` turns a label map into features
+  (the walk's upper bound with the ground truth: ``python -m bench rw_ceiling``).
 """
 from __future__ import annotations
 
@@ -171,19 +173,9 @@ def random_walk(f: torch.Tensor, maps: torch.Tensor, radius: int = 5, beta: floa
 @torch.no_grad()
 def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
                 params: RefineSeeds | Mapping[str, Any] | None = None) -> np.ndarray:
-    """PSA refinement of one image's CAMs.
-
-    1. ``background_from_cams(cams, bg_alpha)`` at full resolution -> ``(k+1, H, W)``;
-    2. 8x8 average pooling (``ceil_mode``, partial border cells averaged over their valid
-       pixels) to the ``ceil(H/8) x ceil(W/8)`` grid of ``model(image)`` (official
-       ``infer_aff.py`` zero-pads to a multiple of 8 and divides partial cells by 64: a
-       remaining difference, ``docs/methods/psa.md``);
-    3. :func:`random_walk` with ``radius``, ``beta``, ``logt``, ``pairs``;
-    4. bilinear upsampling to ``(8h, 8w)`` (``align_corners=False``) cropped to ``(H, W)``;
-    5. per-pixel normalisation: negatives (none in exact arithmetic) clipped to 0, each pixel
-       divided by its channel sum. The input ``[(1-max)^bg_alpha; cams]`` does not sum to 1
-       per pixel and the walk only averages, so the raw result is not a distribution; the
-       official code takes the argmax, which this normalisation does not change.
+    """PSA refinement of one image's CAMs with a trained AffinityNet: the affinity features
+    ``model(image)`` (eval mode, the model's input normalisation), then
+    :func:`refine_with_features`.
 
     Args:
         model: trained :class:`pipeline.steps.refine.affinity_net.AffinityNet` (its device is used).
@@ -200,17 +192,9 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
 
     Source: PSA Sec. 3.4-3.5; official code ``infer_aff.py``.
     """
-    s = RefineSeeds.of(params)
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
-    cams = np.asarray(cams, dtype=np.float32)
-    if cams.ndim != 3:
-        raise ValueError(f"cams must have shape (k, H, W), got {cams.shape}")
-    H, W = image.shape[:2]
-    cams = resize_maps(cams, (H, W))
-    if cams.shape[0] == 0:
-        return np.ones((1, H, W), np.float32)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -218,8 +202,54 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
         f = model(to_tensor(image, *model_normalisation(model))[None].to(device))[0]
     finally:
         model.train(was_training)
+    return refine_with_features(f, cams, image.shape[:2], params)
+
+
+@torch.no_grad()
+def refine_with_features(f: torch.Tensor, cams: np.ndarray, size: tuple[int, int],
+                         params: RefineSeeds | Mapping[str, Any] | None = None) -> np.ndarray:
+    """PSA refinement of one image's CAMs given its affinity features.
+
+    1. ``background_from_cams(cams, bg_alpha)`` at full resolution -> ``(k+1, H, W)``;
+    2. 8x8 average pooling (``ceil_mode``, partial border cells averaged over their valid
+       pixels) to the ``ceil(H/8) x ceil(W/8)`` grid of ``f`` (official ``infer_aff.py``
+       zero-pads to a multiple of 8 and divides partial cells by 64: a remaining difference,
+       ``docs/methods/psa.md``);
+    3. :func:`random_walk` with ``radius``, ``beta``, ``logt``, ``pairs``;
+    4. bilinear upsampling to ``(8h, 8w)`` (``align_corners=False``) cropped to ``(H, W)``;
+    5. per-pixel normalisation: negatives (none in exact arithmetic) clipped to 0, each pixel
+       divided by its channel sum. The input ``[(1-max)^bg_alpha; cams]`` does not sum to 1
+       per pixel and the walk only averages, so the raw result is not a distribution; the
+       official code takes the argmax, which this normalisation does not change.
+
+    Args:
+        f: ``(D, h, w)`` float affinity features on the stride-8 grid of the image (an
+            AffinityNet's output, or :func:`label_affinity_features` for a diagnostic); the
+            walk runs on ``f``'s device.
+        cams: ``(k, H, W)`` float in [0, 1] (other sizes are bilinearly resized to ``size``).
+        size: ``(H, W)`` of the image.
+        params: as :func:`refine_maps`.
+
+    Returns:
+        ``(k+1, H, W)`` float32 in [0, 1], channel 0 background, each pixel sums to 1.
+
+    Raises:
+        ValueError: ``cams`` not 3-D, or ``f`` not ``(D, h, w)``.
+
+    Source: PSA Sec. 3.4-3.5; official code ``infer_aff.py``.
+    """
+    s = RefineSeeds.of(params)
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"cams must have shape (k, H, W), got {cams.shape}")
+    if f.dim() != 3:
+        raise ValueError(f"f must have shape (D, h, w), got {tuple(f.shape)}")
+    H, W = int(size[0]), int(size[1])
+    cams = resize_maps(cams, (H, W))
+    if cams.shape[0] == 0:
+        return np.ones((1, H, W), np.float32)
     h, w = f.shape[1:]
-    maps = torch.from_numpy(background_from_cams(cams, s.bg_alpha))[None].to(device)
+    maps = torch.from_numpy(background_from_cams(cams, s.bg_alpha))[None].to(f.device)
     maps = F.avg_pool2d(maps, STRIDE, STRIDE, ceil_mode=True)[0]
     if maps.shape[1:] != (h, w):  # only for exotic backbones; keep the grids aligned
         maps = F.interpolate(maps[None], size=(h, w), mode="bilinear", align_corners=False)[0]
@@ -229,6 +259,40 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
                        align_corners=False)[0, :, :H, :W].clamp_min(0)
     up = up / up.sum(dim=0, keepdim=True).clamp_min(1e-12)
     return up.cpu().numpy().astype(np.float32)
+
+
+def label_affinity_features(label: np.ndarray, num_labels: int = 256) -> torch.Tensor:
+    """Affinity features that make a label map the affinity (a diagnostic: the walk's
+    upper bound when the label is the ground truth).
+
+    One-hot of ``label`` over its distinct values (255 is a label of its own), 8x8 average
+    pooled (``ceil_mode``) to the AffinityNet grid and scaled by the number ``L`` of distinct
+    values, so two pure cells of different labels are at channel-mean distance 2
+    (``a = e^-2``, ``a^8 = e^-16``) and two cells of one label at distance 0 (``a = 1``).
+
+    Args:
+        label: ``(H, W)`` integer label map.
+        num_labels: values must lie in ``[0, num_labels)``.
+
+    Returns:
+        ``(L, ceil(H/8), ceil(W/8))`` float32 tensor.
+
+    Raises:
+        ValueError: ``label`` not 2-D or a value outside ``[0, num_labels)``.
+
+    Not in PSA: this project's diagnostic (``python -m bench rw_ceiling``).
+    """
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label must be (H, W), got {label.shape}")
+    if label.size and (label.min() < 0 or label.max() >= num_labels):
+        raise ValueError(f"label values must lie in [0, {num_labels}), got "
+                         f"{label.min()}..{label.max()}")
+    values, inv = np.unique(label, return_inverse=True)
+    onehot = np.zeros((len(values), label.size), np.float32)
+    onehot[inv.reshape(-1), np.arange(label.size)] = 1.0
+    t = torch.from_numpy(onehot.reshape(len(values), *label.shape))[None]
+    return F.avg_pool2d(t, STRIDE, STRIDE, ceil_mode=True)[0] * float(len(values))
 
 
 def refine_seeds(root: str | Path, ids: Sequence[str], seeds_path: str | Path, seed_key: str,
