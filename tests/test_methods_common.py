@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.methods.afa.losses import affinity_loss_afa, local_consistency_loss
+from pipeline.methods.afa.losses import affinity_loss_afa
 from pipeline.methods.common.cam_labels import cam_to_label, combine_high_low, refine_cams_with_bkg
 from pipeline.methods.common.par import PAR, dilated_neighbours
 from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,
@@ -239,33 +239,6 @@ def test_propagate_cams_with_bkg_softmax_over_valid():
     torch.testing.assert_close(out, exp)
 
 
-# ------------------------------------------------------------------------------ L_reg
-
-def test_local_consistency_loss_loop_reference():
-    g = torch.Generator().manual_seed(7)
-    B, K, H, W = 1, 3, 5, 6
-    img = torch.rand(B, 3, H, W, generator=g, dtype=torch.float64) * 255
-    probs = torch.rand(B, K, H, W, generator=g, dtype=torch.float64).softmax(1)
-    roi = torch.rand(B, H, W, generator=g) > 0.3
-    dil = [1, 2]
-    got = local_consistency_loss(img, probs, 15.0, 3.0, dil, roi).item()
-    tot = 0.0
-    for i, j in itertools.product(range(H), range(W)):
-        if not roi[0, i, j]:
-            continue
-        for d in dil:
-            for dy, dx in OFFS:
-                a, b = i + dy * d, j + dx * d
-                if not (0 <= a < H and 0 <= b < W):
-                    continue
-                wij = math.exp(-((dy * d) ** 2 + (dx * d) ** 2) / (2 * 9.0)
-                               - ((img[0, :, i, j] - img[0, :, a, b]) ** 2).sum().item() / (2 * 225.0))
-                tot += wij * (1 - (probs[0, :, i, j] * probs[0, :, a, b]).sum().item())
-    assert got == pytest.approx(tot / roi.sum().item(), rel=1e-10)
-    # a one-hot constant prediction has zero energy
-    const = torch.zeros(B, K, H, W, dtype=torch.float64)
-    const[:, 1] = 1
-    assert local_consistency_loss(img, const, dilations=dil).item() == 0.0
 
 
 def test_par_is_differentiable_and_list_maps_match_separate_calls():

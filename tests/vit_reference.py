@@ -27,11 +27,11 @@ def tiny_mcc() -> dict:
 
 def tiny_afa() -> dict:
     """``methods.afa.train_cls`` network settings of a tiny AFANet (fresh dict): 4 px patches,
-    width 16, 3 blocks, affinity from the last two blocks, small decoder, PAR and L_reg on
-    dilations 1, 2."""
+    width 16, 3 blocks, affinity from the last two blocks, small decoder, PAR on dilations
+    1, 2."""
     return {"backbone": tiny_vit(patch=4, dim=16, depth=3),
             "decoder_dim": 8, "aff_layers": [-2, -1],
-            "par": {"dilations": [1, 2], "num_iter": 2}, "reg_dilations": [1, 2]}
+            "par": {"dilations": [1, 2], "num_iter": 2}}
 
 
 def fd_grad_per_head(model, x: torch.Tensor, block: int, c: int, eps: float = 1e-6) -> torch.Tensor:

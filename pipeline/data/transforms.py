@@ -19,3 +19,12 @@ def to_tensor(image: np.ndarray, mean: tuple[float, ...] = IMAGENET_MEAN,
     mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (x - mean) / std
+
+
+def denormalise(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
+                std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
+    """Inverse of :func:`to_tensor` on a batch: ``(B, 3, H, W)`` normalised -> RGB in [0, 1]
+    (``x * std + mean``, clipped), same dtype and device."""
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * s + m).clamp(0, 1)

@@ -20,8 +20,8 @@ One network trained end to end on image-level labels:
   the propagated ones;
 * total (Eq. 12): ``L_cls + λ1 L_seg + λ2 L_aff + λ3 L_reg``; paper (0.1, 0.1, 0.01), default
   (0.1, 0.1, 0) because the official ``scripts/dist_train_voc.py`` comments ``reg_loss`` out
-  (``lambdas: [0.1, 0.1, 0.01]`` is the paper's reading); ``L_reg`` =
-  :func:`local_consistency_loss` (pure PyTorch).
+  (``lambdas: [0.1, 0.1, 0.01]`` is the paper's reading); ``L_reg`` = the rloss dense CRF
+  energy of the official ``get_energy_loss`` (:func:`pipeline.methods.common.energy.dense_energy_loss`).
 
 Schedule (paper Sec. 4.1): classification only for ``warmup_cls_iters`` (2,000); then
 ``L_aff``, ``L_seg`` (target: PAR-refined CAM label) and ``L_reg``; from
@@ -68,8 +68,12 @@ paper's literal reading an option; table: ``docs/methods/afa.md``.
   in ``scripts/dist_train_voc.py``, which calls it): ``(bg_loss + fg_loss) * 0.5``, the CE
   over background pixels and the CE over foreground pixels; ``ce`` = one cross-entropy over
   all labelled pixels (paper: "commonly used cross-entropy"; old default).
-* L_reg (off by default, see Eq. 12 above): bilateral Potts energy on PAR's sparse dilated neighbourhood at ``reg_scale`` (0.5)
-  of the crop (rloss uses a dense permutohedral filter; σ_rgb 15, σ_xy 100 as there).
+* L_reg (off by default, see Eq. 12 above): official ``DenseEnergyLoss(weight=1e-7,
+  sigma_rgb=15, sigma_xy=100, scale_factor=0.5)`` on the softmax of the upsampled
+  segmentation logits, gated by the segmentation label (``reg_weight``, ``reg_sigma_rgb``,
+  ``reg_sigma_xy``, ``reg_scale``); the exact Gaussian sum instead of rloss's permutohedral
+  lattice (:mod:`pipeline.methods.common.energy`). No crop-box ROI (the dataset does not
+  return the box).
 * Seeds: ``cams`` (Eq. 2, normalised by the export: ``norm: minmax``) and ``cams_aff``:
   Eq. 7 applied to each scale's min-max normalised CAM with that scale's ``σ(Â)`` (no
   background channel), stored for inspection.
@@ -86,25 +90,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.transforms import denormalise
+from pipeline.models.backbones import model_normalisation
 from pipeline.methods.base import Method, multilabel_loss
 from pipeline.methods.common.cam_labels import combine_high_low, refine_cams_with_bkg
+from pipeline.methods.common.energy import dense_energy_loss
 from pipeline.methods.common.par import PAR, maps_to_par_label, par_input
 from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,
                                     propagate_cams_with_bkg, radius_mask)
-from pipeline.methods.afa.losses import AFF_LOSS_FORMS, affinity_loss_afa, local_consistency_loss, seg_loss
+from pipeline.methods.afa.losses import AFF_LOSS_FORMS, affinity_loss_afa, seg_loss
 from pipeline.methods.afa.model import AFANet, minmax, scale_affinity, train_time_cams
 
 PROP_AFFINITY = ("largest_scale", "train_forward")
 #: default ``prop_eps``: official ``propagte_aff_cam_with_bkg`` adds 1e-1 to the sums (Eq. 6: 0)
 PROP_EPS = 0.1
-
-
-def denormalise(x: torch.Tensor) -> torch.Tensor:
-    """ImageNet-normalised ``(B, 3, H, W)`` -> RGB in [0, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
 
 
 class AFA(Method):
@@ -159,7 +158,7 @@ class AFA(Method):
             scales = p.get("cam_scales", [1.0, 0.5, 1.5])
             cams = train_time_cams(model, x, scales,
                                    bool(p.get("cam_flip", True))) * y[:, :, None, None]
-            img = denormalise(x)
+            img = denormalise(x, *model_normalisation(model))
             par = self._par(p, x.device)
             kern = par.kernel(par_input(img, down))          # Eq. 9 once per image
             refined = refine_cams_with_bkg(par, img, cams, y, bh, bl, down, kernel=kern)
@@ -222,14 +221,13 @@ class AFA(Method):
         seg = F.interpolate(out["seg"], size=label.shape[-2:], mode="bilinear", align_corners=False)
         l_seg = seg_loss(seg, label, p.get("seg_loss", "balanced"))
         lam1, lam2, lam3 = (float(v) for v in p.get("lambdas", [0.1, 0.1, 0.0]))
-        if lam3 > 0:
-            rs = float(p.get("reg_scale", 0.5))
-            size = (max(1, int(x.shape[-2] * rs)), max(1, int(x.shape[-1] * rs)))
-            img = F.interpolate(denormalise(x) * 255, size=size, mode="bilinear", align_corners=False)
-            prob = F.interpolate(seg, size=size, mode="bilinear", align_corners=False).softmax(1)
-            l_reg = local_consistency_loss(img, prob, float(p.get("reg_sigma_rgb", 15.0)),
-                                           float(p.get("reg_sigma_xy", 100.0)) * rs,
-                                           p.get("reg_dilations", [1, 2, 4, 8, 12, 24]))
+        if lam3 > 0:   # official get_energy_loss(img, segs, refined label, img_box, rloss layer)
+            l_reg = dense_energy_loss(denormalise(x, *model_normalisation(model)) * 255,
+                                      seg.softmax(1), label,
+                                      weight=float(p.get("reg_weight", 1e-7)),
+                                      sigma_rgb=float(p.get("reg_sigma_rgb", 15.0)),
+                                      sigma_xy=float(p.get("reg_sigma_xy", 100.0)),
+                                      scale_factor=float(p.get("reg_scale", 0.5)))
         else:
             l_reg = seg.sum() * 0
         loss = l_cls + lam1 * l_seg + lam2 * l_aff + lam3 * l_reg

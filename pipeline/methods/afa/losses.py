@@ -1,17 +1,13 @@
 """AFA losses (Ru et al., CVPR 2022; package docstring of :mod:`pipeline.methods.afa`):
-the affinity loss L_aff (Eq. 5; official ``get_aff_loss`` form and the paper's), the
-local-consistency L_reg (Eq. 12, a pure-PyTorch stand-in for rloss's dense CRF energy) and the
+the affinity loss L_aff (Eq. 5; official ``get_aff_loss`` form and the paper's) and the
 segmentation loss (the official code's balanced form, default, or the paper's cross-entropy).
+L_reg (Eq. 12) is the dense CRF energy shared with MCC, :mod:`pipeline.methods.common.energy`.
 """
 from __future__ import annotations
-
-import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from pipeline.methods.common.par import NEIGHBOURS_8
 
 AFF_LOSS_FORMS = ("code", "paper")
 
@@ -49,49 +45,6 @@ def affinity_loss_afa(aff_logits: torch.Tensor, aff_label: torch.Tensor,
     if form == "code":
         return 0.5 * lp / (pos.sum() + 1) + 0.5 * ln / (neg.sum() + 1)
     return lp / pos.sum().clamp_min(1) + ln / neg.sum().clamp_min(1)
-
-
-def local_consistency_loss(img: torch.Tensor, probs: torch.Tensor, sigma_rgb: float = 15.0,
-                           sigma_xy: float = 100.0, dilations: Sequence[int] = (1, 2, 4, 8, 12, 24),
-                           roi: torch.Tensor | None = None) -> torch.Tensor:
-    """Local consistency of segmentation predictions, a pure-PyTorch stand-in for the dense
-    CRF energy (Tang et al. ECCV 2018, "rloss") that AFA's L_reg uses (Eq. 12, refs [41, 53,
-    54, 57]) through a compiled bilateral filter.
-
-    Relaxed Potts energy on a sparse neighbourhood (the 8-neighbours of PAR's dilations):
-    ``L = 1/P Σ_i Σ_{j ∈ N(i)} W_ij (1 - s_i · s_j)`` with the bilateral Gaussian
-    ``W_ij = exp(-|p_i - p_j|² / 2σ_xy² - |I_i - I_j|² / 2σ_rgb²)``, over the pixels ``i`` in
-    ``roi`` (P = their count); pairs leaving the image are dropped. Its gradient equals the
-    dense energy's ``-s^T W s`` restricted to these pairs (up to the constant ``Σ W``).
-
-    Args:
-        img: ``(B, 3, H, W)`` float image in 0..255 (σ_rgb in those units).
-        probs: ``(B, K, H, W)`` softmax probabilities (gradients flow into them).
-        sigma_rgb, sigma_xy: rloss defaults 15 and 100 (pixels of ``img``).
-        roi: optional ``(B, H, W)`` bool/float mask of pixels that count.
-    Returns:
-        scalar >= 0.
-    """
-    B, K, H, W = probs.shape
-    total = probs.new_zeros(())
-    valid_i = probs.new_ones(B, H, W) if roi is None else roi.to(probs.dtype)
-    for d in dilations:
-        d = int(d)
-        for dy, dx in NEIGHBOURS_8:
-            oy, ox = dy * d, dx * d
-            # slices of i and j = i + (oy, ox), both inside the image
-            yi = slice(max(0, -oy), H - max(0, oy))
-            xi = slice(max(0, -ox), W - max(0, ox))
-            yj = slice(max(0, oy), H - max(0, -oy))
-            xj = slice(max(0, ox), W - max(0, -ox))
-            if yi.start >= yi.stop or xi.start >= xi.stop:
-                continue
-            w_xy = math.exp(-(oy * oy + ox * ox) / (2 * sigma_xy ** 2))
-            dc = ((img[:, :, yi, xi] - img[:, :, yj, xj]) ** 2).sum(1)
-            wij = w_xy * torch.exp(-dc / (2 * sigma_rgb ** 2))
-            agree = (probs[:, :, yi, xi] * probs[:, :, yj, xj]).sum(1)
-            total = total + (wij * (1 - agree) * valid_i[:, yi, xi]).sum()
-    return total / valid_i.sum().clamp_min(1)
 
 
 def seg_loss(logits: torch.Tensor, label: torch.Tensor, mode: str = "balanced",

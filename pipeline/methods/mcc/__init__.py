@@ -21,7 +21,8 @@ One network, ToCo-style (Ru et al., CVPR 2023), trained end to end on image-leve
   aux-CAM level (Eq. 9: 0 / 1 / 2) of its remaining tokens exceeds μ (Eq. 8); InfoNCE
   (Eq. 10, τ) between the projected global class token (EMA projector, momentum m) and
   the projected positive / negative local class tokens.
-* total (Eq. 7): ``L_cls + L_cls^aux + w_seg L_seg + λ_a L_aff + λ_m L_mcc``.
+* total (Eq. 7): ``L_cls + L_cls^aux + w_seg L_seg + λ_a L_aff + λ_m L_mcc`` (+ ``w_reg L_reg``,
+  official code, below).
 
 Choices where the paper is silent, or where paper and official code differ (all exposed
 under ``methods.mcc.train_cls`` in params.yaml). Policy (project issue 14): the official
@@ -63,8 +64,14 @@ code's behaviour is the default, the paper's literal reading an option; table:
   (``0.5 (1 - Σ+|cos|/(N+ + 1)) + 0.5 Σ-|cos|/(N- + 1)``); not reproduced (see
   ``docs/methods/mcc.md``).
 * w_seg = 0.1 and the segmentation loss starts at ``seg_start_iter`` (official code:
-  iteration 2,000); Eq. 7 prints the segmentation loss unweighted. No L_reg (Eq. 7 has none;
-  the official code adds a compiled dense-CRF energy loss with weight 0.05).
+  iteration 2,000); Eq. 7 prints the segmentation loss unweighted.
+* L_reg (official code; Eq. 7 has none): ``w_reg`` 0.05 times rloss's dense CRF energy
+  (``DenseEnergyLoss(weight=1e-7, sigma_rgb=15, sigma_xy=100, scale_factor=0.5)`` on the
+  softmax of the upsampled segmentation logits, gated by the PAR-refined label; official
+  ``scripts/dist_train_voc_seg_neg.py``, ``model/losses.py: get_energy_loss``), from
+  ``seg_start_iter`` like L_seg; :func:`pipeline.methods.common.energy.dense_energy_loss`
+  (exact Gaussian sum instead of the permutohedral lattice; no crop-box ROI).
+  ``w_reg: 0`` = Eq. 7.
 * Training-time CAMs (for the masks' positives and the segmentation labels) are computed
   without gradients over ``cam_scales`` + flip, ReLU, summed, min-max normalised per class
   (official ``multi_scale_cam``); ``mask_cam_switch_iter`` (official: 12,000; paper:
@@ -84,10 +91,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.data.transforms import denormalise
+from pipeline.models.backbones import model_normalisation
 from pipeline.models.vit import num_prefix_tokens, patch_grid
 from pipeline.methods.base import Method, multilabel_loss
 from pipeline.methods.common.cam_labels import cam_to_label, refine_cams_with_bkg
+from pipeline.methods.common.energy import dense_energy_loss
 from pipeline.methods.common.par import PAR
 from pipeline.methods.common.token_affinity import affinity_label_from_seg
 from pipeline.methods.mcc.losses import (INFO_NCE_FORMS, affinity_loss, discretise_levels, draw_key_masks, info_nce,
@@ -198,28 +207,33 @@ class MCC(Method):
         else:
             raise ValueError(f"methods.mcc info_nce must be one of {INFO_NCE_FORMS}, got {form!r}")
 
-        # L_seg: decoder vs PAR-refined pseudo labels of the final CAM
-        w_seg = float(p.get("w_seg", 0.1))
-        if w_seg > 0 and it >= int(p.get("seg_start_iter", 2000)):
-            label = self._seg_label(x, cam * yy, y, p)
+        # L_seg: decoder vs PAR-refined pseudo labels of the final CAM; L_reg: official
+        # get_energy_loss on the same upsampled logits and label (both from seg_start_iter)
+        w_seg, w_reg = float(p.get("w_seg", 0.1)), float(p.get("w_reg", 0.05))
+        l_seg = l_reg = out["seg"].sum() * 0
+        if (w_seg > 0 or w_reg > 0) and it >= int(p.get("seg_start_iter", 2000)):
+            img = denormalise(x, *model_normalisation(model))   # RGB in [0, 1]
+            label = self._seg_label(img, cam * yy, y, p)
             seg = F.interpolate(out["seg"], size=label.shape[-2:], mode="bilinear", align_corners=False)
             l_seg = seg_loss_balanced(seg, label)
-        else:
-            l_seg = out["seg"].sum() * 0
+            if w_reg > 0:
+                l_reg = dense_energy_loss(img * 255, seg.softmax(1), label,
+                                          weight=float(p.get("reg_weight", 1e-7)),
+                                          sigma_rgb=float(p.get("reg_sigma_rgb", 15.0)),
+                                          sigma_xy=float(p.get("reg_sigma_xy", 100.0)),
+                                          scale_factor=float(p.get("reg_scale", 0.5)))
 
         loss = (l_cls + l_cls_aux + float(p.get("lambda_aff", 0.2)) * l_aff
-                + float(p.get("lambda_mcc", 0.5)) * l_mcc + w_seg * l_seg)
+                + float(p.get("lambda_mcc", 0.5)) * l_mcc + w_seg * l_seg + w_reg * l_reg)
         return loss, {"cls": l_cls.item(), "cls_aux": l_cls_aux.item(), "aff": l_aff.item(),
-                      "mcc": l_mcc.item(), "seg": l_seg.item(),
+                      "mcc": l_mcc.item(), "seg": l_seg.item(), "reg": l_reg.item(),
                       "pos_frac": flags.float().mean().item()}
 
-    def _seg_label(self, x, cam, y, p):
-        """PAR-refined pseudo label ``(B, H, W)`` int64 of the label-masked final CAM."""
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        img = (x * std + mean).clamp(0, 1)
+    def _seg_label(self, img, cam, y, p):
+        """PAR-refined pseudo label ``(B, H, W)`` int64 of the label-masked final CAM (``img``:
+        the batch as RGB in [0, 1])."""
         with torch.no_grad():
-            return refine_cams_with_bkg(self._par(p, x.device), img, cam, y,
+            return refine_cams_with_bkg(self._par(p, img.device), img, cam, y,
                                         float(p.get("bg_high", 0.7)), float(p.get("bg_low", 0.25)),
                                         **p.get("par_call", {})).long()
 
