@@ -172,24 +172,33 @@ def test_affinity_loss_matches_brute_force():
         if i != j and lab[b, i] != 255 and lab[b, j] != 255:
             aff[b, i, j] = int(lab[b, i] == lab[b, j])
 
-    def brute(absolute):
-        pos, neg, npos, nneg = 0.0, 0.0, 0, 0
+    def brute(absolute, form):
+        pos, neg, npos, nneg, spos = 0.0, 0.0, 0, 0, 0.0
         for b, i, j in itertools.product(range(B), range(n), range(n)):
             c = np.dot(tok[b, i], tok[b, j]) / np.linalg.norm(tok[b, i]) / np.linalg.norm(tok[b, j])
             c = abs(c) if absolute else c
             if aff[b, i, j] == 1:
                 pos += 1 - c
+                spos += c
                 npos += 1
             elif aff[b, i, j] == 0:
                 neg += c
                 nneg += 1
+        if form == "code":   # official get_masked_aff_loss
+            return 0.5 * (1 - spos / (npos + 1)) + 0.5 * neg / (nneg + 1)
         return pos / npos + neg / nneg
-    paper, official = brute(False), brute(True)
-    assert paper != pytest.approx(official)           # some pair has cos < 0
-    got = affinity_loss(torch.tensor(tok), torch.tensor(aff), abs_cos=False).item()
+    t, a = torch.tensor(tok), torch.tensor(aff)
+    paper = brute(False, "paper")
+    assert paper != pytest.approx(brute(True, "paper"))          # some pair has cos < 0
+    got = affinity_loss(t, a, abs_cos=False, form="paper").item()
     assert got == pytest.approx(paper, rel=1e-10)      # Eq. 12 as printed
-    # default: |cos| of the official model/losses.py get_masked_aff_loss
-    assert affinity_loss(torch.tensor(tok), torch.tensor(aff)).item() == pytest.approx(official, rel=1e-10)
+    assert affinity_loss(t, a, True, "paper").item() == pytest.approx(brute(True, "paper"), rel=1e-10)
+    # default: |cos| and the weighting of the official model/losses.py get_masked_aff_loss
+    official = brute(True, "code")
+    assert official != pytest.approx(brute(True, "paper"))
+    assert affinity_loss(t, a).item() == pytest.approx(official, rel=1e-10)
+    with pytest.raises(ValueError, match="aff_loss"):
+        affinity_loss(t, a, form="x")
 
 
 # ------------------------------------------------------------------- plug-in smoke test
@@ -286,9 +295,9 @@ def test_mcc_loss_defaults_are_official(monkeypatch):
         seen["mask_ratio"] = ratio
         return real_masks(n, h, w, ratio, scale, g)
 
-    def aff_spy(tok, aff, abs_cos):
-        seen["abs_cos"] = abs_cos
-        return real_aff(tok, aff, abs_cos)
+    def aff_spy(tok, aff, abs_cos, form):
+        seen["abs_cos"], seen["aff_loss"] = abs_cos, form
+        return real_aff(tok, aff, abs_cos, form)
     monkeypatch.setattr(mcc_mod, "draw_key_masks", masks_spy)
     monkeypatch.setattr(mcc_mod, "affinity_loss", aff_spy)
     torch.manual_seed(0)
@@ -303,7 +312,7 @@ def test_mcc_loss_defaults_are_official(monkeypatch):
     assert "info_nce" not in seen
     # official --mask_rate 0.95 and get_masked_aff_loss's |cos| without the keys
     assert "mask_ratio" not in p and "abs_cos" not in p
-    assert (seen.pop("mask_ratio"), seen.pop("abs_cos")) == (0.95, True)
+    assert (seen.pop("mask_ratio"), seen.pop("abs_cos"), seen.pop("aff_loss")) == (0.95, True, "code")
     assert k.shape[:2] == (2, 4) and pos[:, 0].all()                  # global view + 3 locals
     with torch.no_grad():
         cls, _, _ = model.tokens(x)
@@ -376,3 +385,37 @@ def test_mcc_lreg_official_energy_on_the_seg_logits(monkeypatch):
     m.loss(model, x, y, p, torch.Generator().manual_seed(0), it=5)
     image = seen.pop()[0]
     torch.testing.assert_close(image / 255, (x * 0.5 + 0.5).clamp(0, 1))
+
+
+def test_mcc_seg_labels_switch_from_the_aux_cam(monkeypatch):
+    """Official COCO script: PAR seg labels from the aux CAM while n_iter <= 12000, then from
+    the final CAM; default (null): the final CAM throughout (VOC script)."""
+    import pipeline.methods.mcc as mcc_mod
+    from pipeline.methods import get_method
+    seen = []
+    real = mcc_mod.refine_cams_with_bkg
+
+    def spy(par, img, cams, y, *a, **kw):
+        seen.append(cams)
+        return real(par, img, cams, y, *a, **kw)
+    monkeypatch.setattr(mcc_mod, "refine_cams_with_bkg", spy)
+    cams_seen = {}
+    real_cams = mcc_mod.train_time_cams
+
+    def cams_spy(model, x, scales, flip):
+        cams_seen["cam"], cams_seen["aux"] = out = real_cams(model, x, scales, flip)
+        return out
+    monkeypatch.setattr(mcc_mod, "train_time_cams", cams_spy)
+    torch.manual_seed(0)
+    m = get_method("mcc")
+    p = {**TINY, "n_local": 2, "mask_scale": 2, "cam_scales": [1.0], "seg_start_iter": 0,
+         "par": {"dilations": [1, 2], "num_iter": 2}, "w_reg": 0}
+    model = m.build_model(p, 20)
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, 20)
+    y[0, 3] = y[1, 7] = 1
+    yy = y[:, :, None, None]
+    for it, switch, want in ((7, None, "cam"), (7, 7, "aux"), (8, 7, "cam")):
+        m.loss(model, x, y, {**p, "seg_cam_switch_iter": switch}, torch.Generator(), it=it)
+        torch.testing.assert_close(seen.pop(), cams_seen[want] * yy)
+    assert not torch.allclose(cams_seen["cam"], cams_seen["aux"])

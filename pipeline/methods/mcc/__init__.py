@@ -59,10 +59,9 @@ code's behaviour is the default, the paper's literal reading an option; table:
   positive; an image without positives contributes nothing (a sum over an empty set).
 * L_aff: ``abs_cos: true`` (default) — official ``model/losses.py: get_masked_aff_loss``
   takes ``torch.abs`` of the cosine similarity (its ``cos_sim``); ``false`` = Eq. 12's
-  ``cos`` (old default). Both: terms weighted 1, diagonal pairs ignored, all pairs of the
-  image. The official loss also halves both terms and counts ``N + 1``
-  (``0.5 (1 - Σ+|cos|/(N+ + 1)) + 0.5 Σ-|cos|/(N- + 1)``); not reproduced (see
-  ``docs/methods/mcc.md``).
+  ``cos``. ``aff_loss: code`` (default) — the official weighting
+  ``0.5 (1 - Σ+|cos|/(N+ + 1)) + 0.5 Σ-|cos|/(N- + 1)``; ``paper`` = Eq. 12's
+  ``Σ+(1 - |cos|)/N+ + Σ-|cos|/N-``. Diagonal pairs ignored, all pairs of the batch.
 * w_seg = 0.1 and the segmentation loss starts at ``seg_start_iter`` (official code:
   iteration 2,000); Eq. 7 prints the segmentation loss unweighted.
 * L_reg (official code; Eq. 7 has none): ``w_reg`` 0.05 times rloss's dense CRF energy
@@ -72,6 +71,9 @@ code's behaviour is the default, the paper's literal reading an option; table:
   ``seg_start_iter`` like L_seg; :func:`pipeline.methods.common.energy.dense_energy_loss`
   (exact Gaussian sum instead of the permutohedral lattice; no crop-box ROI).
   ``w_reg: 0`` = Eq. 7.
+* ``seg_cam_switch_iter`` (default null: the final CAM throughout, official VOC script and
+  paper): the PAR-refined segmentation labels come from the aux CAM while ``it <=`` it (the
+  official COCO script: ``n_iter <= 12000``), then from the final CAM.
 * Training-time CAMs (for the masks' positives and the segmentation labels) are computed
   without gradients over ``cam_scales`` + flip, ReLU, summed, min-max normalised per class
   (official ``multi_scale_cam``); ``mask_cam_switch_iter`` (official: 12,000; paper:
@@ -177,7 +179,7 @@ class MCC(Method):
         aux_tok = F.interpolate(cam_aux, size=(h, w), mode="bilinear", align_corners=False) * yy
         lab_aux = cam_to_label(aux_tok, y, b_fg, b_bg)
         aff = affinity_label_from_seg(lab_aux, None)
-        l_aff = affinity_loss(out["feat"], aff, bool(p.get("abs_cos", True)))
+        l_aff = affinity_loss(out["feat"], aff, bool(p.get("abs_cos", True)), p.get("aff_loss", "code"))
 
         # MCC (Eq. 1-3, 8-10)
         n_local = int(p.get("n_local", 8))
@@ -213,7 +215,9 @@ class MCC(Method):
         l_seg = l_reg = out["seg"].sum() * 0
         if (w_seg > 0 or w_reg > 0) and it >= int(p.get("seg_start_iter", 2000)):
             img = denormalise(x, *model_normalisation(model))   # RGB in [0, 1]
-            label = self._seg_label(img, cam * yy, y, p)
+            seg_switch = p.get("seg_cam_switch_iter")            # official COCO: aux CAM while n_iter <= 12000
+            seg_cam = cam_aux if (seg_switch is not None and it <= int(seg_switch)) else cam
+            label = self._seg_label(img, seg_cam * yy, y, p)
             seg = F.interpolate(out["seg"], size=label.shape[-2:], mode="bilinear", align_corners=False)
             l_seg = seg_loss_balanced(seg, label)
             if w_reg > 0:

@@ -179,8 +179,12 @@ def info_nce_code(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, tau: floa
 # ------------------------------------------------------------------------ L_aff (Eq. 12)
 
 
-def affinity_loss(tokens: torch.Tensor, aff: torch.Tensor, abs_cos: bool = True) -> torch.Tensor:
-    """Eq. 12 over final patch tokens, with the official ``|cos|`` by default.
+AFF_LOSS_FORMS = ("code", "paper")
+
+
+def affinity_loss(tokens: torch.Tensor, aff: torch.Tensor, abs_cos: bool = True,
+                  form: str = "code") -> torch.Tensor:
+    """L_aff over final patch tokens (Eq. 12), with the official ``|cos|`` by default.
 
     Args:
         tokens: ``(B, n, D)`` final patch tokens ``T^(L)``.
@@ -188,16 +192,25 @@ def affinity_loss(tokens: torch.Tensor, aff: torch.Tensor, abs_cos: bool = True)
             any other value (255) = ignored.
         abs_cos: use ``|cos|`` (default; official ``model/losses.py: get_masked_aff_loss``,
             ``torch.abs(cos_sim)``) instead of ``cos`` (paper Eq. 12).
+        form: ``code`` (default; official ``get_masked_aff_loss``):
+            ``0.5 (1 - Σ_pos c / (N+ + 1)) + 0.5 Σ_neg c / (N- + 1)``; ``paper`` (Eq. 12):
+            ``Σ_pos (1 - c) / N+ + Σ_neg c / N-`` (a term is 0 when it has no pairs). Sums
+            and counts run over the whole batch in both.
     Returns:
-        scalar ``Σ_pos (1 - c)/N+ + Σ_neg c/N-`` with ``c = |cos|`` (or ``cos``); a term is 0
-        when it has no pairs. (The official loss additionally halves both terms and divides
-        by ``N + 1``: not reproduced.)
+        scalar, ``c = |cos|`` (or ``cos``).
+    Raises:
+        ValueError: unknown ``form``.
     """
+    if form not in AFF_LOSS_FORMS:
+        raise ValueError(f"methods.mcc aff_loss must be one of {AFF_LOSS_FORMS}, got {form!r}")
     t = F.normalize(tokens, dim=-1, eps=1e-8)
     cos = t @ t.transpose(1, 2)
     if abs_cos:
         cos = cos.abs()
     posm, negm = (aff == 1).float(), (aff == 0).float()
+    if form == "code":
+        return (0.5 * (1 - (cos * posm).sum() / (posm.sum() + 1))
+                + 0.5 * (cos * negm).sum() / (negm.sum() + 1))
     lp = ((1 - cos) * posm).sum() / posm.sum().clamp_min(1)
     ln = (cos * negm).sum() / negm.sum().clamp_min(1)
     return lp + ln
