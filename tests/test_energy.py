@@ -111,3 +111,17 @@ def test_energy_errors():
                           scale_factor=0)
     with pytest.raises(ValueError, match="sigma"):
         bilateral_filter_dense(torch.tensor(img), torch.tensor(probs), 0.0, 1.0)
+
+
+def test_energy_runs_in_float32_for_half_inputs():
+    # bf16 probabilities (AMP) are summed over n^2 weights in float32, gradients flow back
+    img, probs, label, roi = _case(3)
+    p32 = torch.tensor(probs, dtype=torch.float32)
+    p16 = p32.to(torch.bfloat16).requires_grad_()
+    kw = dict(weight=1.0, sigma_rgb=40.0, sigma_xy=2.0, scale_factor=1.0)
+    got = dense_energy_loss(torch.tensor(img), p16, torch.tensor(label), **kw)
+    assert got.dtype == torch.float32
+    want = dense_energy_loss(torch.tensor(img), p16.detach().float(), torch.tensor(label), **kw)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    got.backward()
+    assert p16.grad is not None and p16.grad.dtype == torch.bfloat16

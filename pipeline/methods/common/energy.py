@@ -136,10 +136,14 @@ def dense_energy_loss(image: torch.Tensor, probs: torch.Tensor, label: torch.Ten
     if roi is None:
         roi = torch.ones_like(probs[:, 0])
     kw = dict(scale_factor=scale_factor, recompute_scale_factor=True)
-    img = F.interpolate(image.to(probs.dtype), **kw)
-    p = F.interpolate(probs, mode="bilinear", align_corners=False, **kw)
-    r = F.interpolate(roi[:, None].to(p.dtype), **kw)[:, 0]
-    lab = F.interpolate(label[:, None].float(), mode="nearest", **kw)[:, 0]
-    unlabelled = lab.long() == ignore_index
-    return weight * _DenseEnergy.apply(p, img, r, unlabelled, float(sigma_rgb),
-                                       float(sigma_xy) * scale_factor)
+    # the sums run over up to n^2 weights: at least float32, never under autocast (the
+    # official filter runs in float32 on the CPU)
+    dt = torch.promote_types(probs.dtype, torch.float32)
+    with torch.autocast(probs.device.type, enabled=False):
+        img = F.interpolate(image.to(dt), **kw)
+        p = F.interpolate(probs.to(dt), mode="bilinear", align_corners=False, **kw)
+        r = F.interpolate(roi[:, None].to(dt), **kw)[:, 0]
+        lab = F.interpolate(label[:, None].float(), mode="nearest", **kw)[:, 0]
+        unlabelled = lab.long() == ignore_index
+        return weight * _DenseEnergy.apply(p, img, r, unlabelled, float(sigma_rgb),
+                                           float(sigma_xy) * scale_factor)
