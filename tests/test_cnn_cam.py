@@ -105,6 +105,12 @@ def test_backbone_normalisation_follows_the_weights():
     # a hybrid ViT: its pixels enter through the stem, whose weights decide
     assert backbone_normalisation({"pretrained": None, "stem": {"pretrained": LITE0}}) == HALF
     assert tuple(map(tuple, model_normalisation(torch.nn.Linear(1, 1)))) == imagenet
+    # a named choice wins over the weights' rule (ViT-PCM's vit-keras inputs in [-1, 1])
+    assert backbone_normalisation({"pretrained": "hub", "input_norm": "inception"}) == HALF
+    got = backbone_normalisation({"pretrained": LITE0, "input_norm": "imagenet"})
+    assert tuple(map(tuple, got)) == imagenet
+    with pytest.raises(ValueError, match="input_norm must be one of"):
+        backbone_normalisation({"input_norm": "keras"})
 
 
 def test_dataset_normalises_and_pads_with_the_given_statistics(vocsample_root):

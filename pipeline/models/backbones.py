@@ -181,13 +181,30 @@ def input_normalisation(pretrained: Any) -> tuple[tuple[float, ...], tuple[float
     return IMAGENET_MEAN, IMAGENET_STD
 
 
+#: named input statistics for ``backbone.input_norm``: ``imagenet`` (what the official
+#: PyTorch WSSS codes use for every backbone, e.g. ACR ``tool/imutils.py: Normalize``) and
+#: ``inception`` (mean = std = 0.5, i.e. pixels in [-1, 1]: vit-keras ``pil2vit``, ViT-PCM)
+INPUT_NORMS = {"imagenet": (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)),
+               "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
+
 def backbone_normalisation(backbone: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` of a ``backbone:`` params section: :func:`input_normalisation` of
-    its ``pretrained``, or of ``stem.pretrained`` for a hybrid ViT whose pixels enter through
-    a pretrained CNN stem (:func:`pipeline.models.vit.create_vit`). The one rule the trainer
+    """``(mean, std)`` of a ``backbone:`` params section: the named statistics of its
+    ``input_norm`` (:data:`INPUT_NORMS`) if set, else :func:`input_normalisation` of its
+    ``pretrained``, or of ``stem.pretrained`` for a hybrid ViT whose pixels enter through a
+    pretrained CNN stem (:func:`pipeline.models.vit.create_vit`). The one rule the trainer
     (:func:`pipeline.steps.cls.train_classifier`) and the classifier loader use; they record the
     result on the model as ``model.input_norm`` (see :func:`model_normalisation`).
+
+    Raises:
+        ValueError: ``input_norm`` not a key of :data:`INPUT_NORMS`.
     """
+    name = backbone.get("input_norm")
+    if name is not None:
+        if name not in INPUT_NORMS:
+            raise ValueError(f"params.yaml: train_cls.backbone.input_norm must be one of "
+                             f"{sorted(INPUT_NORMS)} or null, got {name!r}")
+        return INPUT_NORMS[name]
     stem = backbone.get("stem")
     return input_normalisation((stem or backbone).get("pretrained"))
 
