@@ -177,3 +177,16 @@ def test_loss_trains_both_terms():
     assert model.vit.blocks[0].attn.inner.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="eq_transforms"):
         m.loss(model, x, y, {**TINY, "eq_transforms": ["rescale"]}, torch.Generator())
+
+
+def test_classifier_init_std_draws_w_from_the_normal():
+    # official model.py: RandomNormal(0, 0.05); null keeps PyTorch's uniform Kaiming init
+    torch.manual_seed(0)
+    w = ViTPCM().build_model({**TINY, "hv_bilstm": False, "classifier_init_std": 0.05},
+                             20).classifier.weight.detach()
+    assert abs(w.mean().item()) < 0.01 and w.std().item() == pytest.approx(0.05, rel=0.1)
+    assert w.abs().max().item() > 0.1                     # a normal tail, not the uniform bound
+    d = w.shape[1]
+    torch.manual_seed(0)
+    u = ViTPCM().build_model({**TINY, "hv_bilstm": False}, 20).classifier.weight.detach()
+    assert u.abs().max().item() <= 1 / d ** 0.5 + 1e-7     # nn.Linear: U(-1/sqrt(d), 1/sqrt(d))

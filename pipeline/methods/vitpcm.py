@@ -75,7 +75,9 @@ class HVBiLSTM(nn.Module):
 
 
 class PCMClassifier(nn.Module):
-    """timm ViT + (optional HV-BiLSTM) + bias-free patch classifier over K+1 classes.
+    """timm ViT + (optional HV-BiLSTM) + bias-free patch classifier over K+1 classes
+    (``classifier_init_std``: ``W ~ N(0, std)`` as the official Keras ``RandomNormal(0, 0.05)``;
+    None: PyTorch's ``nn.Linear`` initialisation).
 
     ``forward(x)``: ``(B, 3, H, W)`` -> patch logits ``A`` of shape ``(B, h, w, K+1)``
     (channel 0 = background), ``h, w`` = token grid.
@@ -95,6 +97,9 @@ class PCMClassifier(nn.Module):
             self.lstm = None
         self.drop = nn.Dropout(drop)
         self.classifier = nn.Linear(dim, num_classes + 1, bias=False)
+        std = p.get("classifier_init_std")
+        if std is not None:   # official model.py: kernel_initializer=RandomNormal(0.0, 0.05)
+            nn.init.normal_(self.classifier.weight, 0.0, float(std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, f = patch_tokens(self.vit, x)                      # (B, n, D)
