@@ -10,7 +10,7 @@ import torch
 
 from pipeline.engine.accel import Accel
 from pipeline.engine.distributed import Dist
-from pipeline.engine.trainer import LossList, PolySchedule, RunningSums, Trainer, poly_lr
+from pipeline.engine.trainer import LossList, PolySchedule, RunningSums, Trainer, mult_at, poly_lr
 
 
 class Killed(Exception):
@@ -82,6 +82,30 @@ def test_every_group_gets_its_lr_before_each_step(tmp_path):
     for it, lrs in seen:
         assert lrs == [sched.lr(it), sched.lr(it) * 10.0]
     assert seen[1][1][0] == pytest.approx(0.02 + 0.18 / 2, rel=1e-15)
+
+
+def test_piecewise_multiplier_switches_at_its_iterations(tmp_path):
+    # a staged warm-up: group 0 at 10x for iterations 0..2, then 1x; group 1 off until 3
+    assert [mult_at([[0, 10], [3, 1]], it) for it in range(5)] == [10, 10, 10, 1, 1]
+    assert mult_at(2.5, 7) == 2.5 and mult_at([[0, 4.0]], 99) == 4.0
+    for bad in ([], [[1, 2.0]], [[0, 1.0], [3, 2.0], [3, 1.0]]):
+        with pytest.raises(ValueError, match="piecewise"):
+            mult_at(bad, 0)
+    model, opt = _toy()
+    sched = PolySchedule(0.2, 6)
+    seen = []
+
+    def step(batch, it):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return _mse_step(model)(batch, it)
+    bias0 = model.bias.detach().clone()
+    Trainer("toy", model, opt, sched, [[[0, 10], [3, 1]], [[0, 0], [3, 1]]], tmp_path / "m.pt",
+            {}, log=lambda s: None).run(_batches(3), step)
+    assert seen == [[sched.lr(it) * 10, 0.0] for it in range(3)]
+    assert torch.equal(model.bias, bias0)                   # lr 0: no step for group 1
+    with pytest.raises(ValueError, match="piecewise"):     # refused when the trainer is built
+        Trainer("toy", model, opt, sched, [[[2, 1]], 1.0], tmp_path / "n.pt", {},
+                log=lambda s: None)
 
 
 # ----------------------------------------------------------------------------- guard

@@ -190,3 +190,36 @@ def test_classifier_init_std_draws_w_from_the_normal():
     torch.manual_seed(0)
     u = ViTPCM().build_model({**TINY, "hv_bilstm": False}, 20).classifier.weight.detach()
     assert u.abs().max().item() <= 1 / d ** 0.5 + 1e-7     # nn.Linear: U(-1/sqrt(d), 1/sqrt(d))
+
+
+def test_staged_training_warmup_head_only_then_last_blocks():
+    """Official main.py: warmup() trains only the HV-BiLSTM + classifier (1 epoch, lr 1e-3),
+    unfreeze() adds encoder_norm + the last NUM_BLOCK_UNFREEZE blocks (lr 1e-4); the
+    embeddings and the first blocks never train."""
+    from pipeline.steps.cls import make_optimizer
+    torch.manual_seed(0)
+    m = ViTPCM()
+    p = {**TINY, "backbone": tiny_vit(patch=8, dim=24, depth=3), "unfreeze_blocks": 1,
+         "freeze_warmup_iters": 2, "warmup_lr_mult": 10.0, "equivariance": False}
+    model = m.build_model(p, 4)
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert all(n.startswith(("vit.blocks.2.", "vit.norm.", "lstm.", "classifier.")) for n in trainable)
+    assert any(n.startswith("vit.blocks.2.") for n in trainable) and "vit.norm.weight" in trainable
+    groups = m.param_groups(model, p)
+    assert groups[1]["lr_mult"] == [[0, 10.0], [2, 1.0]]
+    opt = make_optimizer(model, {"lr": 1e-4, "weight_decay": 0.0}, groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+    x, y = torch.randn(2, 3, 32, 32), torch.zeros(2, 4)
+    y[0, 1] = y[1, 3] = 1
+
+    def grads(it):
+        m.iteration = it
+        model.zero_grad(set_to_none=True)
+        m.loss(model, x, y, p, torch.Generator())[0].backward()
+        return {n for n, q in model.named_parameters() if q.grad is not None}
+    head = {n for n in trainable if not n.startswith("vit.")}
+    assert grads(1) == head                                # warm-up: no ViT gradient at all
+    assert grads(2) == trainable                           # then the last block and the norm too
+    assert m.param_groups(model, {**p, "freeze_warmup_iters": 0}) is None
+    with pytest.raises(ValueError, match="unfreeze_blocks"):
+        m.build_model({**p, "unfreeze_blocks": 4}, 4)

@@ -31,6 +31,7 @@ merged here, so their weights, curves and resume files are bit-identical to thei
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,30 @@ def poly_lr(base_lr: float, it: int, max_it: int, power: float = 0.9, warmup: in
     return base_lr * (1.0 - min(it, max_it - 1) / max_it) ** power
 
 
+def mult_at(mult: float | Sequence[Sequence[float]], it: int) -> float:
+    """A group's lr multiplier at 0-based iteration ``it``: ``mult`` itself if a number, else
+    the value of the last ``[start_iter, value]`` pair of the piecewise-constant schedule
+    ``mult`` with ``start_iter <= it`` (e.g. ``[[0, 10], [165, 1]]``: 10x for the first 165
+    iterations, then 1x; a staged warm-up such as ViT-PCM's head-only epoch).
+
+    Raises:
+        ValueError: a schedule that is empty, does not start at iteration 0, or whose starts
+            do not increase.
+    """
+    if isinstance(mult, numbers.Real):
+        return float(mult)
+    pairs = [(int(a), float(b)) for a, b in mult]
+    if not pairs or pairs[0][0] != 0 or any(b[0] <= a[0] for a, b in zip(pairs, pairs[1:])):
+        raise ValueError(f"a piecewise lr multiplier must be [[0, m0], [i1, m1], ...] with "
+                         f"increasing start iterations, got {mult!r}")
+    value = pairs[0][1]
+    for start, m in pairs:
+        if start > it:
+            break
+        value = m
+    return value
+
+
 @dataclass(frozen=True)
 class PolySchedule:
     """Poly learning rate with optional linear warm-up, per parameter group.
@@ -96,8 +121,10 @@ class PolySchedule:
         """The schedule's lr at ``it`` before any group multiplier (train_cls's curve ``lr``)."""
         return poly_lr(self.base_lr, it, self.iters, self.power, self.warmup, self.warmup_start)
 
-    def group_lrs(self, it: int, mults: Sequence[float]) -> list[float]:
-        """The lr of each group (multipliers ``mults``, in group order) at ``it``."""
+    def group_lrs(self, it: int, mults: Sequence[float | Sequence[Sequence[float]]]) -> list[float]:
+        """The lr of each group (multipliers ``mults``, in group order) at ``it``; a
+        multiplier is a number or a piecewise-constant schedule (:func:`mult_at`)."""
+        mults = [mult_at(m, it) for m in mults]
         if self.multiply_first:
             return [poly_lr(self.base_lr * m, it, self.iters, self.power, self.warmup,
                             self.warmup_start * m) for m in mults]
@@ -178,7 +205,8 @@ class Trainer:
         opt: optimiser; group ``g``'s lr is set to ``schedule.group_lrs(it, lr_mults)[g]``
             before every step.
         schedule: :class:`PolySchedule` (its ``iters`` is the number of iterations).
-        lr_mults: one multiplier per optimiser group.
+        lr_mults: one multiplier per optimiser group: a number or a piecewise-constant
+            ``[[start_iter, value], ...]`` (:func:`mult_at`).
         out_path: the final checkpoint; the resume file is ``<out_path>.resume``.
         fingerprint: the params a resume file must have been written with.
         checkpoint_every: resume-file period in iterations (0 = none).
@@ -198,7 +226,8 @@ class Trainer:
     """
 
     def __init__(self, stage: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                 schedule: PolySchedule, lr_mults: Sequence[float], out_path: str | Path,
+                 schedule: PolySchedule, lr_mults: Sequence[float | Sequence[Sequence[float]]],
+                 out_path: str | Path,
                  fingerprint: Any, checkpoint_every: int = 0, log_every: int = 20,
                  log: Callable[[str], Any] = print, window: RunningSums | LossList | None = None,
                  log_line: Callable[[dict], str] | None = None, curve_lr: bool = False,
@@ -206,7 +235,9 @@ class Trainer:
                  device: torch.device | str = "cpu", average_gradients: bool = False,
                  save_rng: bool = True, desc: str | None = None):
         self.stage, self.model, self.opt, self.schedule = stage, model, opt, schedule
-        self.iters, self.mults = int(schedule.iters), [float(m) for m in lr_mults]
+        self.iters, self.mults = int(schedule.iters), list(lr_mults)
+        for m in self.mults:       # a malformed piecewise schedule fails here, not mid-run
+            mult_at(m, 0)
         self.out_path, self.log, self.log_every = Path(out_path), log, max(1, int(log_every))
         self.window = window if window is not None else RunningSums()
         self.log_line, self.curve_lr, self.save_rng = log_line, curve_lr, save_rng

@@ -31,6 +31,16 @@ classes (``bpm_norm: none``, the paper/issue definition) or of the official
 ``merge_class_labels`` output (``bpm_norm: max``: each class first divided by its spatial
 max).
 
+Staged training (official ``main.py`` with ``model.warmup()`` / ``model.unfreeze()``;
+``configs/voc12.yaml``: ``EPOCHS_WARMUP 1``, ``LR_WARMUP 1e-3``, ``LR 1e-4``,
+``NUM_BLOCK_UNFREEZE 5``): ``unfreeze_blocks: N`` keeps every ViT parameter frozen except its
+last ``N`` blocks and final norm (null: all trainable, the paper's reading); for the first
+``freeze_warmup_iters`` iterations only the head (HV-BiLSTM and classifier) trains, the ViT
+running under ``no_grad`` (so its blocks start the second phase without optimiser state, as
+the code's recompiled Adam), at ``warmup_lr_mult`` x the lr (the code's 1e-3 / 1e-4 = 10).
+Remaining difference: the head keeps its Adam state across the switch (the code compiles a
+fresh Adam).
+
 Seeds (:meth:`ViTPCM.maps`): ``seeds.h5`` stores foreground maps only, so the background
 probability is folded into the stored map: ``cams_k = Z_k / (Z_k + Z_0)`` (pairwise
 class-vs-background probability, in [0, 1]). For one pass, argmax over {0} + present classes
@@ -40,6 +50,8 @@ BPM; with several export scales / flips the ``cams`` are averaged (``norm: mean`
 multi-scale BPM. ``probs`` keeps the raw foreground probabilities ``Z_k`` (averaged too).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -100,9 +112,23 @@ class PCMClassifier(nn.Module):
         std = p.get("classifier_init_std")
         if std is not None:   # official model.py: kernel_initializer=RandomNormal(0.0, 0.05)
             nn.init.normal_(self.classifier.weight, 0.0, float(std))
+        n = p.get("unfreeze_blocks")
+        if n is not None:     # official model.unfreeze(): encoder_norm + the last N blocks
+            n = int(n)
+            if not 0 <= n <= len(self.vit.blocks):
+                raise ValueError(f"methods.vitpcm.unfreeze_blocks must be in 0..{len(self.vit.blocks)} "
+                                 f"(the ViT's blocks) or null, got {n}")
+            self.vit.requires_grad_(False)
+            for blk in list(self.vit.blocks)[len(self.vit.blocks) - n:]:
+                blk.requires_grad_(True)
+            self.vit.norm.requires_grad_(True)
+        #: True during the head-only warm-up (set by :meth:`ViTPCM.loss`): the ViT runs
+        #: under no_grad
+        self.vit_frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, f = patch_tokens(self.vit, x)                      # (B, n, D)
+        with torch.no_grad() if self.vit_frozen else nullcontext():
+            _, f = patch_tokens(self.vit, x)                  # (B, n, D)
         h, w = patch_grid(self.vit, x.shape[-2], x.shape[-1])
         f = f.reshape(f.shape[0], h, w, f.shape[-1])
         if self.lstm is not None:
@@ -220,11 +246,25 @@ class ViTPCM(Method):
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
         return PCMClassifier(p, num_classes)
 
+    def param_groups(self, model, p):
+        """With ``freeze_warmup_iters > 0`` (staged training, module docstring): the ViT at
+        1x and the head at ``warmup_lr_mult`` x the lr for the warm-up iterations, then 1x
+        (a piecewise multiplier, :func:`pipeline.engine.trainer.mult_at`); else one group."""
+        w = int(p.get("freeze_warmup_iters") or 0)
+        if w <= 0:
+            return None
+        head = [q for name, q in model.named_parameters() if not name.startswith("vit.")]
+        return [{"params": list(model.vit.parameters()), "lr_mult": 1.0},
+                {"params": head, "lr_mult": [[0, float(p.get("warmup_lr_mult", 10.0))], [w, 1.0]]}]
+
     def loss(self, model, x, y, p, generator):
         """``L_MCE`` (Eq. 1) + ``eq_weight * L_eq`` (+ ``classifier_l2 * ||W||^2``).
 
-        ``equivariance: true`` draws one of ``eq_transforms`` per batch (generator).
+        ``equivariance: true`` draws one of ``eq_transforms`` per batch (generator). During
+        the first ``freeze_warmup_iters`` iterations (:attr:`iteration`) the ViT runs under
+        no_grad (head-only warm-up).
         """
+        model.vit_frozen = self.iteration < int(p.get("freeze_warmup_iters") or 0)
         t_lab = with_background(y)
         z1, y1 = pcm_scores(model(x))
         l_mce = mce_loss(y1, t_lab)
