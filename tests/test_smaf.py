@@ -130,8 +130,12 @@ def test_student_starts_from_teacher_and_loss_trains_student_only(teacher_ckpt):
                           get_method("cam").maps(teacher, x[:1], fg, {})["cams"], atol=1e-5)
     student.train()
     y = torch.tensor([[1.0, 0, 0, 1, 0], [0, 0, 1, 0, 0]])
-    loss, parts = m.loss(student, x, y, p, torch.Generator())
+    # the paper's Eq. 1 (cls_weight 1) adds L_cls; the official student step (default 0) has
+    # loss_cls commented out and trains on 100 * loss_cam alone
+    loss, parts = m.loss(student, x, y, {**p, "cls_weight": 1.0}, torch.Generator())
     assert loss.item() == pytest.approx(parts["cls"] + 100.0 * parts["mac"], rel=1e-5)
+    official, op = m.loss(student, x, y, p, torch.Generator())
+    assert op["cls"] > 0 and official.item() == pytest.approx(100.0 * op["mac"], rel=1e-6)
     loss.backward()
     assert student.classifier.weight.grad.abs().sum() > 0
     assert all(q.grad is None for q in m.teacher[1].parameters())

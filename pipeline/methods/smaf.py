@@ -14,8 +14,10 @@ A frozen teacher — the trained classifier of another method of this pipeline
 * denoise (Sec. 3.3): ``F^k = 0`` for classes absent from the image labels;
 * reactivate (Eq. 8): a background channel set to ``thr`` (0.2) is stacked and every pixel is
   divided by its max over the K+1 channels; the K foreground channels are the target ``F'``;
-* Eq. 9 / Eq. 3 / Eq. 1: ``L = L_cls + alpha * L_mac`` with ``L_cls`` the multi-label
-  soft-margin loss (Eq. 3) of the student and ``L_mac`` a mean squared error whose form is
+* Eq. 9 / Eq. 3 / Eq. 1: ``L = cls_weight * L_cls + alpha * L_mac`` with ``L_cls`` the
+  multi-label soft-margin loss (Eq. 3) of the student (``cls_weight`` 0, default: the official
+  student step has ``loss_cls`` commented out; 1: the paper's Eq. 1) and ``L_mac`` a mean
+  squared error whose form is
   ``student_target`` (policy, project issue 14: official code default, paper option; table
   ``docs/methods/smaf.md``):
 
@@ -35,9 +37,9 @@ Student: a :class:`ViTClassifier` with a pooled head, initialised from the teach
 ``student_head: gap`` (default) — global average pooling as the official EPS network
 (``smaf/models/EPS.py: Net.forward``: ``pred = F.avg_pool2d(cam, kernel_size=(h, w))``, the
 mean of the CAM = the classifier of the mean token, bias-free); ``gmp`` = global max pooling as
-the ``cam`` teacher (old default). The pooling only enters ``L_cls``; the official student
-step (``adaptation_modelv2.py: CustomModel.step``) has its ``loss_cls`` commented out and
-trains on ``100 * loss_cam`` alone, while this plug-in keeps Eq. 1's ``L_cls``.
+the ``cam`` teacher (old default). The pooling only enters ``L_cls``, so it matters only with
+``cls_weight > 0`` (the official student step, ``adaptation_modelv2.py: CustomModel.step``,
+has its ``loss_cls`` commented out and trains on ``100 * loss_cam`` alone).
 With ``student_target: foreground`` its map ``M_o = ReLU(W F)`` is divided per class by its
 spatial max (``student_norm: max``, the paper's "normalized to [0, 1]") so it is comparable
 to ``F'``.
@@ -312,7 +314,9 @@ class SMAF(Method):
                                      key=p.get("teacher_key"), keep_background=keep_background)
 
     def loss(self, model, x, y, p, generator):
-        """Eq. 1: ``L_cls + alpha * L_mac`` on one batch.
+        """``cls_weight * L_cls + alpha * L_mac`` on one batch: ``cls_weight`` 0 (default) is
+        the official student step (``adaptation_modelv2.py``: ``loss_cls`` commented out,
+        ``100 * loss_cam`` alone); 1 is the paper's Eq. 1. ``L_cls`` is logged either way.
 
         ``student_target: softmax_bg`` (official): MSE between the student's K+1-channel
         softmax (:func:`student_maps_bg`) and the reactivated target with its background
@@ -333,7 +337,7 @@ class SMAF(Method):
         target = self.targets(x, y, tuple(mo.shape[-2:]), p, keep_background=tgt == "softmax_bg")
         l_cls = multilabel_loss(logits, y)
         l_mac = mac_loss(target, mo)
-        loss = l_cls + float(p.get("alpha", 100.0)) * l_mac
+        loss = float(p.get("cls_weight", 0.0)) * l_cls + float(p.get("alpha", 100.0)) * l_mac
         return loss, {"cls": l_cls.item(), "mac": l_mac.item()}
 
     @torch.no_grad()
