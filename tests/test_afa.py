@@ -158,6 +158,7 @@ def test_warmup_schedule_and_loss_terms():
     l1.backward()
     assert m.aff_proj.weight.grad is not None and m.decoder.cls.weight.grad is not None
     assert m.vit.blocks[0].attn.inner.qkv.weight.grad is not None
+    assert afa.loss(m, x, y, p, g, it=3)[1]["prop"] == 0.0  # last refined-target iteration
     _, parts2 = afa.loss(m, x, y, p, g, it=4)              # propagated segmentation target
     assert parts2["prop"] == 1.0
     groups = afa.param_groups(m, {"head_lr_mult": 10})
@@ -343,3 +344,18 @@ def test_plugin_and_params_defaults_are_official(monkeypatch):
         assert k not in p
     afa.loss(m, x, y, p, torch.Generator(), it=0)
     assert seen == {"seg": "balanced", "eps": 0.1}
+
+
+def test_profile_phase_gates_match_the_official_iteration_tests():
+    """Official ``scripts/dist_train_{voc,coco}.py``: classification only while ``n_iter <=
+    cam_iters`` (2000 / 5000), the refined target while ``n_iter <= 6000`` / ``15000``; the
+    plug-in's 0-based ``it < warmup_cls_iters`` and ``it >= warmup_cls_iters +
+    warmup_aff_iters`` (``test_warmup_schedule_and_loss_terms``) must select the same iterations."""
+    from pipeline.io.config import load_params, stage_params
+    cfg = load_params()
+    for prof, cam_iters, prop_after in (("voc", 2000, 6000), ("coco", 5000, 15000)):
+        tc = stage_params(cfg, prof, "afa", "train_cls")
+        wc, wa = tc["warmup_cls_iters"], tc["warmup_aff_iters"]
+        for n in list(range(cam_iters - 3, cam_iters + 4)) + list(range(prop_after - 3, prop_after + 4)):
+            assert (n < wc) == (n <= cam_iters), (prof, n)
+            assert (n >= wc + wa) == (n > prop_after), (prof, n)

@@ -342,6 +342,7 @@ def test_mcc_lreg_official_energy_on_the_seg_logits(monkeypatch):
     """Official dist_train_voc_seg_neg.py: + w_reg (0.05) x get_energy_loss(inputs, segs
     upsampled to the label, refined label, DenseEnergyLoss(1e-7, 15, 100, 0.5)) from the same
     iteration as L_seg; w_reg 0 = Eq. 7."""
+    import pipeline.methods.common.energy as energy_mod
     import pipeline.methods.mcc as mcc_mod
     from pipeline.methods import get_method
     from pipeline.methods.common.energy import dense_energy_loss
@@ -350,7 +351,7 @@ def test_mcc_lreg_official_energy_on_the_seg_logits(monkeypatch):
     def spy(image, probs, label, **kw):
         seen.append((image, probs, label, kw))
         return dense_energy_loss(image, probs, label, **kw)
-    monkeypatch.setattr(mcc_mod, "dense_energy_loss", spy)
+    monkeypatch.setattr(energy_mod, "dense_energy_loss", spy)
     torch.manual_seed(0)
     m = get_method("mcc")
     p = {**TINY, "n_local": 2, "mask_scale": 2, "cam_scales": [1.0], "seg_start_iter": 5,
@@ -419,3 +420,21 @@ def test_mcc_seg_labels_switch_from_the_aux_cam(monkeypatch):
         m.loss(model, x, y, {**p, "seg_cam_switch_iter": switch}, torch.Generator(), it=it)
         torch.testing.assert_close(seen.pop(), cams_seen[want] * yy)
     assert not torch.allclose(cams_seen["cam"], cams_seen["aux"])
+
+
+def test_profile_phase_gates_match_the_official_iteration_tests():
+    """Official ``dist_train_voc_seg_neg.py`` weighs L_seg / L_reg 0 while ``n_iter <= 2000``
+    (COCO: 8000) and takes the key masks from the final CAM when ``n_iter > 12000``; the plug-in
+    gates on the 0-based ``it >= seg_start_iter`` / ``it >= mask_cam_switch_iter`` (checked by
+    the loss tests above), so the profiles must hold 2001 / 8001 / 12001."""
+    from pipeline.io.config import load_params, stage_params
+    cfg = load_params()
+    for prof, seg_off_until, switch_after in (("voc", 2000, 12000), ("coco", 8000, None)):
+        tc = stage_params(cfg, prof, "mcc", "train_cls")
+        for n in range(seg_off_until - 3, seg_off_until + 4):
+            assert (n >= tc["seg_start_iter"]) == (not n <= seg_off_until), (prof, n)
+        if switch_after is None:
+            assert tc["mask_cam_switch_iter"] is None
+        else:
+            for n in range(switch_after - 3, switch_after + 4):
+                assert (n >= tc["mask_cam_switch_iter"]) == (n > switch_after), (prof, n)

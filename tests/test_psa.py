@@ -174,6 +174,19 @@ def test_refine_maps_is_distribution():
     assert (refine_maps(net, img, cams[:0]) == 1).all()
 
 
+def test_refine_maps_without_classes_skips_the_network():
+    """An image with no foreground class is all background without an AffinityNet forward."""
+    net = AffinityNet("resnet10t", None, feature_dim=14).eval()
+    calls = []
+    net.register_forward_pre_hook(lambda *a: calls.append(1))
+    img = np.zeros((20, 30, 3), np.uint8)
+    out = refine_maps(net, img, np.zeros((0, 20, 30), np.float32))
+    assert out.shape == (1, 20, 30) and out.dtype == np.float32 and (out == 1).all()
+    assert not calls
+    refine_maps(net, img, np.ones((1, 20, 30), np.float32))
+    assert calls                                   # the hook sees a real forward
+
+
 def test_label_affinity_features_distances():
     lab = np.zeros((16, 24), np.uint8)
     lab[:, 8:16] = 7

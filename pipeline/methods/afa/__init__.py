@@ -23,10 +23,13 @@ One network trained end to end on image-level labels:
   (``lambdas: [0.1, 0.1, 0.01]`` is the paper's reading); ``L_reg`` = the rloss dense CRF
   energy of the official ``get_energy_loss`` (:func:`pipeline.methods.common.energy.dense_energy_loss`).
 
-Schedule (paper Sec. 4.1): classification only for ``warmup_cls_iters`` (2,000); then
-``L_aff``, ``L_seg`` (target: PAR-refined CAM label) and ``L_reg``; from
-``warmup_cls_iters + warmup_aff_iters`` (2,000 + 4,000) the segmentation target is the
-affinity-propagated label (official code: switch at 6,000).
+Schedule: classification only for the first ``warmup_cls_iters`` iterations (0-based ``it <
+warmup_cls_iters``); then ``L_aff``, ``L_seg`` (target: PAR-refined CAM label) and ``L_reg``;
+from ``it >= warmup_cls_iters + warmup_aff_iters`` the segmentation target is the
+affinity-propagated label. Official code (``scripts/dist_train_voc.py``): ``n_iter <=
+cam_iters`` (2,000) is classification only and ``n_iter <= 6000`` keeps the refined target,
+i.e. 2,001 warm-up iterations (0..2,000) and propagation from iteration 6,001: default 2001 /
+4000. The paper (Sec. 4.1) says 2,000 iterations: ``warmup_cls_iters: 2000``.
 
 Choices where the paper is silent or paper and code differ (all under ``methods.afa`` in
 params.yaml). Policy (project issue 14): the official code's behaviour is the default, the
@@ -94,7 +97,7 @@ from pipeline.data.transforms import denormalise
 from pipeline.models.backbones import model_normalisation
 from pipeline.methods.base import Method, multilabel_loss
 from pipeline.methods.common.cam_labels import combine_high_low, refine_cams_with_bkg
-from pipeline.methods.common.energy import dense_energy_loss
+from pipeline.methods.common.energy import dense_energy_loss_from_params
 from pipeline.methods.common.par import PAR, maps_to_par_label, par_input
 from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,
                                     propagate_cams_with_bkg, radius_mask)
@@ -208,7 +211,7 @@ class AFA(Method):
         if aff_form not in AFF_LOSS_FORMS:
             raise ValueError(f"methods.afa aff_loss must be one of {AFF_LOSS_FORMS}, got {aff_form!r}")
         it = int(self.iteration if it is None else it)
-        warm_cls = int(p.get("warmup_cls_iters", 2000))
+        warm_cls = int(p.get("warmup_cls_iters", 2001))
         warm_aff = int(p.get("warmup_aff_iters", 4000))
         out = model.run(x, with_heads=it >= warm_cls)
         l_cls = multilabel_loss(out["logits"], y)
@@ -222,12 +225,8 @@ class AFA(Method):
         l_seg = seg_loss(seg, label, p.get("seg_loss", "balanced"))
         lam1, lam2, lam3 = (float(v) for v in p.get("lambdas", [0.1, 0.1, 0.0]))
         if lam3 > 0:   # official get_energy_loss(img, segs, refined label, img_box, rloss layer)
-            l_reg = dense_energy_loss(denormalise(x, *model_normalisation(model)) * 255,
-                                      seg.softmax(1), label,
-                                      weight=float(p.get("reg_weight", 1e-7)),
-                                      sigma_rgb=float(p.get("reg_sigma_rgb", 15.0)),
-                                      sigma_xy=float(p.get("reg_sigma_xy", 100.0)),
-                                      scale_factor=float(p.get("reg_scale", 0.5)))
+            l_reg = dense_energy_loss_from_params(denormalise(x, *model_normalisation(model)) * 255,
+                                                  seg.softmax(1), label, p)
         else:
             l_reg = seg.sum() * 0
         loss = l_cls + lam1 * l_seg + lam2 * l_aff + lam3 * l_reg

@@ -62,8 +62,10 @@ code's behaviour is the default, the paper's literal reading an option; table:
   ``cos``. ``aff_loss: code`` (default) — the official weighting
   ``0.5 (1 - Σ+|cos|/(N+ + 1)) + 0.5 Σ-|cos|/(N- + 1)``; ``paper`` = Eq. 12's
   ``Σ+(1 - |cos|)/N+ + Σ-|cos|/N-``. Diagonal pairs ignored, all pairs of the batch.
-* w_seg = 0.1 and the segmentation loss starts at ``seg_start_iter`` (official code:
-  iteration 2,000); Eq. 7 prints the segmentation loss unweighted.
+* w_seg = 0.1 and the segmentation loss is on from (0-based) iteration ``seg_start_iter``
+  (``it >= seg_start_iter``). Official code: ``n_iter <= 2000`` gives it weight 0, so it
+  starts at iteration 2,001 (default 2001; COCO ``n_iter <= 8000``: 8001); Eq. 7 prints the
+  segmentation loss unweighted and the paper no start.
 * L_reg (official code; Eq. 7 has none): ``w_reg`` 0.05 times rloss's dense CRF energy
   (``DenseEnergyLoss(weight=1e-7, sigma_rgb=15, sigma_xy=100, scale_factor=0.5)`` on the
   softmax of the upsampled segmentation logits, gated by the PAR-refined label; official
@@ -76,8 +78,9 @@ code's behaviour is the default, the paper's literal reading an option; table:
   official COCO script: ``n_iter <= 12000``), then from the final CAM.
 * Training-time CAMs (for the masks' positives and the segmentation labels) are computed
   without gradients over ``cam_scales`` + flip, ReLU, summed, min-max normalised per class
-  (official ``multi_scale_cam``); ``mask_cam_switch_iter`` (official: 12,000; paper:
-  never, null) switches Eq. 9 from the aux CAM to the final CAM.
+  (official ``multi_scale_cam``); ``mask_cam_switch_iter`` switches Eq. 9 from the aux CAM to
+  the final CAM for ``it >= mask_cam_switch_iter`` (official ``n_iter > 12000``: 12001; paper:
+  never, null).
 * Padding of the random crops is not excluded from the pseudo labels (the dataset here does
   not return the crop box).
 
@@ -98,7 +101,7 @@ from pipeline.models.backbones import model_normalisation
 from pipeline.models.vit import num_prefix_tokens, patch_grid
 from pipeline.methods.base import Method, multilabel_loss
 from pipeline.methods.common.cam_labels import cam_to_label, refine_cams_with_bkg
-from pipeline.methods.common.energy import dense_energy_loss
+from pipeline.methods.common.energy import dense_energy_loss_from_params
 from pipeline.methods.common.par import PAR
 from pipeline.methods.common.token_affinity import affinity_label_from_seg
 from pipeline.methods.mcc.losses import (INFO_NCE_FORMS, affinity_loss, discretise_levels, draw_key_masks, info_nce,
@@ -213,7 +216,7 @@ class MCC(Method):
         # get_energy_loss on the same upsampled logits and label (both from seg_start_iter)
         w_seg, w_reg = float(p.get("w_seg", 0.1)), float(p.get("w_reg", 0.05))
         l_seg = l_reg = out["seg"].sum() * 0
-        if (w_seg > 0 or w_reg > 0) and it >= int(p.get("seg_start_iter", 2000)):
+        if (w_seg > 0 or w_reg > 0) and it >= int(p.get("seg_start_iter", 2001)):
             img = denormalise(x, *model_normalisation(model))   # RGB in [0, 1]
             seg_switch = p.get("seg_cam_switch_iter")            # official COCO: aux CAM while n_iter <= 12000
             seg_cam = cam_aux if (seg_switch is not None and it <= int(seg_switch)) else cam
@@ -221,11 +224,7 @@ class MCC(Method):
             seg = F.interpolate(out["seg"], size=label.shape[-2:], mode="bilinear", align_corners=False)
             l_seg = seg_loss_balanced(seg, label)
             if w_reg > 0:
-                l_reg = dense_energy_loss(img * 255, seg.softmax(1), label,
-                                          weight=float(p.get("reg_weight", 1e-7)),
-                                          sigma_rgb=float(p.get("reg_sigma_rgb", 15.0)),
-                                          sigma_xy=float(p.get("reg_sigma_xy", 100.0)),
-                                          scale_factor=float(p.get("reg_scale", 0.5)))
+                l_reg = dense_energy_loss_from_params(img * 255, seg.softmax(1), label, p)
 
         loss = (l_cls + l_cls_aux + float(p.get("lambda_aff", 0.2)) * l_aff
                 + float(p.get("lambda_mcc", 0.5)) * l_mcc + w_seg * l_seg + w_reg * l_reg)

@@ -195,6 +195,9 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim == 3 and cams.shape[0] == 0:     # no foreground class: all background, no forward
+        return np.ones((1, *image.shape[:2]), np.float32)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
