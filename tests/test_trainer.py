@@ -109,6 +109,33 @@ def test_piecewise_multiplier_switches_at_its_iterations(tmp_path):
 
 
 # ----------------------------------------------------------------------------- guard
+def test_optimizer_reset_equals_a_fresh_optimizer_from_that_iteration(tmp_path):
+    """``reset_optimizer_at=(3,)``: iterations 3.. run as if a new Adam of the same groups had
+    been built there (reference: two runs, the second with a brand-new AdamW)."""
+    batches = _batches(6)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    ref = torch.nn.Linear(3, 1)
+    ref.load_state_dict(model.state_dict())
+
+    def adam(m):
+        return torch.optim.AdamW([{"params": [m.weight]}, {"params": [m.bias]}], lr=0.1,
+                                 weight_decay=0.0)
+    const = PolySchedule(0.1, 6, power=0.0)
+    Trainer("toy", model, adam(model), const, [1.0, 1.0], tmp_path / "a.pt", {},
+            log=lambda s: None, reset_optimizer_at=(3,)).run(batches, _mse_step(model))
+    Trainer("toy", ref, adam(ref), PolySchedule(0.1, 3, power=0.0), [1.0, 1.0],
+            tmp_path / "b.pt", {}, log=lambda s: None).run(batches[:3], _mse_step(ref))
+    Trainer("toy", ref, adam(ref), PolySchedule(0.1, 3, power=0.0), [1.0, 1.0],
+            tmp_path / "c.pt", {}, log=lambda s: None).run(batches[3:], _mse_step(ref))
+    assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+    torch.manual_seed(0)                        # without the reset the result differs
+    kept = torch.nn.Linear(3, 1)
+    Trainer("toy", kept, adam(kept), const, [1.0, 1.0], tmp_path / "d.pt", {},
+            log=lambda s: None).run(batches, _mse_step(kept))
+    assert not torch.equal(kept.weight, model.weight)
+
+
 def test_nan_loss_names_stage_iteration_ids_and_fix_and_takes_no_step(tmp_path):
     model, opt = _toy()
     after = {}

@@ -82,6 +82,76 @@ def test_model_head_is_linear_on_patch_tokens():
     assert lstm(x.float()).shape == (1, 4, 6, 5) and lstm.lstm.out_dim == 24
 
 
+def _keras_lstm_loop(x, lstm):
+    """Keras LSTM cell by hand (gates i, f, c, o; sigmoid / tanh), zero initial state."""
+    wi, wh = lstm.weight_ih_l0.detach().double(), lstm.weight_hh_l0.detach().double()
+    b = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().double()
+    u = wh.shape[1]
+    out = torch.zeros(x.shape[0], x.shape[1], u, dtype=torch.float64)
+    for n in range(x.shape[0]):
+        h = torch.zeros(u, dtype=torch.float64)
+        c = torch.zeros(u, dtype=torch.float64)
+        for t in range(x.shape[1]):
+            z = wi @ x[n, t] + wh @ h + b
+            i, f, g, o = z[:u].sigmoid(), z[u:2 * u].sigmoid(), z[2 * u:3 * u].tanh(), z[3 * u:].sigmoid()
+            c = f * c + i * g
+            h = o * c.tanh()
+            out[n, t] = h
+    return out
+
+
+def test_keras_hv_bilstm_matches_a_hand_loop_in_rows_then_columns_order():
+    """Official HVBiLSTM: TimeDistributed(Bidirectional(LSTM)) over rows, then over columns
+    (iT), concatenated; Bidirectional = [forward, backward re-reversed]."""
+    from pipeline.methods.vitpcm import HVBiLSTM
+    torch.manual_seed(0)
+    net = HVBiLSTM(5, 3, dropout=0.5, form="keras").double().eval()   # eval: no dropout
+    f = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    got = net(f)
+    assert got.shape == (2, 3, 4, 12)
+    L = net.lstms
+    for b in range(2):
+        for r in range(3):
+            row = f[b, r][None]
+            fw = _keras_lstm_loop(row, L["rows_fw"])[0]
+            bw = _keras_lstm_loop(row.flip(1), L["rows_bw"])[0].flip(0)
+            torch.testing.assert_close(got[b, r, :, :6], torch.cat([fw, bw], -1))
+        for c in range(4):
+            col = f[b, :, c][None]
+            fw = _keras_lstm_loop(col, L["cols_fw"])[0]
+            bw = _keras_lstm_loop(col.flip(1), L["cols_bw"])[0].flip(0)
+            torch.testing.assert_close(got[b, :, c, 6:], torch.cat([fw, bw], -1))
+    with pytest.raises(ValueError, match="lstm_form"):
+        HVBiLSTM(5, 3, form="tf")
+    old = HVBiLSTM(5, 3, form="torch")                   # the previous layout, kept as option
+    assert {n.split(".")[0] for n, _ in old.named_parameters()} == {"rows", "cols"}
+
+
+def test_keras_lstm_initialisation_and_sequence_dropout():
+    """Keras LSTM: glorot_uniform kernel, orthogonal recurrent kernel, unit_forget_bias;
+    LSTM(dropout=p): one input mask per sequence, reused at every time step."""
+    from pipeline.methods.vitpcm import HVBiLSTM
+    torch.manual_seed(0)
+    net = HVBiLSTM(16, 8, dropout=0.25, form="keras")
+    for lstm in net.lstms.values():
+        wi, wh = lstm.weight_ih_l0.detach(), lstm.weight_hh_l0.detach()
+        assert wi.abs().max() <= (6 / (16 + 32)) ** 0.5 + 1e-7            # Glorot limit
+        assert wi.abs().max() > 0.5 * (6 / (16 + 32)) ** 0.5
+        torch.testing.assert_close(wh.T @ wh, torch.eye(8), atol=1e-5, rtol=0)   # orthogonal
+        want = torch.zeros(32)
+        want[8:16] = 1.0                                                  # forget gate
+        assert torch.equal(lstm.bias_ih_l0.detach() + lstm.bias_hh_l0.detach(), want)
+    ones = torch.ones(400, 7, 16)
+    net.train()
+    d = net.sequence_dropout(ones)
+    assert set(d.unique().tolist()) == {0.0, torch.tensor(1 / 0.75).item()}
+    assert torch.equal(d, d[:, :1].expand_as(d))                          # same at every step
+    assert abs((d == 0).float().mean().item() - 0.25) < 0.02
+    assert not torch.equal(d, net.sequence_dropout(ones))                 # a new mask per call
+    net.eval()
+    assert torch.equal(net.sequence_dropout(ones), ones)
+
+
 def test_bpm_and_stored_maps_reproduce_the_restricted_argmax():
     torch.manual_seed(1)
     z = torch.randn(5, 6, 8).softmax(-1)
@@ -179,6 +249,38 @@ def test_loss_trains_both_terms():
         m.loss(model, x, y, {**TINY, "eq_transforms": ["rescale"]}, torch.Generator())
 
 
+def test_equivariance_target_from_a_dropout_free_forward(monkeypatch):
+    """Official VITPCM.train_step: outputs_sg = self(images, training=False) outside the
+    tape; eq_target: train = the (dropout) L_MCE forward, detached later."""
+    import pipeline.methods.vitpcm as vp
+    seen, real = [], vp.equivariance_loss
+
+    def spy(z1, *args):
+        seen.append(z1)
+        return real(z1, *args)
+    monkeypatch.setattr(vp, "equivariance_loss", spy)
+    torch.manual_seed(0)
+    m = ViTPCM()
+    p = {**TINY, "dropout": 0.5, "eq_transforms": ["hflip"]}
+    model = m.build_model(p, 5).train()
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.zeros(2, 5)
+    y[0, 1] = y[1, 3] = 1
+    m.loss(model, x, y, p, torch.Generator().manual_seed(0))
+    assert model.training                                  # train mode restored
+    model.eval()
+    with torch.no_grad():
+        want = pcm_scores(model(x))[0]                     # independent dropout-free pass
+    model.train()
+    assert not seen[-1].requires_grad
+    torch.testing.assert_close(seen[-1], want)
+    m.loss(model, x, y, {**p, "eq_target": "train"}, torch.Generator().manual_seed(0))
+    assert seen[-1].requires_grad                          # the L_MCE forward (with dropout)
+    assert (seen[-1] - want).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="eq_target"):
+        m.loss(model, x, y, {**p, "eq_target": "x"}, torch.Generator())
+
+
 def test_classifier_init_std_draws_w_from_the_normal():
     # official model.py: RandomNormal(0, 0.05); null keeps PyTorch's uniform Kaiming init
     torch.manual_seed(0)
@@ -221,5 +323,11 @@ def test_staged_training_warmup_head_only_then_last_blocks():
     assert grads(1) == head                                # warm-up: no ViT gradient at all
     assert grads(2) == trainable                           # then the last block and the norm too
     assert m.param_groups(model, {**p, "freeze_warmup_iters": 0}) is None
+    # official main.py compiles a fresh Adam (Keras eps 1e-7 in voc) for the second phase
+    assert m.optimizer_resets(p) == (2,)
+    assert m.optimizer_resets({**p, "fresh_optimizer_after_warmup": False}) == ()
+    assert m.optimizer_resets({**p, "freeze_warmup_iters": 0}) == ()
+    assert opt.defaults["eps"] == 1e-8
+    assert make_optimizer(model, {"lr": 1e-4, "adam_eps": 1e-7}, groups).defaults["eps"] == 1e-7
     with pytest.raises(ValueError, match="unfreeze_blocks"):
         m.build_model({**p, "unfreeze_blocks": 4}, 4)

@@ -221,6 +221,10 @@ class Trainer:
             (:meth:`Dist.average_gradients`; no-op in one process).
         save_rng: resume files hold (and restore) the global python / numpy / torch RNGs.
         desc: progress-bar label (default ``stage``).
+        reset_optimizer_at: iterations (0-based) before whose step the optimiser's state
+            (Adam moments and step counts, SGD momentum buffers) is cleared, as if a fresh
+            optimiser of the same groups were built there (ViT-PCM's official ``main.py``
+            compiles a new Keras Adam after its warm-up epoch).
     Raises:
         ValueError: ``checkpoint_every < 0`` (from :class:`ResumeFile`).
     """
@@ -233,7 +237,8 @@ class Trainer:
                  log_line: Callable[[dict], str] | None = None, curve_lr: bool = False,
                  acc: Accel | None = None, dd: Dist | None = None,
                  device: torch.device | str = "cpu", average_gradients: bool = False,
-                 save_rng: bool = True, desc: str | None = None):
+                 save_rng: bool = True, desc: str | None = None,
+                 reset_optimizer_at: Sequence[int] = ()):
         self.stage, self.model, self.opt, self.schedule = stage, model, opt, schedule
         self.iters, self.mults = int(schedule.iters), list(lr_mults)
         for m in self.mults:       # a malformed piecewise schedule fails here, not mid-run
@@ -244,6 +249,7 @@ class Trainer:
         self.acc = acc if acc is not None else Accel({}, device, stage)
         self.dd = dd if dd is not None else Dist()
         self.device, self.desc = device, desc or stage
+        self.reset_at = {int(i) for i in reset_optimizer_at}
         self.sync = (lambda: self.dd.average_gradients(model)) if average_gradients else None
         self.it, self.curve = 0, []
         self.resume = ResumeFile(out_path, fingerprint, int(checkpoint_every or 0), stage, log)
@@ -284,6 +290,8 @@ class Trainer:
                 except StopIteration:
                     break
                 it = self.it
+                if it in self.reset_at:
+                    self.opt.state.clear()
                 for g, lr in zip(self.opt.param_groups, self.schedule.group_lrs(it, self.mults)):
                     g["lr"] = lr
                 with self.acc.autocast():

@@ -247,6 +247,7 @@ class TrainCls(AccelSettings):
     lr: float = _f(conv=_opt(float))     # required
     weight_decay: float = _f(0.01, float)
     momentum: float = _f(0.9, float)     # sgd only
+    adam_eps: float = _f(1e-8, float)    # adamw only: torch's default (Keras Adam, ViT-PCM: 1e-7)
     warmup_iters: int = _f(0, int)
     warmup_start_lr: float = _f(0.0, float)
     poly_power: float = _f(0.9, float)

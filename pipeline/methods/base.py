@@ -46,6 +46,11 @@ class Method(ABC):
         every parameter at the scheduled lr."""
         return None
 
+    def optimizer_resets(self, p: dict) -> tuple[int, ...]:
+        """Iterations (0-based) before which the trainer clears the optimiser state (a fresh
+        optimiser from there on, :class:`pipeline.engine.trainer.Trainer`); default none."""
+        return ()
+
     def after_step(self, model: nn.Module, it: int, p: dict) -> None:
         """Called by the trainer after each optimiser step (e.g. EMA updates); default no-op."""
 

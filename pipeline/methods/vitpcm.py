@@ -9,6 +9,7 @@ Model (supplementary Sec. 1):
 * optional HV-BiLSTM (official code, ``HVBiLSTM``): dropout, then a bidirectional LSTM
   along every row and one along every column of the token grid, outputs concatenated
   (``4 * lstm_units`` channels) and used *instead of* ``F`` (no residual, as in the code);
+  ``lstm_form: keras`` (default) adds Keras' per-LSTM input dropout and initialisation;
 * dropout, then ``A = F W`` with a bias-free ``W in R^{e x (K+1)}`` — background is class 0;
 * Eq. 3: ``Z = softmax(A)`` over the K+1 classes of each patch;
 * Eq. 2: ``y_k = max_i Z_i^k`` (global max pooling over patches);
@@ -22,9 +23,10 @@ mapped back to the original token order with ``f^{-1}`` (the token permutation o
 towards the stop-gradient, label-merged predictions of the first view
 (:func:`merge_class_labels`: absent classes zeroed, each class divided by its spatial max,
 renormalised per patch). Choices where the code does something heavier: the official second
-view is a 2x2 mosaic of independently affine-augmented crops and its target comes from an
-extra dropout-free pass; here the view is one token-permuting transform of the whole batch
-and the target is the (detached) first-view pass used for ``L_MCE``.
+view is a 2x2 mosaic of independently affine-augmented crops; here the view is one
+token-permuting transform of the whole batch. The target comes, as in the code, from an extra
+dropout-free pass without gradients (``eq_target: eval``; ``train``: the detached first-view
+pass of ``L_MCE``).
 
 Baseline pseudo-mask (BPM): per patch, argmax of ``Z`` over background + the present
 classes (``bpm_norm: none``, the paper/issue definition) or of the official
@@ -36,10 +38,11 @@ Staged training (official ``main.py`` with ``model.warmup()`` / ``model.unfreeze
 ``NUM_BLOCK_UNFREEZE 5``): ``unfreeze_blocks: N`` keeps every ViT parameter frozen except its
 last ``N`` blocks and final norm (null: all trainable, the paper's reading); for the first
 ``freeze_warmup_iters`` iterations only the head (HV-BiLSTM and classifier) trains, the ViT
-running under ``no_grad`` (so its blocks start the second phase without optimiser state, as
-the code's recompiled Adam), at ``warmup_lr_mult`` x the lr (the code's 1e-3 / 1e-4 = 10).
-Remaining difference: the head keeps its Adam state across the switch (the code compiles a
-fresh Adam).
+running under ``no_grad``, at ``warmup_lr_mult`` x the lr (the code's 1e-3 / 1e-4 = 10).
+``fresh_optimizer_after_warmup: true`` (default, official: ``main.py`` compiles a new Adam
+for the second phase) clears the optimiser state of every parameter at iteration
+``freeze_warmup_iters`` (:meth:`ViTPCM.optimizer_resets`); ``false`` keeps the head's Adam
+moments across the switch. The `voc` profile's ``adam_eps: 1e-7`` is Keras' Adam epsilon.
 
 Seeds (:meth:`ViTPCM.maps`): ``seeds.h5`` stores foreground maps only, so the background
 probability is folded into the stored map: ``cams_k = Z_k / (Z_k + Z_0)`` (pairwise
@@ -61,26 +64,90 @@ from pipeline.methods.common.tokens import SPATIAL_TRANSFORMS, inverse_token_per
 from pipeline.methods.base import Method
 
 
-class HVBiLSTM(nn.Module):
-    """Row + column bidirectional LSTMs over a token grid (official ``HVBiLSTM``).
+#: forms of the HV-BiLSTM's LSTMs (:class:`HVBiLSTM`)
+LSTM_FORMS = ("keras", "torch")
 
-    Input ``(B, h, w, D)`` float32 -> output ``(B, h, w, 4 * units)``: the row BiLSTM reads
-    each row left-to-right and right-to-left, the column BiLSTM each column; both outputs
-    are concatenated.
+
+def keras_lstm_init(lstm: nn.LSTM) -> None:
+    """Keras ``LSTM`` initialisation on a one-layer ``nn.LSTM``: ``glorot_uniform`` input
+    kernel, ``orthogonal`` recurrent kernel, zero bias with ``unit_forget_bias`` (forget gate
+    bias 1; PyTorch's two biases sum, so ``bias_ih`` holds it and ``bias_hh`` is 0). Gate
+    order is the same in both (i, f, c/g, o); PyTorch's ``(4u, in)`` matrices are Keras'
+    ``(in, 4u)`` transposed, for which both initialisers are symmetric."""
+    for name, w in lstm.named_parameters():
+        if name.startswith("weight_ih"):
+            nn.init.xavier_uniform_(w)
+        elif name.startswith("weight_hh"):
+            nn.init.orthogonal_(w)
+        elif name.startswith("bias"):
+            nn.init.zeros_(w)
+            if name.startswith("bias_ih"):
+                u = w.shape[0] // 4
+                w.data[u:2 * u] = 1.0
+
+
+class HVBiLSTM(nn.Module):
+    """Row + column bidirectional LSTMs over a token grid (official ``model.py: HVBiLSTM``).
+
+    Input ``(B, h, w, D)`` float32 -> output ``(B, h, w, 4 * units)``: dropout on the
+    features, then the row BiLSTM reads each row left-to-right and right-to-left, the column
+    BiLSTM each column; per position ``[rows fw, rows bw, cols fw, cols bw]`` (Keras'
+    ``Bidirectional`` concatenates forward then backward).
+
+    ``form``:
+
+    * ``keras`` (default, the official code): four one-direction LSTMs with Keras'
+      initialisation (:func:`keras_lstm_init`) and Keras' ``LSTM(dropout=p)``: each LSTM
+      draws its own input-dropout mask per sequence, the same at every time step (the
+      non-cuDNN Keras kernel's ``get_dropout_mask_for_cell``), on top of the shared dropout;
+    * ``torch`` (the previous form): two ``nn.LSTM(bidirectional=True)`` with PyTorch's
+      initialisation and only the shared dropout.
+
+    Raises:
+        ValueError: unknown ``form``.
     """
 
-    def __init__(self, dim: int, units: int, dropout: float = 0.0):
+    def __init__(self, dim: int, units: int, dropout: float = 0.0, form: str = "keras"):
         super().__init__()
+        if form not in LSTM_FORMS:
+            raise ValueError(f"methods.vitpcm.lstm_form must be one of {LSTM_FORMS}, got {form!r}")
+        self.form, self.p = form, float(dropout)
         self.drop = nn.Dropout(dropout)
-        self.rows = nn.LSTM(dim, units, batch_first=True, bidirectional=True)
-        self.cols = nn.LSTM(dim, units, batch_first=True, bidirectional=True)
+        if form == "torch":
+            self.rows = nn.LSTM(dim, units, batch_first=True, bidirectional=True)
+            self.cols = nn.LSTM(dim, units, batch_first=True, bidirectional=True)
+        else:
+            self.lstms = nn.ModuleDict({k: nn.LSTM(dim, units, batch_first=True)
+                                        for k in ("rows_fw", "rows_bw", "cols_fw", "cols_bw")})
+            for m in self.lstms.values():
+                keras_lstm_init(m)
         self.out_dim = 4 * units
+
+    def sequence_dropout(self, s: torch.Tensor) -> torch.Tensor:
+        """Keras ``LSTM(dropout=p)`` on ``(N, T, D)`` sequences: one Bernoulli(1 - p) mask per
+        sequence and feature, scaled by ``1 / (1 - p)``, the same at every step (training
+        mode only; identity in eval mode or at p = 0)."""
+        if not self.training or self.p <= 0:
+            return s
+        keep = torch.empty(s.shape[0], 1, s.shape[2], device=s.device, dtype=s.dtype)
+        return s * keep.bernoulli_(1 - self.p) / (1 - self.p)
+
+    def _bidirectional(self, s: torch.Tensor, fw: str, bw: str) -> torch.Tensor:
+        a, _ = self.lstms[fw](self.sequence_dropout(s))
+        b, _ = self.lstms[bw](self.sequence_dropout(s).flip(1))
+        return torch.cat([a, b.flip(1)], -1)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         B, h, w, D = f.shape
         f = self.drop(f)
-        r, _ = self.rows(f.reshape(B * h, w, D))
-        c, _ = self.cols(f.transpose(1, 2).reshape(B * w, h, D))
+        rows = f.reshape(B * h, w, D)
+        cols = f.transpose(1, 2).reshape(B * w, h, D)
+        if self.form == "torch":
+            r, _ = self.rows(rows)
+            c, _ = self.cols(cols)
+        else:
+            r = self._bidirectional(rows, "rows_fw", "rows_bw")
+            c = self._bidirectional(cols, "cols_fw", "cols_bw")
         r = r.reshape(B, h, w, -1)
         c = c.reshape(B, w, h, -1).transpose(1, 2)
         return torch.cat([r, c], -1)
@@ -103,7 +170,7 @@ class PCMClassifier(nn.Module):
         drop = float(p.get("dropout", 0.2))
         if p.get("hv_bilstm", True):
             units = p.get("lstm_units") or max(1, dim // 4)
-            self.lstm = HVBiLSTM(dim, int(units), drop)
+            self.lstm = HVBiLSTM(dim, int(units), drop, str(p.get("lstm_form", "keras")))
             dim = self.lstm.out_dim
         else:
             self.lstm = None
@@ -257,6 +324,36 @@ class ViTPCM(Method):
         return [{"params": list(model.vit.parameters()), "lr_mult": 1.0},
                 {"params": head, "lr_mult": [[0, float(p.get("warmup_lr_mult", 10.0))], [w, 1.0]]}]
 
+    @staticmethod
+    def _eq_target(model, x, z1, p):
+        """View-1 probabilities the equivariance target is built from: ``eq_target: eval``
+        (default, official ``VITPCM.train_step``: ``outputs_sg = self(images,
+        training=False)`` outside the gradient tape, i.e. a dropout-free forward without
+        gradients) or ``train`` (the training-mode forward of ``L_MCE``, detached).
+
+        Raises:
+            ValueError: unknown ``eq_target``.
+        """
+        form = p.get("eq_target", "eval")
+        if form == "train":
+            return z1
+        if form != "eval":
+            raise ValueError(f"methods.vitpcm.eq_target must be eval or train, got {form!r}")
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return pcm_scores(model(x))[0]
+        finally:
+            model.train(was)
+
+    def optimizer_resets(self, p):
+        """``(freeze_warmup_iters,)`` when the staged training is on and
+        ``fresh_optimizer_after_warmup`` (default true: the official ``main.py`` compiles a fresh
+        Keras Adam after the warm-up epoch); else ``()``."""
+        w = int(p.get("freeze_warmup_iters") or 0)
+        return (w,) if w > 0 and p.get("fresh_optimizer_after_warmup", True) else ()
+
     def loss(self, model, x, y, p, generator):
         """``L_MCE`` (Eq. 1) + ``eq_weight * L_eq`` (+ ``classifier_l2 * ||W||^2``).
 
@@ -277,7 +374,8 @@ class ViTPCM(Method):
                                  f"{SPATIAL_TRANSFORMS}, got {choices}")
             t = choices[int(torch.randint(len(choices), (1,), generator=generator))]
             z2, _ = pcm_scores(model(transform_image(x, t)))
-            l_eq = equivariance_loss(z1, z2, t_lab, t, bool(p.get("eq_spatial_norm", True)))
+            l_eq = equivariance_loss(self._eq_target(model, x, z1, p), z2, t_lab, t,
+                                     bool(p.get("eq_spatial_norm", True)))
             loss = loss + float(p.get("eq_weight", 1.0)) * l_eq
             parts["eq"] = l_eq.item()
         l2 = float(p.get("classifier_l2", 0.0))

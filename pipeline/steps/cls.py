@@ -102,6 +102,7 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
                       s.checkpoint_every, s.log_every, log,
                       RunningSums(), curve_lr=True, acc=acc, dd=dd, device=device,
                       average_gradients=True, desc=f"train_cls[{method_name}]",
+                      reset_optimizer_at=method.optimizer_resets(p),
                       log_line=lambda row: f"iter {row['iter']}/{iters} " + " ".join(
                           f"{k}={v:.4g}" for k, v in row.items() if k != "iter"))
     # position in the data: epoch, and batches of it already trained (a resumed run skips them)
@@ -162,7 +163,8 @@ def make_optimizer(model: torch.nn.Module, p: TrainCls | Mapping,
     """Optimiser of the trainable parameters from :class:`pipeline.io.settings.TrainCls` (or a
     partial mapping of its keys; the dataclass holds the defaults).
 
-    ``optimizer: adamw`` (default; ``lr``, ``weight_decay``) or ``sgd`` (``lr``,
+    ``optimizer: adamw`` (default; ``lr``, ``weight_decay``, ``adam_eps``: torch's 1e-8 by
+    default, the official PyTorch codes' value; Keras' Adam, ViT-PCM's, uses 1e-7) or ``sgd`` (``lr``,
     ``momentum`` default 0.9, ``weight_decay``; SMAF's schedule). PSA's ``PolyOptimizer``
     (used by ACR's official code) calls ``SGD(params, lr, weight_decay)``, so its
     ``weight_decay`` lands in SGD's *momentum* slot: it is ``sgd`` with
@@ -182,7 +184,7 @@ def make_optimizer(model: torch.nn.Module, p: TrainCls | Mapping,
     params = [g for g in params if g["params"]]
     wd = s.weight_decay
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=s.lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=s.lr, weight_decay=wd, eps=s.adam_eps)
     if name == "sgd":
         return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=wd)
     raise ValueError(f"train_cls.optimizer must be adamw or sgd, got {name!r}")
