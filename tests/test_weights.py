@@ -177,6 +177,19 @@ def test_second_load_reads_the_cache_without_the_package(lite0_src, tmp_path, mo
     assert torch.equal(second["conv_stem.weight"], lite0_src["_conv_stem.weight"])
 
 
+def test_converting_run_leaves_the_global_rng_as_a_cached_run(tmp_path, monkeypatch):
+    """A stage's random head init and data draws after create_backbone must not depend on
+    whether the cache existed (it did: the first vocsample chain of a fresh clone trained a
+    different classifier than later runs)."""
+    monkeypatch.setenv("WSSS_WEIGHTS_DIR", str(tmp_path))
+    draws = []
+    for _ in range(2):                     # first: converts and writes the cache; then reads it
+        torch.manual_seed(0)
+        create_backbone("tf_efficientnet_lite0", LITE0, num_classes=7)
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+
+
 def test_a_foreign_cache_file_is_rebuilt(lite0_src, tmp_path):
     """A file under the cache name that this code did not write (no metadata) is replaced."""
     from safetensors.torch import load_file, save_file

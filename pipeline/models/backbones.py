@@ -407,8 +407,10 @@ def lukemelas_to_timm_keys(src_keys: Iterable[str], layout: list[tuple[int, int,
 def convert_lukemelas_state_dict(src: Mapping[str, torch.Tensor], timm_model: str) -> dict[str, torch.Tensor]:
     """A lukemelas EfficientNet(-Lite) state dict as the state dict of timm ``timm_model``.
 
-    Builds the timm model (random init, CPU) for its block layout and tensor shapes, maps
-    every key with :func:`lukemelas_to_timm_keys` and checks that the map is one to one,
+    Builds the timm model (random init, CPU, under ``torch.random.fork_rng`` so the global
+    RNG is left as it was: the first, converting run of a stage must draw the same random
+    numbers afterwards as a run that reads the cache) for its block layout and tensor
+    shapes, maps every key with :func:`lukemelas_to_timm_keys` and checks that the map is one to one,
     covers every timm key exactly once and keeps every shape; tensors are returned
     unchanged (same dtype, shape ``== timm``'s), in timm's key order.
 
@@ -416,7 +418,8 @@ def convert_lukemelas_state_dict(src: Mapping[str, torch.Tensor], timm_model: st
         WeightsError: an unmapped key, two keys mapped to one timm key, a timm key left
             uncovered or a name timm does not have, or a shape mismatch (the first few named).
     """
-    model = timm.create_model(timm_model, pretrained=False)
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model(timm_model, pretrained=False)
     ref = model.state_dict()
     keymap = lukemelas_to_timm_keys(src, timm_block_layout(model))
     problems = []
