@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -23,6 +24,25 @@ def seed_everything(seed: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a block with ``model`` in eval mode (dropout off, BatchNorm on running statistics) and
+    restore its previous ``training`` flag afterwards, also when the block raises.
+
+    Only the mode changes: gradients stay as the caller sets them (wrap ``torch.no_grad()`` or
+    ``torch.enable_grad()`` inside as needed). Sub-modules that pin their own mode in
+    ``train()`` (a frozen trunk) keep doing so, since the restore goes through ``model.train``.
+    The one owner of this save-and-restore (ViT-PCM's equivariance target, ACR's gradient maps,
+    the random walk's AffinityNet forward, DeepLabV2's evaluation).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def deterministic_torch() -> None:

@@ -72,6 +72,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.engine.runtime import eval_mode
 from pipeline.models.vit import attentions, num_prefix_tokens, patch_grid, token_stride
 from pipeline.methods.base import Method, ViTClassifier, multilabel_loss
 from pipeline.methods.common.tokens import inverse_token_permutation, transform_image
@@ -337,9 +338,7 @@ def acr_maps(model: nn.Module, x: torch.Tensor, fg: torch.Tensor, layers=(-2, -1
     _check("relu", relu, ("after_reduce", "after_mean", "per_layer"))
     _check("eq8_form", eq8_form, ("code", "paper"))
     vit = model.vit
-    was_training = model.training
-    model.eval()
-    with torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         x = x.detach().requires_grad_(False)
         logits = model(x)                                   # (1, C)
         attn = attentions(vit)
@@ -367,6 +366,5 @@ def acr_maps(model: nn.Module, x: torch.Tensor, fg: torch.Tensor, layers=(-2, -1
         else:
             aff = torch.stack([a[0].mean(0)[npre:, npre:] for a in chosen]).mean(0).detach()
             m = mstar @ aff                                 # M* A (row vectors)
-    model.train(was_training)
     k = len(fg)
     return {"cams_star": mstar.reshape(k, h, w), "cams": m.detach().reshape(k, h, w)}

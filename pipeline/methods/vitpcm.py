@@ -59,6 +59,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
+from pipeline.engine.runtime import eval_mode
 from pipeline.models.vit import patch_grid, patch_tokens, vit_from_params
 from pipeline.methods.common.tokens import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
 from pipeline.methods.base import Method
@@ -339,13 +340,8 @@ class ViTPCM(Method):
             return z1
         if form != "eval":
             raise ValueError(f"methods.vitpcm.eq_target must be eval or train, got {form!r}")
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                return pcm_scores(model(x))[0]
-        finally:
-            model.train(was)
+        with eval_mode(model), torch.no_grad():
+            return pcm_scores(model(x))[0]
 
     def optimizer_resets(self, p):
         """``(freeze_warmup_iters,)`` when the staged training is on and

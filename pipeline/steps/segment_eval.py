@@ -25,6 +25,7 @@ from pipeline.models.backbones import input_normalisation, model_normalisation
 from pipeline.data.voc import DatasetError, load_image
 from pipeline.engine.evaluator import Evaluator
 from pipeline.engine.inference import multiscale_flip
+from pipeline.engine.runtime import eval_mode
 from pipeline.models.deeplab import DeepLabV2
 from pipeline.steps.segment import _torch_threads, build_model
 from pipeline.io.settings import EvalSeg
@@ -108,35 +109,33 @@ def predict_protocols(model: DeepLabV2, image: np.ndarray, scales: Sequence[floa
         raise ValueError(f"predict expects an (H, W, 3) image, got shape {image.shape}")
     if len(scales) == 0:
         raise ValueError("predict needs at least one scale")
-    was_training = model.training
-    model.eval()
-    H, W = image.shape[:2]
-    x = to_tensor(image.astype(np.uint8), *model_normalisation(model))[None].to(device)
-    # mean over passes = the sum / n, kept apart because the flip-less multi_scale_flip
-    # protocol adds its mirrored passes to the same sum
-    opts = dict(flip_batch=True, resize="round", softmax=True, flip_merge="sum",
-                scale_merge="sum")
-    single: list[torch.Tensor] = []
+    with eval_mode(model):
+        H, W = image.shape[:2]
+        x = to_tensor(image.astype(np.uint8), *model_normalisation(model))[None].to(device)
+        # mean over passes = the sum / n, kept apart because the flip-less multi_scale_flip
+        # protocol adds its mirrored passes to the same sum
+        opts = dict(flip_batch=True, resize="round", softmax=True, flip_merge="sum",
+                    scale_merge="sum")
+        single: list[torch.Tensor] = []
 
-    def tap(s: float, flipped: bool, m: torch.Tensor) -> None:
-        if single_scale and not single and s == 1.0 and not flipped:
-            single.append(m[0])
+        def tap(s: float, flipped: bool, m: torch.Tensor) -> None:
+            if single_scale and not single and s == 1.0 and not flipped:
+                single.append(m[0])
 
-    acc = multiscale_flip(model, x, scales, flips=(False, True) if flip else (False,),
-                          on_pass=tap, **opts)[0]
-    n = len(scales) * (2 if flip else 1)
-    out = {"configured": (acc / n).cpu().numpy().astype(np.float32)}
-    if single_scale:
-        if not single:
-            single.append(multiscale_flip(model, x, [1.0], flips=(False,), **opts)[0])
-        out["single_scale"] = single[0].cpu().numpy().astype(np.float32)
-    if multi_scale_flip:
-        if flip:
-            out["multi_scale_flip"] = out["configured"]
-        else:
-            extra = multiscale_flip(model, x, scales, flips=(True,), **opts)[0]
-            out["multi_scale_flip"] = ((acc + extra) / (2 * n)).cpu().numpy().astype(np.float32)
-    model.train(was_training)
+        acc = multiscale_flip(model, x, scales, flips=(False, True) if flip else (False,),
+                              on_pass=tap, **opts)[0]
+        n = len(scales) * (2 if flip else 1)
+        out = {"configured": (acc / n).cpu().numpy().astype(np.float32)}
+        if single_scale:
+            if not single:
+                single.append(multiscale_flip(model, x, [1.0], flips=(False,), **opts)[0])
+            out["single_scale"] = single[0].cpu().numpy().astype(np.float32)
+        if multi_scale_flip:
+            if flip:
+                out["multi_scale_flip"] = out["configured"]
+            else:
+                extra = multiscale_flip(model, x, scales, flips=(True,), **opts)[0]
+                out["multi_scale_flip"] = ((acc + extra) / (2 * n)).cpu().numpy().astype(np.float32)
     return out
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from pipeline.data.transforms import to_tensor
 from pipeline.data.voc import VOC_CLASSES, load_image
+from pipeline.engine.runtime import eval_mode
 from pipeline.models.backbones import model_normalisation
 from pipeline.steps.refine.affinity_labels import STRIDE, resize_maps
 from pipeline.steps.refine.affinity_net import AffinityNet, load_affinity_net
@@ -199,12 +200,8 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
     if cams.ndim == 3 and cams.shape[0] == 0:     # no foreground class: all background, no forward
         return np.ones((1, *image.shape[:2]), np.float32)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         f = model(to_tensor(image, *model_normalisation(model))[None].to(device))[0]
-    finally:
-        model.train(was_training)
     return refine_with_features(f, cams, image.shape[:2], params)
 
 
