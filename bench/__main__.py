@@ -5,6 +5,7 @@
     python -m bench --list
     python -m bench gpu                  # ACR ViT-B/16 @384 step time + export img/s (only when named)
     python -m bench rw_ceiling           # the random walk with ground-truth affinity over built chains' seeds (only when named)
+    python -m bench cam_probe            # the frozen CNN CAM's seeds under three ways of training its head (only when named)
 
 Each benchmark writes ``results/bench/<name>.json`` with the machine description, the measured
 numbers and, for the ratio targets of the performance issue, the target and whether it was met.
@@ -34,10 +35,11 @@ BENCHES = {
     "rss": scaling.rss_scaling,
     "stages": stages.stage_table,
     "rw_ceiling": quality.rw_ceiling,
+    "cam_probe": quality.cam_probe,
     "gpu": gpu.gpu_bench,
 }
 #: run only when named (on a CPU machine it measures a reduced version, see bench/gpu.py)
-ON_REQUEST = {"gpu", "rw_ceiling"}
+ON_REQUEST = {"gpu", "rw_ceiling", "cam_probe"}
 
 
 def machine() -> dict:

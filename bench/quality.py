@@ -1,6 +1,7 @@
-"""How much the PSA random walk can add to a built chain's seeds (a diagnostic, not a result).
+"""Diagnostics of real-image quality (not results): how much the PSA random walk can add to a built
+chain's seeds (``rw_ceiling``), and how the CNN CAM's head training moves its seeds (``cam_probe``).
 
-For every chain of ``dataset`` whose seeds exist (``results/<dataset>/<method>/seeds.h5``), on
+``rw_ceiling``: for every chain of ``dataset`` whose seeds exist (``results/<dataset>/<method>/seeds.h5``), on
 its ``refine_seeds`` split, with the profile's ``refine_seeds`` settings (background power,
 radius, beta, logt) and ``train_affinity`` label settings:
 
@@ -99,4 +100,108 @@ def rw_ceiling(dataset: str, params_path: str = "params.yaml") -> dict:
     summary = "; ".join(f"{r['method']}: seeds {r['seeds']}, refined {r['refined']}, "
                         f"walk with GT affinity {r['walk_gt_affinity']}, with its affinity "
                         f"labels {r['walk_label_affinity']}" for r in rows)
+    return {"rows": rows, "summary": summary}
+
+
+#: (name, what) of the linear-probe recipes :func:`cam_probe` compares
+PROBE_RECIPES = (
+    ("crops", "random 224-px crops at scale 0.5-1 + flip, batch 8, 60 AdamW steps "
+              "(the vocsample cam recipe)"),
+    ("whole_all", "whole images, all of them in every step, 60 AdamW steps"),
+    ("whole_one", "whole images, one per step, 10 epochs (train_cls crop: null, batch_size 1, "
+                  "without its flip)"),
+)
+
+
+def cam_probe(dataset: str, params_path: str = "params.yaml", thresholds=(0.35, 0.3)) -> dict:
+    """Seeds of the frozen-trunk CNN CAM (the ``cam`` method's ``train_cls`` backbone of
+    ``dataset``, e.g. vocsample's ImageNet EfficientNet-Lite0) under three ways of training its
+    bias-free linear head (:data:`PROBE_RECIPES`; AdamW, lr ``train_cls.lr``, poly 0.9, multi-label
+    soft margin), each scored at scale 1 without flip at ``thresholds`` on the training
+    images. A diagnostic of issue 15 (why the chain's seeds sat below the issue's 33 % quick
+    check): it trains nothing that the pipeline keeps and chooses nothing.
+
+    Returns:
+        ``{"rows": [{recipe, what, "tau_<t>": mIoU %...}], "summary"}``.
+    Raises:
+        FileNotFoundError: no ``results/<dataset>/dataset.json`` (run ``prepare_dataset``).
+        ValueError: the profile's ``cam`` classifier is not a frozen CNN (``arch: cnn``,
+            ``freeze: true``).
+    """
+    import torch
+    import torch.nn.functional as F
+    from pipeline.data.datasets import random_scale_crop
+    from pipeline.data.transforms import to_tensor
+    from pipeline.data.voc import labels_to_multihot, load_image
+    from pipeline.engine.evaluator import Evaluator
+    from pipeline.engine.labels import maps_to_label
+    from pipeline.io.config import load_params, stage_params
+    from pipeline.models.backbones import backbone_normalisation
+    from pipeline.models.cnn_cam import CNNCAM
+
+    man_path = Path(manifest(dataset))
+    if not man_path.is_file():
+        raise FileNotFoundError(f"{man_path} missing: `snakemake --cores 1 {man_path}` first")
+    man = json.loads(man_path.read_text())
+    p = stage_params(load_params(params_path), dataset, "cam", "train_cls")
+    if p.get("arch") != "cnn" or not p.get("freeze"):
+        raise ValueError(f"cam_probe needs a frozen CNN cam classifier in profiles.{dataset} "
+                         f"(arch: cnn, freeze: true), got arch {p.get('arch')!r}")
+    ids = man["splits"]["train"]
+    n_fg = len(man["classes"]) - 1
+    torch.manual_seed(0)
+    model = CNNCAM(p, n_fg).eval()
+    mean, std = backbone_normalisation(p["backbone"])
+    images = [load_image(man["root"], i) for i in ids]
+    y = torch.from_numpy(np.stack([labels_to_multihot(man["labels"][i], n_fg + 1) for i in ids]))
+    feats = [model.features(to_tensor(im, mean, std)[None])[0] for im in images]   # (C, h, w)
+    pooled = torch.stack([f.mean((1, 2)) for f in feats])
+    lr = float(p["lr"])
+
+    def train(recipe: str) -> torch.Tensor:
+        torch.manual_seed(0)
+        rng = np.random.default_rng(0)
+        head = torch.nn.Linear(pooled.shape[1], n_fg, bias=False)
+        steps = {"crops": 60, "whole_all": 60, "whole_one": 10 * len(ids)}[recipe]
+        opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 - it / steps) ** 0.9)
+        for _ in range(steps):
+            if recipe == "whole_all":
+                x, t = pooled, y
+            elif recipe == "whole_one":
+                j = int(rng.integers(len(ids)))
+                x, t = pooled[j:j + 1], y[j:j + 1]
+            else:
+                b = rng.choice(len(ids), min(8, len(ids)), replace=False)
+                crops = [random_scale_crop(images[j], rng, 224, (0.5, 1.0), True, fill=mean)[0]
+                         for j in b]
+                x = model.features(torch.stack([to_tensor(c, mean, std) for c in crops])).mean((2, 3))
+                t = y[b]
+            loss = F.multilabel_soft_margin_loss(head(x), t)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        return head.weight.detach()
+
+    rows = []
+    for recipe, what in PROBE_RECIPES:
+        w = train(recipe)
+        streams = [f"tau_{t}" for t in thresholds]
+        ev = Evaluator(man["root"], man["label_dir"], man["classes"], streams=streams)
+
+        def predict(image_id, w=w):
+            k = ids.index(image_id)
+            cids = np.nonzero(y[k].numpy())[0]
+            cam = F.relu(torch.einsum("kc,chw->khw", w[torch.from_numpy(cids)], feats[k]))
+            cam = F.interpolate(cam[None], images[k].shape[:2], mode="bilinear",
+                                align_corners=False)[0]
+            cam = (cam / (cam.amax((1, 2), keepdim=True) + 1e-5)).numpy()
+            return {s: maps_to_label(cam, cids + 1, t) for s, t in zip(streams, thresholds)}
+
+        ev.run(ids, predict, desc=f"cam_probe {recipe}")
+        rows.append({"recipe": recipe, "what": what, "images": len(ids),
+                     **{s: round(100 * ev.scores(s)["miou"], 1) for s in streams}})
+    summary = "; ".join(f"{r['recipe']}: " + " / ".join(str(r[f"tau_{t}"]) for t in thresholds)
+                        for r in rows) + f" (seeds mIoU % at tau {' / '.join(map(str, thresholds))})"
     return {"rows": rows, "summary": summary}

