@@ -9,8 +9,25 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-VOCSAMPLE = Path(os.environ.get("WSSS_VOCSAMPLE",
-                                REPO.parent / "shared" / "data" / "voc2012-sample" / "VOC2012"))
+
+
+def _find_vocsample() -> Path:
+    """The real VOC sample: ``$WSSS_VOCSAMPLE``, else ``shared/data/voc2012-sample/VOC2012``
+    beside this checkout, else beside the checkout it was cloned from (``remote.origin.url``
+    a local folder: a throw-away ``git clone`` of the working copy in /tmp); the first that
+    holds JPEGImages, or the first candidate (the error names it)."""
+    if os.environ.get("WSSS_VOCSAMPLE"):
+        return Path(os.environ["WSSS_VOCSAMPLE"])
+    rel = Path("shared", "data", "voc2012-sample", "VOC2012")
+    candidates = [REPO.parent / rel]
+    origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        candidates.append(Path(origin).resolve().parent / rel)
+    return next((c for c in candidates if (c / "JPEGImages").is_dir()), candidates[0])
+
+
+VOCSAMPLE = _find_vocsample()
 
 
 @pytest.fixture(scope="session")
