@@ -117,8 +117,9 @@ def cam_probe(dataset: str, params_path: str = "params.yaml", thresholds=(0.35, 
     """Seeds of the frozen-trunk CNN CAM (the ``cam`` method's ``train_cls`` backbone of
     ``dataset``, e.g. vocsample's ImageNet EfficientNet-Lite0) under three ways of training its
     bias-free linear head (:data:`PROBE_RECIPES`; AdamW, lr ``train_cls.lr``, poly 0.9, multi-label
-    soft margin), each scored at scale 1 without flip at ``thresholds`` on the training
-    images. A diagnostic of issue 15 (why the chain's seeds sat below the issue's 33 % quick
+    soft margin), each scored through the chain's seed export
+    (:func:`pipeline.steps.seeds.multiscale_maps`, scale 1 without flip, ``norm: max``) at
+    ``thresholds`` on the training images. A diagnostic of issue 15 (why the chain's seeds sat below the issue's 33 % quick
     check): it trains nothing that the pipeline keeps and chooses nothing.
 
     Returns:
@@ -137,7 +138,9 @@ def cam_probe(dataset: str, params_path: str = "params.yaml", thresholds=(0.35, 
     from pipeline.engine.labels import maps_to_label
     from pipeline.io.config import load_params, stage_params
     from pipeline.models.backbones import backbone_normalisation
+    from pipeline.methods import get_method
     from pipeline.models.cnn_cam import CNNCAM
+    from pipeline.steps.seeds import multiscale_maps
 
     man_path = Path(manifest(dataset))
     if not man_path.is_file():
@@ -151,7 +154,9 @@ def cam_probe(dataset: str, params_path: str = "params.yaml", thresholds=(0.35, 
     n_fg = len(man["classes"]) - 1
     torch.manual_seed(0)
     model = CNNCAM(p, n_fg).eval()
-    mean, std = backbone_normalisation(p["backbone"])
+    model.input_norm = mean, std = backbone_normalisation(p["backbone"])
+    method, export = get_method("cam"), {"scales": [1.0], "flip": False, "norm": "max"}
+    index = {i: k for k, i in enumerate(ids)}
     images = [load_image(man["root"], i) for i in ids]
     y = torch.from_numpy(np.stack([labels_to_multihot(man["labels"][i], n_fg + 1) for i in ids]))
     feats = [model.features(to_tensor(im, mean, std)[None])[0] for im in images]   # (C, h, w)
@@ -190,13 +195,15 @@ def cam_probe(dataset: str, params_path: str = "params.yaml", thresholds=(0.35, 
         streams = [f"tau_{t}" for t in thresholds]
         ev = Evaluator(man["root"], man["label_dir"], man["classes"], streams=streams)
 
-        def predict(image_id, w=w):
-            k = ids.index(image_id)
+        with torch.no_grad():
+            model.classifier.weight.copy_(w)
+
+        def predict(image_id):
+            k = index[image_id]
             cids = np.nonzero(y[k].numpy())[0]
-            cam = F.relu(torch.einsum("kc,chw->khw", w[torch.from_numpy(cids)], feats[k]))
-            cam = F.interpolate(cam[None], images[k].shape[:2], mode="bilinear",
-                                align_corners=False)[0]
-            cam = (cam / (cam.amax((1, 2), keepdim=True) + 1e-5)).numpy()
+            # the chain's own seed export (scale 1, no flip, max-normalised)
+            cam = multiscale_maps(method, model, images[k], torch.from_numpy(cids), export,
+                                  torch.device("cpu"))["cams"].numpy()
             return {s: maps_to_label(cam, cids + 1, t) for s, t in zip(streams, thresholds)}
 
         ev.run(ids, predict, desc=f"cam_probe {recipe}")
