@@ -166,7 +166,9 @@ def test_bpm_and_stored_maps_reproduce_the_restricted_argmax():
     m = ViTPCM()
     model = m.build_model(TINY, 7).eval()
     x = torch.randn(1, 3, 32, 40)
-    maps = m.maps(model, x, cids - 1, {})
+    maps = m.finish_maps(m.maps(model, x, cids - 1, {}), {})        # token resolution
+    assert torch.allclose(maps["cams"], m.maps(model, x, cids - 1, {"bpm_upsample": "ratio"})["cams"],
+                          atol=1e-6)                     # both forms agree at the token grid
     with torch.no_grad():
         zz = model(x)[0].softmax(-1)
     lab = maps_to_label(maps["cams"].numpy(), cids.numpy(), 0.5)
@@ -331,3 +333,61 @@ def test_staged_training_warmup_head_only_then_last_blocks():
     assert make_optimizer(model, {"lr": 1e-4, "adam_eps": 1e-7}, groups).defaults["eps"] == 1e-7
     with pytest.raises(ValueError, match="unfreeze_blocks"):
         m.build_model({**p, "unfreeze_blocks": 4}, 4)
+
+
+def _bilinear_align_corners(a, H, W):
+    """Brute-force bilinear resize of ``(h, w, C)`` to ``(H, W, C)`` with align_corners=True
+    (TF1 ``tf.image.resize(..., align_corners=True)``, ViT-PCM ``utils.resize``)."""
+    h, w, C = a.shape
+    out = np.zeros((H, W, C))
+    for i in range(H):
+        y = i * (h - 1) / (H - 1) if H > 1 else 0.0
+        y0 = min(int(math.floor(y)), h - 1)
+        y1, fy = min(y0 + 1, h - 1), y - y0
+        for j in range(W):
+            x = j * (w - 1) / (W - 1) if W > 1 else 0.0
+            x0 = min(int(math.floor(x)), w - 1)
+            x1, fx = min(x0 + 1, w - 1), x - x0
+            out[i, j] = ((1 - fy) * ((1 - fx) * a[y0, x0] + fx * a[y0, x1])
+                         + fy * ((1 - fx) * a[y1, x0] + fx * a[y1, x1]))
+    return out
+
+
+@pytest.mark.parametrize("bpm_norm", ["max", "none"])
+def test_exported_seeds_are_the_official_argmax_of_the_upsampled_merged_distribution(bpm_norm):
+    """Official ``main.py: test``: ``argmax(resize(merge_class_labels(preds, labels)))`` at
+    image size. The stored ``cams`` at 0.5 (``bpm_upsample: probs``, the default) give those
+    labels at every pixel; the earlier ``ratio`` form does not (it differs between token
+    centres)."""
+    from pipeline.data.transforms import to_tensor
+    from pipeline.steps.seeds import multiscale_maps
+
+    torch.manual_seed(3)
+    m = ViTPCM()
+    model = m.build_model(TINY, 7).eval()
+    with torch.no_grad():                                  # sharpen: a random net is near uniform
+        model.classifier.weight.mul_(20)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)     # multiples of the stride 8
+    cids = np.array([2, 5])
+    p = {"scales": [1.0], "flip": False, "norm": "mean", "align_corners": True, "bpm_norm": bpm_norm}
+    got = multiscale_maps(m, model, img, torch.as_tensor(cids - 1), p, torch.device("cpu"))
+    assert set(got) == {"cams", "probs"}
+    with torch.no_grad():
+        z = model(to_tensor(img).unsqueeze(0))[0].softmax(-1).double().numpy()   # (4, 5, 8)
+    keep = [0, 2, 5]
+    merged = np.zeros_like(z)                              # official merge_class_labels, by hand
+    merged[..., keep] = z[..., keep]
+    if bpm_norm == "max":
+        merged = merged / merged.reshape(-1, 8).max(0).clip(1e-300)
+    merged = merged / merged.sum(-1, keepdims=True)
+    ref = np.array(keep)[_bilinear_align_corners(merged, 32, 40)[..., keep].argmax(-1)]
+    lab = maps_to_label(got["cams"].numpy(), cids, 0.5)
+    assert (lab == ref).all()
+    assert np.isin(ref, [2, 5]).any() and (ref == 0).any()    # not a trivial labelling
+    old = multiscale_maps(m, model, img, torch.as_tensor(cids - 1), {**p, "bpm_upsample": "ratio"},
+                          torch.device("cpu"))
+    assert set(old) == {"cams", "probs"} and torch.allclose(old["probs"], got["probs"])
+    with pytest.raises(ValueError, match="bpm_upsample"):
+        multiscale_maps(m, model, img, torch.as_tensor(cids - 1), {**p, "norm": "max"},
+                        torch.device("cpu"))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, color_jitter, to_tensor
 from pipeline.data.voc import NUM_CLASSES, labels_to_multihot, load_image
 
 
@@ -78,19 +78,39 @@ class ClassificationDataset(Dataset):
     ``mean`` / ``std``: the input normalisation of :func:`pipeline.data.transforms.to_tensor`
     (the backbone's, :func:`pipeline.models.backbones.backbone_normalisation`; default
     ImageNet's); the padding colour is ``mean``.
+
+    ViT-PCM's training geometry and augmentation (official deepplants/ViT-PCM
+    ``dataloader.py: _preprocess_image``, ``utils.py: affine_transform`` /
+    ``color_transform``), each off by default:
+
+    * ``resize_square = S``: every image is first resized (bilinear) to ``S x S``, aspect
+      ignored; with ``crop=None`` and no rescale (``scale_range`` (1, 1), no ``resize_long``)
+      all items are ``S x S`` and batch as usual (the code's 384 x 384 input);
+    * ``color_jitter``: keyword arguments of :func:`pipeline.data.transforms.color_jitter`
+      (``{}``: its defaults = the code's), TF semantics, after the crop;
+    * ``vflip`` / ``transpose``: a vertical flip / a transpose (rows <-> columns), p 0.5 each,
+      after the colour jitter (with ``hflip`` the code's eight dihedral cases, uniformly).
+
+    These draws come after the rescale / flip / crop draws, so a dataset without them
+    reproduces the earlier items exactly.
     """
 
     def __init__(self, root: str | Path, ids: Sequence[str], labels: Mapping[str, Sequence[int]],
                  crop: int | None, scale_range: Sequence[float] | None = (1.0, 1.0), hflip: bool = True,
                  seed: int = 0, num_classes: int = NUM_CLASSES,
                  resize_long: Sequence[int] | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 resize_square: int | None = None, vflip: bool = False, transpose: bool = False,
+                 color_jitter: Mapping | None = None):
         self.root, self.ids, self.labels = Path(root), list(ids), labels
         self.crop, self.hflip = (None if crop is None else int(crop)), hflip
         self.scale_range = tuple(scale_range) if scale_range else (1.0, 1.0)
         self.resize_long = tuple(int(v) for v in resize_long) if resize_long else None
         self.seed, self.epoch, self.num_classes = seed, 0, num_classes
         self.mean, self.std = tuple(mean), tuple(std)
+        self.resize_square = int(resize_square) if resize_square else None
+        self.vflip, self.transpose = bool(vflip), bool(transpose)
+        self.color_jitter = None if color_jitter is None else dict(color_jitter)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -102,10 +122,19 @@ class ClassificationDataset(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, i))
         iid = self.ids[i]
         image = load_image(self.root, iid)
+        if self.resize_square:
+            sq = self.resize_square
+            image = np.asarray(Image.fromarray(image).resize((sq, sq), Image.BILINEAR))
         sr = self.scale_range
         if self.resize_long:
             target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
             sr = (target / max(image.shape[:2]),) * 2
         img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean)
+        if self.color_jitter is not None:
+            img = color_jitter(img, rng, **self.color_jitter)
+        if self.vflip and rng.random() < 0.5:
+            img = img[::-1]
+        if self.transpose and rng.random() < 0.5:
+            img = img.transpose(1, 0, 2)
         y = labels_to_multihot(self.labels[iid], self.num_classes)
         return to_tensor(img, self.mean, self.std), torch.from_numpy(y), i

@@ -28,3 +28,56 @@ def denormalise(x: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * s + m).clamp(0, 1)
+
+
+#: ITU-R 601 luma weights of TF's ``tf.image.rgb_to_grayscale`` (ViT-PCM's grey conversion)
+GREY_WEIGHTS = (0.2989, 0.5870, 0.1140)
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float = 0.2,
+                 contrast: tuple[float, float] = (0.5, 2.0),
+                 saturation: tuple[float, float] = (0.5, 1.5), hue: float = 0.1,
+                 gray_p: float = 0.1) -> np.ndarray:
+    """ViT-PCM's colour augmentation with TensorFlow's semantics (official
+    deepplants/ViT-PCM ``utils.py: color_transform``, applied to the 0-255 float image; its
+    defaults are the values here, ``configs/voc12.yaml``'s ``PROB_COLOR_*`` are never read).
+
+    In order, each with its own draw from ``rng`` (always five draws):
+
+    1. ``tf.image.random_brightness``: ``x + d``, ``d ~ U(-brightness, brightness)`` in the
+       image's own units — on the code's 0-255 image ±0.2 is a near no-op, kept as such;
+    2. ``random_contrast``: ``(x - m_c) f + m_c``, ``f ~ U(contrast)``, ``m_c`` the mean of
+       channel ``c`` over the image;
+    3. ``random_saturation``: HSV saturation times ``f ~ U(saturation)``, clipped to [0, 1];
+    4. ``random_hue``: hue plus ``d ~ U(-hue, hue)``, modulo 1;
+    5. with probability ``gray_p``: the grey image ``GREY_WEIGHTS . rgb`` in all three
+       channels (``tf.image.rgb_to_grayscale``).
+
+    No clipping to [0, 255] anywhere, as in TF (out-of-range values reach the input
+    normalisation); the HSV conversion is scikit-image's (the same hexcone formulas as TF's
+    ``rgb_to_hsv`` / ``hsv_to_rgb``), on ``x / 255``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 or float RGB in 0-255 units.
+        rng: numpy Generator.
+    Returns:
+        ``(H, W, 3)`` float32, 0-255 units (may leave [0, 255]).
+    """
+    from skimage.color import hsv2rgb, rgb2hsv
+
+    x = np.asarray(image, np.float64)
+    d_b = rng.uniform(-brightness, brightness)
+    f_c = rng.uniform(contrast[0], contrast[1])
+    f_s = rng.uniform(saturation[0], saturation[1])
+    d_h = rng.uniform(-hue, hue)
+    grey = rng.random() < gray_p
+    x = x + d_b
+    m = x.mean(axis=(0, 1), keepdims=True)
+    x = (x - m) * f_c + m
+    hsv = rgb2hsv(x / 255.0)
+    hsv[..., 1] = np.clip(hsv[..., 1] * f_s, 0.0, 1.0)
+    hsv[..., 0] = np.mod(hsv[..., 0] + d_h, 1.0)
+    x = hsv2rgb(hsv) * 255.0
+    if grey:
+        x = np.repeat((x @ np.asarray(GREY_WEIGHTS))[..., None], 3, axis=-1)
+    return x.astype(np.float32)

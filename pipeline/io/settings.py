@@ -240,6 +240,10 @@ class TrainCls(AccelSettings):
     scale_range: tuple[float, float] | None = _f((1.0, 1.0), _opt(_floats))
     resize_long: tuple[int, int] | None = _f(None, _opt(_ints))   # long side [lo, hi] px
     hflip: bool = _f(True, bool)
+    resize_square: int | None = _f(None, _opt(int))   # ViT-PCM official: S x S first, aspect ignored
+    vflip: bool = _f(False, bool)        # ViT-PCM official: p 0.5 (PROB_FLIP_UD)
+    transpose: bool = _f(False, bool)    # ViT-PCM official: p 0.5 (PROB_ROT90)
+    color_jitter: Mapping[str, Any] | None = _f(None, _opt(_map))   # transforms.color_jitter keywords
     batch_size: int = _f(conv=_opt(int))   # required
     iters: int | None = _f(None, _opt(int))   # null / 0: `epochs` epochs
     epochs: int | None = _f(None, _opt(int))

@@ -105,6 +105,23 @@ class Method(ABC):
             ``(scalar loss, {name: float})`` — the dict is logged.
         """
 
+    def finish_maps(self, maps: dict[str, torch.Tensor], p: dict) -> dict[str, torch.Tensor]:
+        """Turn merged maps into the stored ``seed_keys`` (default: unchanged).
+
+        Called on what :meth:`maps` returned, after :func:`pipeline.steps.seeds.multiscale_maps`
+        has upsampled and merged every key over the scales and flips (``(k, H, W)`` float32),
+        or directly on one pass's token-grid maps by callers that use :meth:`maps` at token
+        resolution (SMAF's teacher). A method whose stored map is a non-linear function of
+        quantities that must be upsampled first (ViT-PCM's ``bpm_upsample: probs``) returns
+        those quantities from :meth:`maps` and combines them here.
+
+        Args:
+            maps: ``{key: (k_key, h, w) float32}``; p: ``export_seeds`` params.
+        Returns:
+            ``{key: (k, h, w) float32 >= 0}`` with every ``seed_keys`` entry.
+        """
+        return maps
+
     @abstractmethod
     def maps(self, model: nn.Module, x: torch.Tensor, fg: torch.Tensor, p: dict) -> dict[str, torch.Tensor]:
         """Class maps of one image for its present classes.
@@ -115,7 +132,8 @@ class Method(ABC):
             p: ``export_seeds`` params.
         Returns:
             ``{key: (k, h, w) float32 >= 0}`` at the model's token/feature resolution, one
-            entry per ``seed_keys``; not yet normalised.
+            entry per ``seed_keys`` (or the inputs of :meth:`finish_maps`); not yet
+            normalised.
         """
 
 

@@ -183,7 +183,7 @@ def teacher_class_maps(method: Method, model: nn.Module, x: torch.Tensor, y: tor
     for b in range(B):
         fg = y[b].nonzero().flatten()
         if len(fg):
-            out[b, fg] = method.maps(model, x[b:b + 1], fg, p)[key].float().clamp_min(0)
+            out[b, fg] = method.finish_maps(method.maps(model, x[b:b + 1], fg, p), p)[key].float().clamp_min(0)
     return out
 
 

@@ -44,13 +44,22 @@ for the second phase) clears the optimiser state of every parameter at iteration
 ``freeze_warmup_iters`` (:meth:`ViTPCM.optimizer_resets`); ``false`` keeps the head's Adam
 moments across the switch. The `voc` profile's ``adam_eps: 1e-7`` is Keras' Adam epsilon.
 
-Seeds (:meth:`ViTPCM.maps`): ``seeds.h5`` stores foreground maps only, so the background
-probability is folded into the stored map: ``cams_k = Z_k / (Z_k + Z_0)`` (pairwise
-class-vs-background probability, in [0, 1]). For one pass, argmax over {0} + present classes
-of ``Z`` equals ``maps_to_label(cams, bg_threshold=0.5)`` exactly (ties go to background in
-both), so the seeds evaluated at ``methods.vitpcm.eval_seeds.bg_threshold: 0.5`` ARE the
-BPM; with several export scales / flips the ``cams`` are averaged (``norm: mean``), a
-multi-scale BPM. ``probs`` keeps the raw foreground probabilities ``Z_k`` (averaged too).
+Seeds (:meth:`ViTPCM.maps`, :meth:`ViTPCM.finish_maps`): ``seeds.h5`` stores foreground
+maps only, so the background probability is folded into the stored map:
+``cams_k = Z_k / (Z_k + Z_0)`` (pairwise class-vs-background probability, in [0, 1]); the
+arg-max over background + the present classes is then exactly
+``maps_to_label(cams, bg_threshold=0.5)`` (``x / (x + c)`` grows with ``x``, ties go to
+background in both), so the seeds evaluated at ``methods.vitpcm.eval_seeds.bg_threshold: 0.5``
+ARE the BPM. Where the ratio is formed (``export_seeds.bpm_upsample``):
+
+* ``probs`` (default, official ``main.py: test``): the label-merged distribution is upsampled
+  to the image (both halves, bilinear) and the ratio formed per pixel, so the stored seeds
+  are the code's ``argmax(resize(merge_class_labels(preds)))`` exactly;
+* ``ratio`` (this project's earlier form): the ratio is formed at token resolution and
+  upsampled (identical labels at the token centres, not between them).
+
+With several export scales / flips the maps are averaged (``norm: mean``), a multi-scale BPM.
+``probs`` keeps the raw foreground probabilities ``Z_k`` (averaged too).
 """
 from __future__ import annotations
 
@@ -383,23 +392,68 @@ class ViTPCM(Method):
 
     @torch.no_grad()
     def maps(self, model, x, fg, p):
-        """``{"cams": Z_k / (Z_k + Z_0), "probs": Z_k}`` for the classes ``fg``.
+        """Maps of the classes ``fg`` at token resolution (stored maps: module docstring).
+
+        ``bpm_upsample: probs`` (default; official ``main.py: test``: ``merge_class_labels``
+        of the predictions, bilinear ``resize`` (``align_corners=True``) to the image, then the
+        arg-max): ``{"bpm_bg": (1, h, w), "bpm_fg": (k, h, w), "probs": (k, h, w)}``, the
+        label-merged distribution over background + the present classes (each patch
+        renormalised, :func:`merge_class_labels`), split into its background and foreground
+        channels; :meth:`finish_maps` forms ``cams = fg / (fg + bg)`` after the upsampling, so
+        ``cams > 0.5`` at a pixel is the official arg-max of the upsampled distribution.
+        ``ratio`` (this project's earlier form): ``{"cams": Z_k / (Z_k + Z_0), "probs"}``, the
+        ratio taken at token resolution and upsampled itself (the same labels at token
+        resolution, slightly different ones between token centres).
 
         Args:
             x: ``(1, 3, H, W)``; fg: ``(k,)`` 0-based foreground indices (class id - 1).
             p: ``export_seeds`` params; ``bpm_norm: max`` applies the official per-class
                 spatial max normalisation (over background + present classes) first.
         Returns:
-            ``(k, h, w)`` float32 in [0, 1] at token resolution, see the module docstring.
+            float32 maps in [0, 1] as above.
+        Raises:
+            ValueError: unknown ``bpm_norm`` / ``bpm_upsample``, or ``bpm_upsample: probs``
+                with an ``export_seeds.norm`` other than ``mean`` (a per-channel max / min-max
+                would rescale the two halves of the distribution apart).
         """
+        norm, order = p.get("bpm_norm", "none"), p.get("bpm_upsample", "probs")
+        if norm not in ("none", "max"):
+            raise ValueError(f"methods.vitpcm.bpm_norm must be none or max, got {norm!r}")
+        if order not in ("probs", "ratio"):
+            raise ValueError(f"methods.vitpcm.bpm_upsample must be probs or ratio, got {order!r}")
         z = model(x)[0].softmax(-1)                         # (h, w, K+1)
         keep = torch.cat([torch.zeros(1, dtype=torch.long, device=fg.device), fg + 1])
+        probs = z[..., fg + 1].permute(2, 0, 1).contiguous()
+        if order == "probs":
+            if p.get("norm", "mean") != "mean":
+                raise ValueError("methods.vitpcm.bpm_upsample: probs needs export_seeds.norm: mean "
+                                 f"(got {p.get('norm')!r}); set bpm_upsample: ratio for other norms")
+            t = torch.zeros(z.shape[-1], dtype=z.dtype, device=z.device)
+            t[keep] = 1
+            q = merge_class_labels(z[None], t[None], spatial_norm=norm == "max")[0][..., keep]
+            q = q.permute(2, 0, 1)
+            return {"bpm_bg": q[:1].contiguous(), "bpm_fg": q[1:].contiguous(), "probs": probs}
         sel = z[..., keep]
-        if p.get("bpm_norm", "none") == "max":
+        if norm == "max":
             sel = sel / sel.flatten(0, 1).amax(0).clamp_min(1e-12)
-        elif p.get("bpm_norm", "none") != "none":
-            raise ValueError(f"methods.vitpcm.bpm_norm must be none or max, got {p['bpm_norm']!r}")
         bg, fgz = sel[..., :1], sel[..., 1:]
         cams = fgz / (fgz + bg).clamp_min(1e-12)
-        return {"cams": cams.permute(2, 0, 1).contiguous(),
-                "probs": z[..., fg + 1].permute(2, 0, 1).contiguous()}
+        return {"cams": cams.permute(2, 0, 1).contiguous(), "probs": probs}
+
+    def finish_maps(self, maps, p):
+        """``bpm_upsample: probs``: ``cams = bpm_fg / (bpm_fg + bpm_bg)`` (0 where both are 0,
+        i.e. background, as the official arg-max of an all-zero patch) on the merged,
+        upsampled maps; ``bpm_bg`` / ``bpm_fg`` are dropped. Other maps pass unchanged.
+
+        Args:
+            maps: ``{"bpm_bg": (1, H, W), "bpm_fg": (k, H, W), ...}`` float32 (or already
+                ``{"cams", ...}``).
+        Returns:
+            ``{"cams": (k, H, W) float32 in [0, 1], "probs": ...}``.
+        """
+        if "bpm_fg" not in maps:
+            return maps
+        out = {k: v for k, v in maps.items() if k not in ("bpm_bg", "bpm_fg")}
+        fgm, bgm = maps["bpm_fg"], maps["bpm_bg"]
+        out["cams"] = fgm / (fgm + bgm).clamp_min(1e-12)
+        return out

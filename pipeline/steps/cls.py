@@ -36,7 +36,9 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
             pretrained,overrides}``, ``crop`` (pixels; ``null``: whole images, one per batch, for
             trunks that take any size such as the CNN CAM: no padding enters the pooled
             features), ``scale_range`` (or ``resize_long: [lo, hi]``,
-            long side in pixels), ``batch_size``, ``iters`` (or ``iters: null`` and
+            long side in pixels), ``resize_square``, ``vflip``, ``transpose``,
+            ``color_jitter`` (ViT-PCM's geometry and augmentation,
+            :class:`pipeline.data.datasets.ClassificationDataset`), ``batch_size``, ``iters`` (or ``iters: null`` and
             ``epochs``), ``lr``, ``weight_decay``, ``warmup_iters``, ``poly_power``,
             ``num_workers``, ``log_every``, ``seed``, ``device``, ``optimizer`` (``adamw`` or
             ``sgd`` with ``momentum``; defaults: the dataclass) and the method's own keys (the
@@ -62,12 +64,15 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         FloatingPointError: the loss became NaN/inf (names the iteration and image ids).
         ValueError: unknown ``optimizer``, bad ``amp`` (ConfigError), ``batch_size`` not
             divisible by the number of torchrun processes, or ``crop: null`` with a
-            ``batch_size`` other than 1.
+            ``batch_size`` other than 1 (unless ``resize_square`` with no rescale makes every
+            image the same size).
     """
     s = TrainCls.of(p)
-    if s.crop is None and s.batch_size != 1:
+    same_size = bool(s.resize_square) and not s.resize_long and tuple(s.scale_range or (1.0, 1.0)) == (1.0, 1.0)
+    if s.crop is None and s.batch_size != 1 and not same_size:
         raise ValueError(f"train_cls.crop is null (whole images, whose sizes differ) but batch_size is "
-                         f"{s.batch_size}: set batch_size: 1, or give a crop size")
+                         f"{s.batch_size}: set batch_size: 1, give a crop size, or resize_square "
+                         "with scale_range [1, 1]")
     method = get_method(method_name)
     gen = seed_everything(s.seed)
     dd, device = dist_setup(get_device(s.device))
@@ -97,7 +102,9 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
     seed = s.seed
     ds = ClassificationDataset(root, ids, labels, crop=s.crop, scale_range=s.scale_range,
                                hflip=s.hflip, seed=seed, num_classes=n_fg + 1,
-                               resize_long=s.resize_long, mean=mean, std=std)
+                               resize_long=s.resize_long, mean=mean, std=std,
+                               resize_square=s.resize_square, vflip=s.vflip, transpose=s.transpose,
+                               color_jitter=s.color_jitter)
     bs = min(s.batch_size, len(ds))
     dd.per_rank(bs, "train_cls")
     iters = train_iterations(s, len(ds), bs)

@@ -75,6 +75,10 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor,
       ReLU, sum over scales, min-max). ``ms_flip_merge: sum, ms_relu: before_upsample`` is the
       form this pipeline used before (ReLU at the token grid, sum over flips).
 
+    The merged maps go through the method's
+    :meth:`~pipeline.methods.base.Method.finish_maps` last (identity for every method but
+    ViT-PCM, whose ``bpm_upsample: probs`` forms its stored ratio after the upsampling).
+
     Returns:
         ``{key: (k, H, W) float32 in [0, 1]}``.
     Raises:
@@ -113,7 +117,7 @@ def multiscale_maps(method, model, image: np.ndarray, fg: torch.Tensor,
         align_corners=s.align_corners, flip_merge=flip_merge,
         scale_merge="sum", fold="flat" if flip_merge == "sum" and relu != "after_flip_merge" else "nested",
         norm="passes" if norm == "mean" else norm, norm_eps=s.norm_eps)
-    return {k: v[0] for k, v in acc.items()}
+    return method.finish_maps({k: v[0] for k, v in acc.items()}, mp)
 
 
 def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
