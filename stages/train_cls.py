@@ -26,7 +26,7 @@ def main() -> str:
         inputs["teacher"] = args.teacher or artifacts(args.dataset, teacher)["cls_model"]
     met = train_classifier(args.method, m["root"], ids, m["labels"], s, args.out or d["cls_model"],
                            log=logging.getLogger("wsss").info, inputs=inputs,
-                           class_names=manifest_classes(m))
+                           class_names=manifest_classes(m), no_background=m.get("no_background"))
     from pipeline.engine.distributed import is_main_process
     if is_main_process():          # torchrun: rank 0 writes (the model too, see train_classifier)
         write_json(args.metrics or d["cls_metrics"], met)

@@ -242,13 +242,13 @@ def test_loss_trains_both_terms():
     x = torch.randn(2, 3, 32, 32)
     y = torch.zeros(2, 5)
     y[0, 1] = y[1, 3] = 1
-    loss, parts = m.loss(model, x, y, {**TINY, "eq_transforms": ["rot90"]},
+    loss, parts = m.loss(model, x, y, {**TINY, "eq_views": "batch", "eq_transforms": ["rot90"]},
                          torch.Generator().manual_seed(0))
     loss.backward()
     assert set(parts) == {"mce", "eq"} and loss.item() == pytest.approx(parts["mce"] + parts["eq"], rel=1e-5)
     assert model.vit.blocks[0].attn.inner.qkv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="eq_transforms"):
-        m.loss(model, x, y, {**TINY, "eq_transforms": ["rescale"]}, torch.Generator())
+        m.loss(model, x, y, {**TINY, "eq_views": "batch", "eq_transforms": ["rescale"]}, torch.Generator())
 
 
 def test_equivariance_target_from_a_dropout_free_forward(monkeypatch):
@@ -263,7 +263,7 @@ def test_equivariance_target_from_a_dropout_free_forward(monkeypatch):
     monkeypatch.setattr(vp, "equivariance_loss", spy)
     torch.manual_seed(0)
     m = ViTPCM()
-    p = {**TINY, "dropout": 0.5, "eq_transforms": ["hflip"]}
+    p = {**TINY, "dropout": 0.5, "eq_views": "batch", "eq_transforms": ["hflip"]}
     model = m.build_model(p, 5).train()
     x = torch.randn(2, 3, 32, 32)
     y = torch.zeros(2, 5)
@@ -391,3 +391,148 @@ def test_exported_seeds_are_the_official_argmax_of_the_upsampled_merged_distribu
     with pytest.raises(ValueError, match="bpm_upsample"):
         multiscale_maps(m, model, img, torch.as_tensor(cids - 1), {**p, "norm": "max"},
                         torch.device("cpu"))
+
+
+def test_background_label_from_the_mask_enters_l_mce():
+    """``bg_label: gt`` (official ``seg2multihot``): the trainer's ``(B, K+1)`` labels carry
+    ``t_0 = 0`` for an image without background pixels, and ``L_MCE`` is the Keras BCE mean
+    over the K+1 classes of those labels (by hand); ``(B, K)`` labels get ``t_0 = 1``."""
+    torch.manual_seed(0)
+    m = ViTPCM()
+    model = m.build_model({**TINY, "dropout": 0.0}, 5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    y_fg = torch.zeros(2, 5)
+    y_fg[0, 1] = y_fg[1, 3] = 1
+    y_gt = torch.cat([torch.tensor([[1.0], [0.0]]), y_fg], 1)    # image 1 has no background
+    p = {**TINY, "dropout": 0.0, "equivariance": False}
+    _, parts = m.loss(model, x, y_gt, p, torch.Generator())
+    _, parts_fg = m.loss(model, x, y_fg, p, torch.Generator())
+    with torch.no_grad():
+        pooled = pcm_scores(model(x))[1].double().clamp(1e-7, 1 - 1e-7).numpy()
+    for t, got in ((y_gt, parts["mce"]), (with_background(y_fg), parts_fg["mce"])):
+        t = t.double().numpy()
+        ref = -(t * np.log(pooled) + (1 - t) * np.log(1 - pooled)).mean()
+        assert got == pytest.approx(ref, rel=1e-5)
+    assert parts["mce"] != pytest.approx(parts_fg["mce"], rel=1e-4)
+    assert m.wants_background_label({}) and not m.wants_background_label({"bg_label": "always"})
+    with pytest.raises(ValueError, match="bg_label"):
+        m.wants_background_label({"bg_label": "sometimes"})
+
+
+def test_manifest_lists_images_without_background_and_the_dataset_labels_them(tmp_path):
+    """``no_background`` in the manifest, ``y[0]`` of ClassificationDataset from it, and a
+    ViT-PCM training refused (nothing written) without the list."""
+    from test_bad_inputs import make_voc
+    from pipeline.data.datasets import ClassificationDataset
+    from pipeline.data.prepare import build_manifest
+    from pipeline.data.voc import save_mask_png
+    from pipeline.steps.cls import train_classifier
+    data, ids = make_voc(tmp_path / "ds", size=(32, 32))
+    full = np.full((32, 32), 2, np.uint8)
+    full[0, 0] = 255                                        # void, still no background pixel
+    save_mask_png(tmp_path / "ds/SegmentationClass/im1.png", full)
+    man = build_manifest(data, log=lambda s: None)
+    assert man["no_background"] == ["im1"] and man["labels"]["im1"] == [2]
+    ds = ClassificationDataset(tmp_path / "ds", ids, man["labels"], crop=16, num_classes=21,
+                               background_absent=man["no_background"])
+    ys = [ds[i][1] for i in range(3)]
+    assert [float(y[0]) for y in ys] == [1.0, 0.0, 1.0] and ys[1].shape == (21,) and ys[1][2] == 1
+    plain = ClassificationDataset(tmp_path / "ds", ids, man["labels"], crop=16, num_classes=21)
+    assert plain[1][1].shape == (20,) and torch.equal(plain[1][1], ys[1][1:])
+    p = {**TINY, "crop": 32, "batch_size": 2, "iters": 1, "lr": 1e-3, "device": "cpu", "seed": 0,
+         "eq_views": "batch"}
+    with pytest.raises(ValueError, match="no_background"):
+        train_classifier("vitpcm", tmp_path / "ds", ids, man["labels"], p, tmp_path / "m.pt",
+                         log=lambda s: None)
+    assert not (tmp_path / "m.pt").exists()
+    met = train_classifier("vitpcm", tmp_path / "ds", ids, man["labels"], p, tmp_path / "m.pt",
+                           log=lambda s: None, no_background=man["no_background"])
+    assert met["iters"] == 1 and (tmp_path / "m.pt").is_file()
+
+
+def _view_by_hand(img, box, code, crop, scale):
+    """One official second view from its draws: crop, align-corners bilinear resize (the
+    brute-force loop above), fliplr, flipud, transpose — on an ``(H, W, C)`` array."""
+    a = img if box is None else img[box[0]:box[0] + crop, box[1]:box[1] + crop]
+    a = _bilinear_align_corners(a, scale, scale)
+    if code[0]:
+        a = a[:, ::-1]
+    if code[1]:
+        a = a[::-1]
+    if code[2]:
+        a = a.transpose(1, 0, 2)
+    return a
+
+
+def test_official_views_mosaic_and_target_follow_the_drawn_transforms():
+    """Official affine_transform / merged_step / compute_cce_loss: every mosaic tile is its
+    image cropped, resized and flipped as drawn, the target went through the same transforms
+    at patch level, crops start on the patch grid at min(U{0, s, ..., S}, S - crop), and
+    mosaic_tiles cuts the predictions back in the tiling order."""
+    from pipeline.methods.vitpcm import mosaic_tiles, official_views
+    torch.manual_seed(0)
+    S, stride, crop, scale = 32, 8, 16, 16
+    x = torch.randn(9, 3, S, S, dtype=torch.float64)
+    tgt = torch.rand(9, 4, 4, 5, dtype=torch.float64)
+    mos, tg, draws = official_views(x, tgt, stride, crop, 0.5, scale, torch.Generator().manual_seed(1))
+    assert mos.shape == (2, 3, 2 * scale, 2 * scale) and tg.shape == (8, 2, 2, 5) and len(draws) == 8
+    boxes = [d[0] for d in draws]
+    assert any(b is None for b in boxes) and any(b is not None for b in boxes)
+    assert {d[1] for d in draws} != {(False, False, False)}
+    for b, (box, code) in enumerate(draws):
+        m, r, c = b // 4, (b % 4) // 2, b % 2
+        tile = mos[m, :, r * scale:(r + 1) * scale, c * scale:(c + 1) * scale].permute(1, 2, 0).numpy()
+        ref = _view_by_hand(x[b].permute(1, 2, 0).numpy(), box, code, crop, scale)
+        np.testing.assert_allclose(tile, ref, atol=1e-9)
+        pbox = None if box is None else (box[0] // stride, box[1] // stride)
+        tref = _view_by_hand(tgt[b].numpy(), pbox, code, crop // stride, scale // stride)
+        np.testing.assert_allclose(tg[b].numpy(), tref, atol=1e-9)
+        if box is not None:
+            assert all(v % stride == 0 and 0 <= v <= S - crop for v in box)
+    z = torch.arange(2 * 4 * 4 * 3, dtype=torch.float64).reshape(2, 4, 4, 3)
+    tiles = mosaic_tiles(z)
+    for b in range(8):
+        m, r, c = b // 4, (b % 4) // 2, b % 2
+        assert torch.equal(tiles[b], z[m, 2 * r:2 * r + 2, 2 * c:2 * c + 2])
+    # the corner clamp: draws pile up on S - crop (9 of the 25 starts, as 384 / 16 / 128)
+    many = official_views(torch.zeros(1, 3, 48, 48).expand(400, -1, -1, -1), torch.zeros(400, 24, 24, 2),
+                          2, 16, 1.0, 24, torch.Generator().manual_seed(2))[2]
+    ys = np.array([d[0][0] for d in many])
+    assert abs((ys == 32).mean() - 9 / 25) < 0.08 and set(np.unique(ys)) == set(range(0, 33, 2))
+    with pytest.raises(ValueError, match="eq_views"):
+        official_views(x[:3], tgt[:3], stride, crop, 0.5, scale, torch.Generator())
+
+
+def test_official_equivariance_loss_is_ce_to_the_merged_transformed_target(monkeypatch):
+    """``eq_views: official`` in the loss: L_eq = CE between merge_class_labels of the
+    transformed dropout-free target and the mosaic tiles' predictions (recomputed here from
+    the same draws), four images per mosaic."""
+    import pipeline.methods.vitpcm as vp
+    torch.manual_seed(0)
+    m = ViTPCM()
+    p = {**TINY, "dropout": 0.0, "eq_crop_p": 0.5}
+    model = m.build_model(p, 5).eval()
+    x = torch.randn(4, 3, 32, 32)
+    y = torch.zeros(4, 5)
+    y[:, 1] = 1
+    y[2, 3] = 1
+    seen = {}
+    real = vp.official_views
+
+    def spy(*a, **k):
+        seen["out"] = real(*a, **k)
+        return seen["out"]
+    monkeypatch.setattr(vp, "official_views", spy)
+    _, parts = m.loss(model, x, y, p, torch.Generator().manual_seed(0))
+    mos, tg, draws = seen["out"]
+    assert mos.shape == (1, 3, 32, 32) and tg.shape[1:3] == (2, 2)      # 32 // 2 = 16 px = 2 tokens
+    with torch.no_grad():
+        z1 = pcm_scores(model(x))[0]
+        z2 = vp.mosaic_tiles(pcm_scores(model(mos))[0])
+    ref_t = torch.stack([torch.from_numpy(np.ascontiguousarray(
+        _view_by_hand(z1[b].double().numpy(), None if bx is None else (bx[0] // 8, bx[1] // 8), c, 1, 2)))
+        for b, (bx, c) in enumerate(draws)]).float()
+    torch.testing.assert_close(tg, ref_t, atol=1e-5, rtol=1e-5)
+    q = merge_class_labels(ref_t, with_background(y))
+    ref = -(q * z2.clamp(1e-7, 1).log()).sum(-1).mean()
+    assert parts["eq"] == pytest.approx(ref.item(), rel=1e-5)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -93,6 +93,11 @@ class ClassificationDataset(Dataset):
 
     These draws come after the rescale / flip / crop draws, so a dataset without them
     reproduces the earlier items exactly.
+
+    ``background_absent`` (ids whose mask has no background pixel, the manifest's
+    ``no_background``): when given, ``y`` is ``(C,)`` with ``y[0]`` the background label
+    (0 for those ids, else 1) before the foreground multi-hot — for methods that classify the
+    background (ViT-PCM, :meth:`pipeline.methods.base.Method.wants_background_label`).
     """
 
     def __init__(self, root: str | Path, ids: Sequence[str], labels: Mapping[str, Sequence[int]],
@@ -101,7 +106,8 @@ class ClassificationDataset(Dataset):
                  resize_long: Sequence[int] | None = None,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  resize_square: int | None = None, vflip: bool = False, transpose: bool = False,
-                 color_jitter: Mapping | None = None):
+                 color_jitter: Mapping | None = None,
+                 background_absent: Collection[str] | None = None):
         self.root, self.ids, self.labels = Path(root), list(ids), labels
         self.crop, self.hflip = (None if crop is None else int(crop)), hflip
         self.scale_range = tuple(scale_range) if scale_range else (1.0, 1.0)
@@ -111,6 +117,7 @@ class ClassificationDataset(Dataset):
         self.resize_square = int(resize_square) if resize_square else None
         self.vflip, self.transpose = bool(vflip), bool(transpose)
         self.color_jitter = None if color_jitter is None else dict(color_jitter)
+        self.background_absent = None if background_absent is None else set(background_absent)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -137,4 +144,6 @@ class ClassificationDataset(Dataset):
         if self.transpose and rng.random() < 0.5:
             img = img.transpose(1, 0, 2)
         y = labels_to_multihot(self.labels[iid], self.num_classes)
+        if self.background_absent is not None:
+            y = np.concatenate([[0.0 if iid in self.background_absent else 1.0], y]).astype(np.float32)
         return to_tensor(img, self.mean, self.std), torch.from_numpy(y), i

@@ -1,7 +1,8 @@
 """Dataset checks, the dataset manifest, and the VOC 2012 + SBD download.
 
 The manifest ``results/{dataset}/dataset.json`` lists the ids of each split and the
-image-level labels (classes present in the mask, 0 and 255 excluded) of every id, so later
+image-level labels (classes present in the mask, 0 and 255 excluded) of every id, and the
+ids whose mask has no background pixel (ViT-PCM's official background label), so later
 stages never rescan masks.
 """
 from __future__ import annotations
@@ -58,7 +59,9 @@ def build_manifest(data: dict, verify_images: bool = True,
     catches truncated files), its mask exists and is readable (RGB masks are converted via
     the VOC palette), and both have the same size. Grey and CMYK JPEGs are converted to RGB
     when loaded; they are counted in ``image_modes``. Images without a foreground class are
-    kept (all-negative for the classifier, background pseudo labels) and listed.
+    kept (all-negative for the classifier, background pseudo labels) and listed. Images whose
+    mask has no background (class 0) pixel are listed under ``no_background`` (ViT-PCM's
+    official background label, ``seg2multihot``: background is a label only when present).
 
     The class set is ``data["classes"]`` (``voc`` when absent, see
     :mod:`pipeline.data.classes`); mask values ``>= len(classes)`` other than 255 are not
@@ -68,7 +71,8 @@ def build_manifest(data: dict, verify_images: bool = True,
 
     Returns:
         ``{"root", "label_dir", "splits": {name: [ids]}, "labels": {id: [class ids]},
-        "counts": {name: n}, "no_foreground": [ids], "image_modes": {mode: n},
+        "counts": {name: n}, "no_foreground": [ids], "no_background": [ids],
+        "image_modes": {mode: n},
         "classes": [names, background first], "bad_gt": {id: [values]}}`` (``bad_gt`` is
         ``{}`` for clean masks).
     Raises:
@@ -88,6 +92,7 @@ def build_manifest(data: dict, verify_images: bool = True,
     labels: dict[str, list[int]] = {}
     bad_gt: dict[str, list[int]] = {}
     modes: dict[str, int] = {}
+    no_bg_set: set[str] = set()
     for iid in tqdm(all_ids, desc="prepare_dataset", unit="img", mininterval=2.0):
         jpg = root / "JPEGImages" / f"{iid}.jpg"
         if not jpg.is_file():
@@ -108,11 +113,14 @@ def build_manifest(data: dict, verify_images: bool = True,
                                f"{mask.shape[0]} but {jpg} is {size[1]}x{size[0]}: the mask "
                                f"belongs to another image; re-extract the masks.")
         values = np.unique(mask)  # the one pass over the mask: labels and stray values
+        if not (values == 0).any():
+            no_bg_set.add(iid)
         labels[iid] = image_labels(values, len(classes)).tolist()
         stray = values[(values >= len(classes)) & (values != IGNORE_INDEX)]
         if stray.size:
             bad_gt[iid] = stray.tolist()
     no_fg = [i for i, l in labels.items() if not l]
+    no_bg = [i for i in all_ids if i in no_bg_set]
     if no_fg:
         log(f"prepare_dataset: {len(no_fg)} images without a foreground class (kept; "
             f"they train the classifier as all-negative and get background pseudo labels)")
@@ -129,6 +137,7 @@ def build_manifest(data: dict, verify_images: bool = True,
         log(f"prepare_dataset: non-RGB JPEGs converted to RGB when loaded: {converted}")
     return {"root": str(root), "label_dir": label_dir, "splits": splits, "labels": labels,
             "counts": {k: len(v) for k, v in splits.items()}, "no_foreground": no_fg,
+            "no_background": no_bg,
             "image_modes": modes, "classes": list(classes), "bad_gt": bad_gt}
 
 

@@ -51,6 +51,13 @@ class Method(ABC):
         optimiser from there on, :class:`pipeline.engine.trainer.Trainer`); default none."""
         return ()
 
+    def wants_background_label(self, p: dict) -> bool:
+        """True if the training labels ``y`` of :meth:`loss` should carry the background
+        label first (``(B, C)``, ``y[:, 0]`` = 1 where the image's mask has background
+        pixels; the manifest's ``no_background``); default False (``(B, C-1)`` foreground
+        multi-hot)."""
+        return False
+
     def after_step(self, model: nn.Module, it: int, p: dict) -> None:
         """Called by the trainer after each optimiser step (e.g. EMA updates); default no-op."""
 
@@ -98,7 +105,8 @@ class Method(ABC):
 
         Args:
             x: ``(B, 3, S, S)`` float32 normalised images.
-            y: ``(B, C-1)`` float32 multi-hot foreground labels.
+            y: ``(B, C-1)`` float32 multi-hot foreground labels (``(B, C)``, background
+                first, when :meth:`wants_background_label`).
             p: ``train_cls`` params (method section merged in).
             generator: torch Generator for the method's own randomness (views, masks).
         Returns:

@@ -13,20 +13,24 @@ Model (supplementary Sec. 1):
 * dropout, then ``A = F W`` with a bias-free ``W in R^{e x (K+1)}`` — background is class 0;
 * Eq. 3: ``Z = softmax(A)`` over the K+1 classes of each patch;
 * Eq. 2: ``y_k = max_i Z_i^k`` (global max pooling over patches);
-* Eq. 1: ``L_MCE = mean_k BCE(t_k, y_k)`` over the K+1 classes, ``t_0 = 1`` (background is
-  always present).
+* Eq. 1: ``L_MCE = mean_k BCE(t_k, y_k)`` over the K+1 classes; ``t_0``, the background
+  label, is 1 where the image's mask has background pixels (``bg_label: gt``, default,
+  official ``seg2multihot``; the manifest's ``no_background``) or always 1
+  (``bg_label: always``, the paper's reading).
 
-Equivariance loss (official code ``compute_cce_loss``; not in the paper): a second view
-``T(x)``, ``T`` in {hflip, vflip, rot90, rot270}, is classified; its patch predictions are
-mapped back to the original token order with ``f^{-1}`` (the token permutation of
-:func:`pipeline.methods.common.tokens.inverse_token_permutation`) and trained by cross entropy
-towards the stop-gradient, label-merged predictions of the first view
-(:func:`merge_class_labels`: absent classes zeroed, each class divided by its spatial max,
-renormalised per patch). Choices where the code does something heavier: the official second
-view is a 2x2 mosaic of independently affine-augmented crops; here the view is one
-token-permuting transform of the whole batch. The target comes, as in the code, from an extra
-dropout-free pass without gradients (``eq_target: eval``; ``train``: the detached first-view
-pass of ``L_MCE``).
+Equivariance loss (official code ``compute_cce_loss``; not in the paper): a second view is
+classified and trained by cross entropy towards the stop-gradient, label-merged predictions
+of the first view (:func:`merge_class_labels`: absent classes zeroed, each class divided by
+its spatial max, renormalised per patch) put into the second view's geometry.
+``eq_views: official`` (default): per image an independent patch-aligned crop (p 0.3),
+resize and dihedral transform, four views tiled into one 2 x 2 mosaic and classified
+together (:func:`official_views`, the code's ``merged_step``; view 2 is drawn from view 1, so
+it shares view 1's colour jitter, where the code jitters it independently).
+``eq_views: batch`` (earlier form): one transform ``T`` in {hflip, vflip, rot90, rot270} of
+the whole batch, its predictions mapped back with ``f^{-1}`` (the token permutation of
+:func:`pipeline.methods.common.tokens.inverse_token_permutation`). The target comes, as in
+the code, from an extra dropout-free pass without gradients (``eq_target: eval``; ``train``:
+the detached first-view pass of ``L_MCE``).
 
 Baseline pseudo-mask (BPM): per patch, argmax of ``Z`` over background + the present
 classes (``bpm_norm: none``, the paper/issue definition) or of the official
@@ -67,9 +71,10 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pipeline.engine.runtime import eval_mode
-from pipeline.models.vit import patch_grid, patch_tokens, vit_from_params
+from pipeline.models.vit import input_stride, patch_grid, patch_tokens, vit_from_params
 from pipeline.methods.common.tokens import SPATIAL_TRANSFORMS, inverse_token_permutation, transform_image
 from pipeline.methods.base import Method
 
@@ -293,9 +298,117 @@ def equivariance_loss(z1: torch.Tensor, z2: torch.Tensor, t_lab: torch.Tensor, t
         z1: ``(B, h, w, C)`` view-1 probabilities; z2: ``(B, h', w', C)`` view-2 ones.
         t_lab: ``(B, C)`` labels with background; transform: a ``SPATIAL_TRANSFORMS`` name.
     """
-    q = merge_class_labels(z1.detach(), t_lab, spatial_norm)
-    p = invert_patch_grid(z2, transform, z1.shape[1:3]).clamp(eps, 1.0)
-    return -(q * p.log()).sum(-1).mean()
+    return merged_cross_entropy(z1, invert_patch_grid(z2, transform, z1.shape[1:3]), t_lab,
+                                spatial_norm, eps)
+
+
+def merged_cross_entropy(target: torch.Tensor, pred: torch.Tensor, t_lab: torch.Tensor,
+                         spatial_norm: bool = True, eps: float = 1e-7) -> torch.Tensor:
+    """``mean_{b, patch} - sum_c q_c log clamp(p_c, eps, 1)`` with ``q =
+    stopgrad(merge_class_labels(target, t_lab))`` (official ``compute_cce_loss``: Keras
+    ``CategoricalCrossentropy`` against the label-merged, stop-gradient target).
+
+    Args:
+        target, pred: ``(B, h, w, C)`` patch probabilities on the same grid; t_lab: ``(B, C)``.
+    """
+    q = merge_class_labels(target.detach(), t_lab, spatial_norm)
+    return -(q * pred.clamp(eps, 1.0).log()).sum(-1).mean()
+
+
+#: forms of the equivariance views (:meth:`ViTPCM.loss`)
+EQ_VIEWS = ("official", "batch")
+
+
+def dihedral(a: torch.Tensor, code: tuple[bool, bool, bool], dims: tuple[int, int]) -> torch.Tensor:
+    """Official ``apply_affine_transform_invertible``: left-right flip, then up-down flip, then
+    transpose, each if its flag in ``code = (fliplr, flipud, transpose)`` is set.
+
+    Args:
+        a: any tensor; dims: its ``(row, column)`` dimensions (``(-2, -1)`` for
+            ``(..., H, W)`` images, ``(0, 1)`` for ``(h, w, C)`` patch grids).
+    """
+    r, c = dims
+    if code[0]:
+        a = a.flip(c)
+    if code[1]:
+        a = a.flip(r)
+    if code[2]:
+        a = a.transpose(r, c)
+    return a
+
+
+def official_views(x: torch.Tensor, target: torch.Tensor, stride: int, crop: int, crop_p: float,
+                   scale: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """ViT-PCM's second view and its target (official ``dataloader.py``: ``affine_transform``
+    with ``crop_size``/``scale_size``; ``model.py``: ``merged_step``, ``compute_cce_loss``).
+
+    For each of the first ``4 * (B // 4)`` images, independently: with probability
+    ``crop_p`` a ``crop x crop`` box whose corner is ``min(U{0, stride, ..., S}, S - crop)``
+    per axis (``bbox_for_crop``), the image (or the box) resized to ``scale x scale``
+    (bilinear, ``align_corners=True``: TF1 ``resize``), then the dihedral
+    :func:`dihedral` with three fair coin flips. Four consecutive views are tiled into one
+    ``2 scale x 2 scale`` mosaic (row-major: view ``4i + 2r + c`` at tile ``(r, c)``). The
+    target is the view-1 patch distribution put through the same crop (in patches), resize
+    (to ``scale / stride`` patches, bilinear, ``align_corners=True``) and dihedral.
+
+    The code draws view 2 from the un-augmented image with its own colour jitter and
+    dihedral, and un-flips view 1's predictions before mapping them; here view 2 is drawn
+    from view 1 (so it carries view 1's colour jitter) with a fresh dihedral, which gives
+    view 2 the same geometry distribution relative to view 1 (a uniform dihedral of a uniform
+    dihedral is uniform and independent of the first); the crop corner's bias towards the
+    last position lies along view 1's axes rather than the original image's.
+
+    Args:
+        x: ``(B, 3, S, S)`` view-1 images, ``S`` a multiple of ``stride``.
+        target: ``(B, S/stride, S/stride, C)`` view-1 patch distributions (detached).
+        crop, scale: pixels, multiples of ``stride``, ``crop <= S``.
+        generator: draws of every coin, corner and flag (on ``x``'s device or CPU).
+    Returns:
+        ``(mosaics (B//4, 3, 2 scale, 2 scale), targets (4 (B//4), g, g, C) with
+        g = scale / stride, draws)`` — ``draws``: per view ``(box or None, dihedral code)``,
+        ``box = (y0, x0)`` in pixels.
+    Raises:
+        ValueError: fewer than 4 images, a non-square input, or sizes that are not multiples
+            of the stride.
+    """
+    B, _, S, S2 = x.shape
+    n = 4 * (B // 4)
+    if n == 0 or S != S2 or S % stride or crop % stride or scale % stride or not 0 < crop <= S:
+        raise ValueError(f"methods.vitpcm eq_views: official needs a batch of >= 4 square images and "
+                         f"eq_crop / eq_scale multiples of the token stride {stride} (crop <= side); got "
+                         f"batch {B}, {S}x{S2} px, eq_crop {crop}, eq_scale {scale}: set eq_views: batch, "
+                         f"or batch_size / eq_crop / eq_scale accordingly")
+    g = scale // stride
+    views, targets, draws = [], [], []
+    starts = torch.arange(0, S + 1, stride)
+    for b in range(n):
+        u = torch.rand(4, generator=generator)
+        box = None
+        img, tgt = x[b:b + 1], target[b:b + 1].permute(0, 3, 1, 2)
+        if u[0] < crop_p:
+            yx = starts[torch.randint(len(starts), (2,), generator=generator)].clamp(max=S - crop)
+            box = (int(yx[0]), int(yx[1]))
+            y0, x0 = box
+            img = img[..., y0:y0 + crop, x0:x0 + crop]
+            ty, tx, tc = y0 // stride, x0 // stride, crop // stride
+            tgt = tgt[..., ty:ty + tc, tx:tx + tc]
+        img = F.interpolate(img, size=(scale, scale), mode="bilinear", align_corners=True)
+        tgt = F.interpolate(tgt, size=(g, g), mode="bilinear", align_corners=True)
+        code = (bool(u[1] < 0.5), bool(u[2] < 0.5), bool(u[3] < 0.5))
+        views.append(dihedral(img[0], code, (-2, -1)))
+        targets.append(dihedral(tgt[0].permute(1, 2, 0), code, (0, 1)))
+        draws.append((box, code))
+    v = torch.stack(views).reshape(n // 4, 2, 2, 3, scale, scale)
+    mosaics = v.permute(0, 3, 1, 4, 2, 5).reshape(n // 4, 3, 2 * scale, 2 * scale)
+    return mosaics, torch.stack(targets), draws
+
+
+def mosaic_tiles(z: torch.Tensor) -> torch.Tensor:
+    """``(M, 2g, 2g, C)`` patch predictions of mosaics -> ``(4M, g, g, C)`` per tile, in the
+    order :func:`official_views` tiled them (``extract_nonoverlapping_patches``)."""
+    M, H, W, C = z.shape
+    g = H // 2
+    return z.reshape(M, 2, g, 2, g, C).permute(0, 1, 3, 2, 4, 5).reshape(4 * M, g, g, C)
 
 
 def bpm(z: torch.Tensor, class_ids: torch.Tensor, spatial_norm: bool = False) -> torch.Tensor:
@@ -359,19 +472,61 @@ class ViTPCM(Method):
         w = int(p.get("freeze_warmup_iters") or 0)
         return (w,) if w > 0 and p.get("fresh_optimizer_after_warmup", True) else ()
 
+    def wants_background_label(self, p):
+        """``bg_label: gt`` (default; official ``dataloader.py``: ``seg2multihot`` of the
+        training mask, so ``t_0 = 1`` only when the mask has background pixels): True, the
+        trainer hands :meth:`loss` ``(B, K+1)`` labels, background first, from the manifest's
+        ``no_background``. ``always`` (the paper's reading of Eq. 1, ``t_0 = 1``): False.
+
+        Raises:
+            ValueError: another ``bg_label``.
+        """
+        form = p.get("bg_label", "gt")
+        if form not in ("gt", "always"):
+            raise ValueError(f"methods.vitpcm.bg_label must be gt or always, got {form!r}")
+        return form == "gt"
+
     def loss(self, model, x, y, p, generator):
         """``L_MCE`` (Eq. 1) + ``eq_weight * L_eq`` (+ ``classifier_l2 * ||W||^2``).
 
-        ``equivariance: true`` draws one of ``eq_transforms`` per batch (generator). During
-        the first ``freeze_warmup_iters`` iterations (:attr:`iteration`) the ViT runs under
-        no_grad (head-only warm-up).
+        ``y``: ``(B, K+1)`` labels with the background first (``bg_label: gt``, from the
+        trainer) or ``(B, K)`` foreground labels, completed with ``t_0 = 1``
+        (:func:`with_background`).
+
+        ``equivariance: true``: ``eq_views: official`` (default; official ``merged_step`` +
+        ``compute_cce_loss``): per image an independent crop (``eq_crop`` px, probability
+        ``eq_crop_p``, default 0.3) / resize (``eq_scale`` px) / dihedral view, four views per
+        2 x 2 mosaic, CE towards the target put through the same transforms
+        (:func:`official_views`; ``eq_crop`` / ``eq_scale`` null: a third / a half of the
+        input side, down to a multiple of the token stride = the code's 128 / 192 at 384).
+        ``eq_views: batch`` (this project's earlier form): one of ``eq_transforms`` for the
+        whole batch (generator), exact token permutation back. During the first
+        ``freeze_warmup_iters`` iterations (:attr:`iteration`) the ViT runs under no_grad
+        (head-only warm-up).
+
+        Raises:
+            ValueError: unknown ``eq_views`` / ``eq_transforms``, or an ``official`` view that
+                the batch cannot form (:func:`official_views`).
         """
         model.vit_frozen = self.iteration < int(p.get("freeze_warmup_iters") or 0)
-        t_lab = with_background(y)
+        t_lab = y if y.shape[1] == model.classifier.out_features else with_background(y)
         z1, y1 = pcm_scores(model(x))
         l_mce = mce_loss(y1, t_lab)
         loss, parts = l_mce, {"mce": l_mce.item()}
-        if p.get("equivariance", True) and float(p.get("eq_weight", 1.0)) > 0:
+        views = p.get("eq_views", "official")
+        if views not in EQ_VIEWS:
+            raise ValueError(f"methods.vitpcm.eq_views must be one of {EQ_VIEWS}, got {views!r}")
+        if p.get("equivariance", True) and float(p.get("eq_weight", 1.0)) > 0 and views == "official":
+            stride, S = input_stride(model), x.shape[-1]
+            crop = int(p.get("eq_crop") or max(stride, S // 3 // stride * stride))
+            scale = int(p.get("eq_scale") or max(stride, S // 2 // stride * stride))
+            mosaics, target, _ = official_views(x, self._eq_target(model, x, z1, p).detach(), stride,
+                                                crop, float(p.get("eq_crop_p", 0.3)), scale, generator)
+            z2 = mosaic_tiles(pcm_scores(model(mosaics))[0])
+            l_eq = merged_cross_entropy(target, z2, t_lab[:len(z2)], bool(p.get("eq_spatial_norm", True)))
+            loss = loss + float(p.get("eq_weight", 1.0)) * l_eq
+            parts["eq"] = l_eq.item()
+        elif p.get("equivariance", True) and float(p.get("eq_weight", 1.0)) > 0:
             choices = list(p.get("eq_transforms", ["hflip", "vflip", "rot90", "rot270"]))
             bad = [c for c in choices if c not in SPATIAL_TRANSFORMS]
             if bad or not choices:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,7 +24,8 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
                      out_path: str | Path,
                      log: Callable[[str], None] = print,
                      inputs: Mapping[str, str] | None = None,
-                     class_names: Sequence[str] = VOC_CLASSES) -> dict:
+                     class_names: Sequence[str] = VOC_CLASSES,
+                     no_background: Collection[str] | None = None) -> dict:
     """Train the method's classifier; save ``{"state_dict", "params", "method", "num_classes"}``.
 
     Args:
@@ -58,6 +59,10 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
             the method's ``setup`` hook as a :data:`pipeline.methods.base.Classifier`.
         class_names: the dataset's classes, background first (the manifest's ``classes``);
             the classifier predicts the ``len(class_names) - 1`` foreground classes.
+        no_background: ids whose mask has no background pixel (the manifest's
+            ``no_background``); needed by methods whose labels include the background
+            (:meth:`pipeline.methods.base.Method.wants_background_label`: ViT-PCM with
+            ``bg_label: gt``), ignored by the others.
     Returns:
         metrics dict: ``curve`` (list of {iter, loss, ...}), ``final`` losses, ``seconds``.
     Raises:
@@ -65,7 +70,8 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
         ValueError: unknown ``optimizer``, bad ``amp`` (ConfigError), ``batch_size`` not
             divisible by the number of torchrun processes, or ``crop: null`` with a
             ``batch_size`` other than 1 (unless ``resize_square`` with no rescale makes every
-            image the same size).
+            image the same size), or a method that labels the background from the masks
+            without ``no_background``.
     """
     s = TrainCls.of(p)
     same_size = bool(s.resize_square) and not s.resize_long and tuple(s.scale_range or (1.0, 1.0)) == (1.0, 1.0)
@@ -74,11 +80,16 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
                          f"{s.batch_size}: set batch_size: 1, give a crop size, or resize_square "
                          "with scale_range [1, 1]")
     method = get_method(method_name)
+    if method.wants_background_label(s.as_dict()) and no_background is None:
+        raise ValueError(f"method {method_name!r} labels the background from the masks (bg_label: gt) "
+                         "but no `no_background` list was given: rebuild the manifest "
+                         "(snakemake --forcerun prepare_dataset; manifests older than this key lack it) "
+                         "or set bg_label: always")
     gen = seed_everything(s.seed)
     dd, device = dist_setup(get_device(s.device))
     try:
         out = _train(method, method_name, gen, dd, device, root, ids, labels, s, out_path,
-                     log, inputs, len(class_names) - 1)
+                     log, inputs, len(class_names) - 1, no_background)
     except BaseException:
         dd.close(barrier=False)     # the other ranks fail on their next collective
         raise
@@ -87,7 +98,7 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
 
 
 def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls, out_path, log,
-           inputs, n_fg):
+           inputs, n_fg, no_background):
     p = s.as_dict()       # the plug-in's view: every key as given (also the checkpoint's)
     acc = Accel(s.accel(), device, "train_cls")
     model = method.build_model(p, n_fg).to(device)
@@ -104,7 +115,8 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
                                hflip=s.hflip, seed=seed, num_classes=n_fg + 1,
                                resize_long=s.resize_long, mean=mean, std=std,
                                resize_square=s.resize_square, vflip=s.vflip, transpose=s.transpose,
-                               color_jitter=s.color_jitter)
+                               color_jitter=s.color_jitter,
+                               background_absent=no_background if method.wants_background_label(p) else None)
     bs = min(s.batch_size, len(ds))
     dd.per_rank(bs, "train_cls")
     iters = train_iterations(s, len(ds), bs)
