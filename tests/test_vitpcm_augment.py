@@ -128,3 +128,9 @@ def test_square_whole_images_batch_and_other_whole_images_do_not(vocsample_root,
         train_classifier("cam", vocsample_root, ids, labels, {**p, "scale_range": [0.5, 1.0]},
                          tmp_path / "n.pt", log=lambda s: None)
     assert not (tmp_path / "n.pt").exists()
+
+
+def test_unknown_colour_jitter_key_is_refused_up_front(vocsample_root):
+    with pytest.raises(ValueError, match=r"color_jitter: unknown keys \['brightnes'\]"):
+        ClassificationDataset(vocsample_root, ["2007_000033"], {"2007_000033": [1]}, crop=32,
+                              color_jitter={"brightnes": 0.1})

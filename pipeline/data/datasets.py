@@ -1,6 +1,7 @@
 """torch Datasets over a VOC-layout root with image-level labels."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
@@ -9,7 +10,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, color_jitter, to_tensor
+from pipeline.data import transforms
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from pipeline.data.voc import NUM_CLASSES, labels_to_multihot, load_image
 
 
@@ -87,7 +89,8 @@ class ClassificationDataset(Dataset):
       ignored; with ``crop=None`` and no rescale (``scale_range`` (1, 1), no ``resize_long``)
       all items are ``S x S`` and batch as usual (the code's 384 x 384 input);
     * ``color_jitter``: keyword arguments of :func:`pipeline.data.transforms.color_jitter`
-      (``{}``: its defaults = the code's), TF semantics, after the crop;
+      (``{}``: its defaults = the code's), TF semantics, after the crop (an unknown key is a
+      ValueError here, before any training);
     * ``vflip`` / ``transpose``: a vertical flip / a transpose (rows <-> columns), p 0.5 each,
       after the colour jitter (with ``hflip`` the code's eight dihedral cases, uniformly).
 
@@ -117,6 +120,12 @@ class ClassificationDataset(Dataset):
         self.resize_square = int(resize_square) if resize_square else None
         self.vflip, self.transpose = bool(vflip), bool(transpose)
         self.color_jitter = None if color_jitter is None else dict(color_jitter)
+        if self.color_jitter:
+            allowed = list(inspect.signature(transforms.color_jitter).parameters)[2:]
+            bad = sorted(set(self.color_jitter) - set(allowed))
+            if bad:
+                raise ValueError(f"train_cls.color_jitter: unknown keys {bad}; allowed: {allowed} "
+                                 "(pipeline.data.transforms.color_jitter)")
         self.background_absent = None if background_absent is None else set(background_absent)
 
     def set_epoch(self, epoch: int) -> None:
@@ -138,7 +147,7 @@ class ClassificationDataset(Dataset):
             sr = (target / max(image.shape[:2]),) * 2
         img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean)
         if self.color_jitter is not None:
-            img = color_jitter(img, rng, **self.color_jitter)
+            img = transforms.color_jitter(img, rng, **self.color_jitter)
         if self.vflip and rng.random() < 0.5:
             img = img[::-1]
         if self.transpose and rng.random() < 0.5:
