@@ -134,3 +134,27 @@ def test_unknown_colour_jitter_key_is_refused_up_front(vocsample_root):
     with pytest.raises(ValueError, match=r"color_jitter: unknown keys \['brightnes'\]"):
         ClassificationDataset(vocsample_root, ["2007_000033"], {"2007_000033": [1]}, crop=32,
                               color_jitter={"brightnes": 0.1})
+
+
+def test_voc_profile_training_recipe_runs_at_toy_size(vocsample_root, tmp_path):
+    """The `voc` profile's ViT-PCM train_cls settings (square resize, no crop, colour jitter,
+    three flips, official views with the code's crop / size ratio, staged warm-up, background
+    label from the manifest) train end to end, scaled down: a tiny random ViT at 48 px instead
+    of ViT-B at 384 (eq_crop / eq_scale 16 / 24 = 128 / 192 x 48 / 384), batch 4, 2 iterations."""
+    from vit_reference import tiny_vit
+    from pipeline.io.config import load_params, stage_params
+    from pipeline.steps.cls import train_classifier
+    p = dict(stage_params(load_params(), "voc", "vitpcm", "train_cls"))
+    assert (p["resize_square"], p["crop"], p["eq_views"], p["eq_crop"], p["eq_scale"]) == \
+        (384, None, "official", 128, 192)
+    assert p["color_jitter"] == {} and p["vflip"] and p["transpose"] and p["bg_label"] == "gt"
+    p.update(backbone=tiny_vit(patch=8, dim=16, depth=2, img=48), resize_square=48, eq_crop=16,
+             eq_scale=24, batch_size=4, iters=2, epochs=None, freeze_warmup_iters=1,
+             unfreeze_blocks=1, device="cpu", num_workers=0, amp="off", checkpoint_every=0,
+             lstm_units=4)
+    ids = ["2007_000033", "2007_000129", "2007_000323", "2007_000332"]
+    labels = {i: [1] for i in ids}
+    met = train_classifier("vitpcm", vocsample_root, ids, labels, p, tmp_path / "m.pt",
+                           log=lambda s: None, no_background=[ids[1]])
+    assert met["iters"] == 2 and (tmp_path / "m.pt").is_file()
+    assert {"mce", "eq", "l2"} <= set(met["final"])
