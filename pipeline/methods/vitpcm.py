@@ -516,27 +516,27 @@ class ViTPCM(Method):
         views = p.get("eq_views", "official")
         if views not in EQ_VIEWS:
             raise ValueError(f"methods.vitpcm.eq_views must be one of {EQ_VIEWS}, got {views!r}")
-        if p.get("equivariance", True) and float(p.get("eq_weight", 1.0)) > 0 and views == "official":
-            stride, S = input_stride(model), x.shape[-1]
-            crop = int(p.get("eq_crop") or max(stride, S // 3 // stride * stride))
-            scale = int(p.get("eq_scale") or max(stride, S // 2 // stride * stride))
-            mosaics, target, _ = official_views(x, self._eq_target(model, x, z1, p).detach(), stride,
-                                                crop, float(p.get("eq_crop_p", 0.3)), scale, generator)
-            z2 = mosaic_tiles(pcm_scores(model(mosaics))[0])
-            l_eq = merged_cross_entropy(target, z2, t_lab[:len(z2)], bool(p.get("eq_spatial_norm", True)))
-            loss = loss + float(p.get("eq_weight", 1.0)) * l_eq
-            parts["eq"] = l_eq.item()
-        elif p.get("equivariance", True) and float(p.get("eq_weight", 1.0)) > 0:
-            choices = list(p.get("eq_transforms", ["hflip", "vflip", "rot90", "rot270"]))
-            bad = [c for c in choices if c not in SPATIAL_TRANSFORMS]
-            if bad or not choices:
-                raise ValueError(f"methods.vitpcm.eq_transforms must be a non-empty subset of "
-                                 f"{SPATIAL_TRANSFORMS}, got {choices}")
-            t = choices[int(torch.randint(len(choices), (1,), generator=generator))]
-            z2, _ = pcm_scores(model(transform_image(x, t)))
-            l_eq = equivariance_loss(self._eq_target(model, x, z1, p), z2, t_lab, t,
-                                     bool(p.get("eq_spatial_norm", True)))
-            loss = loss + float(p.get("eq_weight", 1.0)) * l_eq
+        w_eq = float(p.get("eq_weight", 1.0))
+        if p.get("equivariance", True) and w_eq > 0:
+            spatial_norm = bool(p.get("eq_spatial_norm", True))
+            if views == "official":
+                stride, S = input_stride(model), x.shape[-1]
+                crop = int(p.get("eq_crop") or max(stride, S // 3 // stride * stride))
+                scale = int(p.get("eq_scale") or max(stride, S // 2 // stride * stride))
+                mosaics, target, _ = official_views(x, self._eq_target(model, x, z1, p).detach(), stride,
+                                                    crop, float(p.get("eq_crop_p", 0.3)), scale, generator)
+                z2 = mosaic_tiles(pcm_scores(model(mosaics))[0])
+                l_eq = merged_cross_entropy(target, z2, t_lab[:len(z2)], spatial_norm)
+            else:
+                choices = list(p.get("eq_transforms", ["hflip", "vflip", "rot90", "rot270"]))
+                bad = [c for c in choices if c not in SPATIAL_TRANSFORMS]
+                if bad or not choices:
+                    raise ValueError(f"methods.vitpcm.eq_transforms must be a non-empty subset of "
+                                     f"{SPATIAL_TRANSFORMS}, got {choices}")
+                t = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+                z2, _ = pcm_scores(model(transform_image(x, t)))
+                l_eq = equivariance_loss(self._eq_target(model, x, z1, p), z2, t_lab, t, spatial_norm)
+            loss = loss + w_eq * l_eq
             parts["eq"] = l_eq.item()
         l2 = float(p.get("classifier_l2", 0.0))
         if l2 > 0:
