@@ -92,7 +92,7 @@ def build_manifest(data: dict, verify_images: bool = True,
     labels: dict[str, list[int]] = {}
     bad_gt: dict[str, list[int]] = {}
     modes: dict[str, int] = {}
-    no_bg_set: set[str] = set()
+    no_bg: list[str] = []
     for iid in tqdm(all_ids, desc="prepare_dataset", unit="img", mininterval=2.0):
         jpg = root / "JPEGImages" / f"{iid}.jpg"
         if not jpg.is_file():
@@ -114,13 +114,12 @@ def build_manifest(data: dict, verify_images: bool = True,
                                f"belongs to another image; re-extract the masks.")
         values = np.unique(mask)  # the one pass over the mask: labels and stray values
         if not (values == 0).any():
-            no_bg_set.add(iid)
+            no_bg.append(iid)
         labels[iid] = image_labels(values, len(classes)).tolist()
         stray = values[(values >= len(classes)) & (values != IGNORE_INDEX)]
         if stray.size:
             bad_gt[iid] = stray.tolist()
     no_fg = [i for i, l in labels.items() if not l]
-    no_bg = [i for i in all_ids if i in no_bg_set]
     if no_fg:
         log(f"prepare_dataset: {len(no_fg)} images without a foreground class (kept; "
             f"they train the classifier as all-negative and get background pseudo labels)")

@@ -80,7 +80,8 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
                          f"{s.batch_size}: set batch_size: 1, give a crop size, or resize_square "
                          "with scale_range [1, 1]")
     method = get_method(method_name)
-    if method.wants_background_label(s.as_dict()) and no_background is None:
+    wants_bg = method.wants_background_label(s.as_dict())
+    if wants_bg and no_background is None:
         raise ValueError(f"method {method_name!r} labels the background from the masks (bg_label: gt) "
                          "but no `no_background` list was given: rebuild the manifest "
                          "(snakemake --forcerun prepare_dataset; manifests older than this key lack it) "
@@ -89,7 +90,7 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
     dd, device = dist_setup(get_device(s.device))
     try:
         out = _train(method, method_name, gen, dd, device, root, ids, labels, s, out_path,
-                     log, inputs, len(class_names) - 1, no_background)
+                     log, inputs, len(class_names) - 1, no_background if wants_bg else None)
     except BaseException:
         dd.close(barrier=False)     # the other ranks fail on their next collective
         raise
@@ -98,7 +99,7 @@ def train_classifier(method_name: str, root: str | Path, ids: Sequence[str],
 
 
 def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls, out_path, log,
-           inputs, n_fg, no_background):
+           inputs, n_fg, background_absent):
     p = s.as_dict()       # the plug-in's view: every key as given (also the checkpoint's)
     acc = Accel(s.accel(), device, "train_cls")
     model = method.build_model(p, n_fg).to(device)
@@ -116,7 +117,7 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
                                resize_long=s.resize_long, mean=mean, std=std,
                                resize_square=s.resize_square, vflip=s.vflip, transpose=s.transpose,
                                color_jitter=s.color_jitter,
-                               background_absent=no_background if method.wants_background_label(p) else None)
+                               background_absent=background_absent)
     bs = min(s.batch_size, len(ds))
     dd.per_rank(bs, "train_cls")
     iters = train_iterations(s, len(ds), bs)
