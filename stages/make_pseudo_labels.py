@@ -1,4 +1,6 @@
-"""Dense-CRF pseudo labels (palette PNGs) from the refined maps, and their mIoU (stage 5).
+"""Dense-CRF pseudo labels (palette PNGs) from the refined maps - or, with
+`make_pseudo_labels.source: seeds` (ViT-PCM's official pipeline), from the seeds' own
+distribution - and their mIoU (stage 5).
 pseudo_miou.json's `best_threshold_on_gt` says the official threshold sweep is not defined for
 hard labels (its miou is null); `miou` is the only number."""
 from __future__ import annotations
@@ -12,6 +14,8 @@ def main() -> str:
     ap = parser("make_pseudo_labels", __doc__)
     add_manifest(ap)
     ap.add_argument("--maps", default=None, help="refined HDF5 (default .../refined.h5)")
+    ap.add_argument("--seeds", default=None,
+                    help="seeds HDF5, read instead with `source: seeds` (default .../seeds.h5)")
     ap.add_argument("--out", default=None, help="PNG folder (default .../pseudo)")
     ap.add_argument("--metrics", default=None, help="default .../pseudo_miou.json")
     ap.add_argument("--workers", type=int, default=1, help="processes (Snakemake passes {threads})")
@@ -30,7 +34,8 @@ def main() -> str:
         if args.shard:
             from pipeline.io.shards import shard_ids
             ids = shard_ids(ids, *args.shard)
-        t = make_pseudo_labels(args.maps or d["refined"], s.key, m["root"], ids, s, out,
+        src = (args.seeds or d["seeds"]) if s.source == "seeds" else (args.maps or d["refined"])
+        t = make_pseudo_labels(src, s.key, m["root"], ids, s, out,
                                workers=args.workers, log=logging.getLogger("wsss").info)
         if args.shard:
             return f"shard {args.shard[0]}/{args.shard[1]}: {len(ids)} pseudo labels -> {out}"

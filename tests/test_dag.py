@@ -88,10 +88,14 @@ def test_demo_chain_vitpcm_and_smaf(workdir):
     check_chain(workdir, "demo", "smaf")
     with h5py.File(workdir / "results/demo/vitpcm/seeds.h5") as f:
         g = f[next(iter(f.keys()))]
-        assert {"cams", "probs"} <= set(g.keys())
+        assert {"cams", "bpm_bg", "bpm_fg", "probs"} <= set(g.keys())
         assert float(np.asarray(g["cams"]).max()) <= 1.0
     seeds = json.loads((workdir / "results/demo/vitpcm/seeds_miou.json").read_text())
     assert seeds["bg_threshold"] == 0.5 and "probs" in seeds["other_keys"]
+    assert "bpm_fg" not in seeds["other_keys"]          # stored for the CRF, not a seed
+    # official ViT-PCM: pseudo labels from the BPM + CRF (the refined maps are still scored)
+    pseudo = json.loads((workdir / "results/demo/vitpcm/pseudo_miou.json").read_text())
+    assert pseudo["params"]["source"] == "seeds" and pseudo["timing"]["source"] == "seeds"
     curve = json.loads((workdir / "results/demo/smaf/cls/metrics.json").read_text())["curve"]
     assert {"cls", "mac"} <= set(curve[-1])
     # a teacher edit reruns the student; an acr edit leaves both chains alone

@@ -55,7 +55,7 @@ def test_exported_seeds_are_the_official_argmax_of_the_upsampled_merged_distribu
     cids = np.array([2, 5])
     p = {"scales": [1.0], "flip": False, "norm": "mean", "align_corners": True, "bpm_norm": bpm_norm}
     got = multiscale_maps(m, model, img, torch.as_tensor(cids - 1), p, torch.device("cpu"))
-    assert set(got) == {"cams", "probs"}
+    assert set(got) == {"cams", "bpm_bg", "bpm_fg", "probs"}
     with torch.no_grad():
         z = model(to_tensor(img).unsqueeze(0))[0].softmax(-1).double().numpy()   # (4, 5, 8)
     keep = [0, 2, 5]
@@ -64,9 +64,15 @@ def test_exported_seeds_are_the_official_argmax_of_the_upsampled_merged_distribu
     if bpm_norm == "max":
         merged = merged / merged.reshape(-1, 8).max(0).clip(1e-300)
     merged = merged / merged.sum(-1, keepdims=True)
-    ref = np.array(keep)[_bilinear_align_corners(merged, 32, 40)[..., keep].argmax(-1)]
+    up = _bilinear_align_corners(merged, 32, 40)[..., keep]
+    ref = np.array(keep)[up.argmax(-1)]
     lab = maps_to_label(got["cams"].numpy(), cids, 0.5)
     assert (lab == ref).all()
+    # bpm_bg / bpm_fg are the upsampled distribution itself (official main.py test --crf:
+    # the CRF's input; make_pseudo_labels.source: seeds), bpm_bg once per class channel
+    bg, fg = got["bpm_bg"].numpy(), got["bpm_fg"].numpy()
+    assert bg.shape == fg.shape == (2, 32, 40) and (bg == bg[:1]).all()
+    assert np.allclose(np.concatenate([bg[:1], fg]), up.transpose(2, 0, 1), rtol=1e-5, atol=1e-7)
     assert np.isin(ref, [2, 5]).any() and (ref == 0).any()    # not a trivial labelling
     old = multiscale_maps(m, model, img, torch.as_tensor(cids - 1), {**p, "bpm_upsample": "ratio"},
                           torch.device("cpu"))

@@ -72,6 +72,15 @@ def _map(v) -> FrozenMap:
     return FrozenMap(copy.deepcopy(dict(v)))
 
 
+def _one_of(*options: str) -> Callable:
+    """A string key with a fixed set of values (ValueError names them)."""
+    def conv(v):
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return v
+    return conv
+
+
 def _int_or_0(v) -> int:         # ``checkpoint_every: null`` = 0
     return int(v or 0)
 
@@ -351,6 +360,10 @@ class MakePseudoLabels(StageSettings):
     eval_split: str = "eval_train"
     key: str = "probs"                   # map key of the refined HDF5
     crf: Mapping[str, float] | None = _f(None, _opt(_map))   # dense_crf keywords; null: argmax
+    #: refined: the random walk's distribution (``refined.h5``, PSA chain) | seeds: the seeds'
+    #: own distribution (``seeds.h5`` keys ``bpm_bg`` + ``bpm_fg``: ViT-PCM's BPM, official
+    #: ``main.py test --crf``, no affinity stage) - :func:`pipeline.steps.pseudo.read_distribution`
+    source: str = _f("refined", _one_of("refined", "seeds"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,12 +22,16 @@ class Method(ABC):
     Attributes:
         name: the ``{method}`` wildcard value.
         seed_keys: map kinds written into ``seeds.h5`` (first one = the seeds evaluated).
+        aux_keys: further map kinds written into ``seeds.h5`` when :meth:`finish_maps`
+            returns them, never evaluated as seeds (ViT-PCM's ``bpm_bg`` / ``bpm_fg``, read by
+            ``make_pseudo_labels.source: seeds``).
         affinity_key: map kind the AffinityNet is trained from.
         refine_key: map kind the random walk refines.
     """
 
     name: str = ""
     seed_keys: tuple[str, ...] = ("cams",)
+    aux_keys: tuple[str, ...] = ()
     affinity_key: str = "cams"
     refine_key: str = "cams"
 

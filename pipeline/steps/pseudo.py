@@ -1,4 +1,5 @@
-"""Stage 5: dense-CRF pseudo labels from refined maps, written as VOC palette PNGs."""
+"""Stage 5: dense-CRF pseudo labels from refined maps (or, ``source: seeds``, from the seeds'
+own distribution), written as VOC palette PNGs."""
 from __future__ import annotations
 
 import time
@@ -14,13 +15,54 @@ from pipeline.data.voc import load_image, save_mask_png
 from pipeline.engine.evaluator import Evaluator
 from pipeline.engine.labels import maps_to_label
 from pipeline.io.settings import MakePseudoLabels
-from pipeline.io.storage import MapReader, atomic_directory
+from pipeline.io.storage import MapReader, StorageError, atomic_directory
 
 _STATE: dict = {}
 
 
-def _init(h5_path: str, root: str, key: str, crf: dict | None, out_dir: str) -> None:
-    _STATE.update(reader=MapReader(h5_path), root=root, key=key, crf=crf, out=out_dir)
+#: ``source: seeds``: the keys of ``seeds.h5`` that hold the seeds' own distribution, background
+#: first (ViT-PCM's BPM: :meth:`pipeline.methods.vitpcm.ViTPCM.finish_maps`)
+SEED_DIST_KEYS = ("bpm_bg", "bpm_fg")
+
+
+def _init(h5_path: str, root: str, key: str, crf: dict | None, out_dir: str,
+          source: str = "refined") -> None:
+    _STATE.update(reader=MapReader(h5_path), root=root, key=key, crf=crf, out=out_dir,
+                  source=source)
+
+
+def read_distribution(reader: MapReader, iid: str, source: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """One image's ``(probs (k+1, H, W) float32, class_ids (k+1,) int64)``, background first.
+
+    ``source: refined``: the map ``key`` of ``refined.h5`` as stored (the random walk's
+    distribution). ``source: seeds``: ``seeds.h5``'s ``bpm_bg`` (``p_0``, the same in each of
+    its k channels) stacked on ``bpm_fg`` (``p_k``): the label-merged, upsampled BPM
+    distribution of ViT-PCM, the input of the official CRF (deepplants/ViT-PCM ``main.py
+    test --crf``: ``resize(merge_class_labels(preds))``), float16 as stored. An image without a
+    foreground class is background.
+    """
+    if source == "refined":
+        probs, cids, _ = reader.read(iid, key)
+        return probs, cids
+    bg, cids, _ = reader.read(iid, SEED_DIST_KEYS[0])
+    if len(cids) == 0:
+        return np.ones((1,) + bg.shape[1:], np.float32), np.zeros(1, np.int64)
+    fg = reader.read(iid, SEED_DIST_KEYS[1])[0]
+    return np.concatenate([bg[:1], fg]), np.concatenate([[0], cids])
+
+
+def _require_shares(reader: MapReader, ids: Sequence[str]) -> None:
+    """``source: seeds`` needs ``bpm_bg`` and ``bpm_fg`` in every image (export_seeds writes
+    the method's ``aux_keys`` for images without a foreground class too, as empty maps)."""
+    for iid in ids:
+        keys = reader.keys(iid)
+        if not set(SEED_DIST_KEYS) <= set(keys):
+            raise StorageError(
+                f"{reader.path}:{iid} has no `bpm_bg` / `bpm_fg` maps (has {keys}): "
+                f"`make_pseudo_labels.source: seeds` needs the seeds' own distribution, which "
+                f"only ViT-PCM writes, with `export_seeds.bpm_upsample: probs`. Re-export the "
+                f"seeds with that setting, or set `make_pseudo_labels.source: refined` (the "
+                f"affinity chain's refined.h5).")
 
 
 def pseudo_label(image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray,
@@ -44,7 +86,7 @@ def pseudo_label(image: np.ndarray, probs: np.ndarray, class_ids: np.ndarray,
 
 def _one(iid: str) -> str:
     s = _STATE
-    probs, cids, _ = s["reader"].read(iid, s["key"])
+    probs, cids = read_distribution(s["reader"], iid, s["source"], s["key"])
     label = pseudo_label(load_image(s["root"], iid), probs, cids, s["crf"])
     save_mask_png(Path(s["out"]) / f"{iid}.png", label)
     return iid
@@ -55,19 +97,26 @@ def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Seq
                        log: Callable[[str], None] = print) -> dict:
     """Write ``out_dir/<id>.png`` for every id (dense CRF per the ``crf`` of
     :class:`pipeline.io.settings.MakePseudoLabels`, or of a params mapping converted here), in
-    parallel.
+    parallel. ``h5_path``: ``refined.h5`` (``source: refined``, map ``key``) or ``seeds.h5``
+    (``source: seeds``: :func:`read_distribution`).
+
+    Raises:
+        StorageError: the file is for other images, or (``source: seeds``) lacks ``bpm_bg``
+            (names the file and both fixes); nothing is written then.
 
     The PNGs are written into ``<out_dir>.tmp`` and the folder is renamed when complete
     (:func:`pipeline.io.storage.atomic_directory`: on a failure the temporary folder is removed
     and ``out_dir`` left as it was).
     """
-    crf = MakePseudoLabels.of(p).crf
-    crf = None if crf is None else dict(crf)     # plain dict: pickled to the workers
+    s = MakePseudoLabels.of(p)
+    crf = None if s.crf is None else dict(s.crf)     # plain dict: pickled to the workers
     with MapReader(h5_path) as r:  # refuse maps made for another image list / dataset
         r.require(ids, root)
+        if s.source == "seeds":
+            _require_shares(r, ids)
     t0 = time.time()
     with atomic_directory(out_dir) as tmp:
-        args = (str(h5_path), str(root), key, crf, str(tmp))
+        args = (str(h5_path), str(root), key, crf, str(tmp), s.source)
         if workers > 1:
             with get_context("spawn").Pool(workers, initializer=_init, initargs=args) as pool:
                 # one image per task: a CRF costs ~0.4 s, far above the IPC; larger chunks left
@@ -81,8 +130,9 @@ def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Seq
                 _one(iid)
             _STATE["reader"].close()
     secs = time.time() - t0
-    log(f"make_pseudo_labels: {len(ids)} PNGs in {secs:.1f}s with {workers} worker(s)")
-    return {"images": len(ids), "seconds": round(secs, 1), "workers": workers}
+    log(f"make_pseudo_labels: {len(ids)} PNGs from {h5_path} ({s.source}) in {secs:.1f}s "
+        f"with {workers} worker(s)")
+    return {"images": len(ids), "seconds": round(secs, 1), "workers": workers, "source": s.source}
 
 
 #: ``best_threshold_on_gt`` of hard labels: the official seed protocol sweeps a background

@@ -128,7 +128,8 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
     """Write ``seeds.h5`` (see :mod:`pipeline.io.storage`) for ``ids``.
 
     Maps are stored for the image-label classes only (float16, chunked, gzip), under each of
-    the method's ``seed_keys``. Images with no foreground class get an empty entry.
+    the method's ``seed_keys`` and of its ``aux_keys`` that :meth:`~pipeline.methods.base.Method.finish_maps`
+    returned. Images with no foreground class get empty maps under every key of both.
     ``class_names`` (the manifest's ``classes``, background first) is stored as the file's
     class list.
 
@@ -156,9 +157,11 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
             fg = torch.as_tensor(cids - 1, dtype=torch.long)
             if len(fg):
                 maps = multiscale_maps(method, model, img, fg, s, device, acc)
-                arrays = {k: maps[k].cpu().numpy() for k in method.seed_keys}
+                arrays = {k: maps[k].cpu().numpy() for k in method.seed_keys + method.aux_keys
+                          if k in maps}
             else:
-                arrays = {k: np.zeros((0,) + img.shape[:2], np.float32) for k in method.seed_keys}
+                arrays = {k: np.zeros((0,) + img.shape[:2], np.float32)
+                          for k in method.seed_keys + method.aux_keys}
             wr.write(iid, cids, img.shape[:2], **arrays)
     secs = time.time() - t0
     log(f"export_seeds: {len(ids)} images in {secs:.1f}s -> {out_path}")

@@ -20,8 +20,12 @@ per_image_stage("refine_seeds",
                 args="--seeds {input.seeds} --model {input.model}",
                 output={"maps": A["refined"], "metrics": A["refined_miou"]}, gpu=gpu)
 
-# the dense CRF is a process pool over images (--workers), one BLAS thread each
-per_image_stage("make_pseudo_labels", input={"manifest": MANIFEST, "maps": A["refined"]},
-                args="--maps {input.maps}",
+# the dense CRF is a process pool over images (--workers), one BLAS thread each; it reads the
+# refined maps, or the seeds with `make_pseudo_labels.source: seeds` (ViT-PCM's official BPM +
+# CRF). Both are inputs either way (the refined stages also run then: refined_miou.json), so the
+# DAG has one shape for every method, as dvc.yaml's matrix.
+per_image_stage("make_pseudo_labels",
+                input={"manifest": MANIFEST, "maps": A["refined"], "seeds": A["seeds"]},
+                args="--maps {input.maps} --seeds {input.seeds}",
                 output={"labels": directory(A["pseudo"]), "metrics": A["pseudo_miou"]},
                 opts="--workers {threads}", env="OMP_NUM_THREADS=1 ", threads=workflow.cores)

@@ -83,6 +83,7 @@ from pipeline.methods.vitpcm.model import PCMClassifier, pcm_scores
 class ViTPCM(Method):
     name = "vitpcm"
     seed_keys = ("cams", "probs")
+    aux_keys = ("bpm_bg", "bpm_fg")
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
         return PCMClassifier(p, num_classes)
@@ -249,17 +250,22 @@ class ViTPCM(Method):
     def finish_maps(self, maps, p):
         """``bpm_upsample: probs``: ``cams = bpm_fg / (bpm_fg + bpm_bg)`` (0 where both are 0,
         i.e. background, as the official arg-max of an all-zero patch) on the merged,
-        upsampled maps; ``bpm_bg`` / ``bpm_fg`` are dropped. Other maps pass unchanged.
+        upsampled maps. ``bpm_fg`` and ``bpm_bg`` (the latter repeated to one channel per
+        class: every stored map has the image's k channels) are kept too - the distribution
+        itself, the input of the official CRF (``main.py test --crf``), read by
+        ``make_pseudo_labels.source: seeds`` (:func:`pipeline.steps.pseudo.read_distribution`).
+        Other maps pass unchanged.
 
         Args:
             maps: ``{"bpm_bg": (1, H, W), "bpm_fg": (k, H, W), ...}`` float32 (or already
                 ``{"cams", ...}``).
         Returns:
-            ``{"cams": (k, H, W) float32 in [0, 1], "probs": ...}``.
+            ``{"cams": (k, H, W) float32 in [0, 1], "bpm_fg": (k, H, W), "bpm_bg": (k, H, W),
+            "probs": ...}``.
         """
         if "bpm_fg" not in maps:
             return maps
-        out = {k: v for k, v in maps.items() if k not in ("bpm_bg", "bpm_fg")}
         fgm, bgm = maps["bpm_fg"], maps["bpm_bg"]
+        out = {**maps, "bpm_bg": bgm.expand_as(fgm)}
         out["cams"] = fgm / (fgm + bgm).clamp_min(1e-12)
         return out
