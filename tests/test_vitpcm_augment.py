@@ -148,6 +148,7 @@ def test_voc_profile_training_recipe_runs_at_toy_size(vocsample_root, tmp_path):
     assert (p["resize_square"], p["crop"], p["eq_views"], p["eq_crop"], p["eq_scale"]) == \
         (384, None, "official", 128, 192)
     assert p["color_jitter"] == {} and p["vflip"] and p["transpose"] and p["bg_label"] == "gt"
+    assert p["eq_view_source"] == "base"                # view 2 from the resized image
     p.update(backbone=tiny_vit(patch=8, dim=16, depth=2, img=48), resize_square=48, eq_crop=16,
              eq_scale=24, batch_size=4, iters=2, epochs=None, freeze_warmup_iters=1,
              unfreeze_blocks=1, device="cpu", num_workers=0, amp="off", checkpoint_every=0,
@@ -158,3 +159,38 @@ def test_voc_profile_training_recipe_runs_at_toy_size(vocsample_root, tmp_path):
                            log=lambda s: None, no_background=[ids[1]])
     assert met["iters"] == 2 and (tmp_path / "m.pt").is_file()
     assert {"mce", "eq", "l2"} <= set(met["final"])
+
+
+def test_base_view_items_are_view1_plus_an_independently_jittered_resized_image(vocsample_root):
+    """``base_view`` (official ``_preprocess_image``: both views from the resized image, each
+    with its own ``color_transform`` / ``affine_transform``): view 1 is the item without it,
+    ``base`` the S x S resize with a colour jitter of its own (replayed after view 1's draws),
+    unflipped, and ``code`` view 1's (lr, ud, transpose) flags."""
+    iid = "2007_000033"
+    image = load_image(vocsample_root, iid)
+    S = 24
+    kw = dict(crop=None, scale_range=(1.0, 1.0), hflip=True, mean=HALF[0], std=HALF[1],
+              resize_square=S, vflip=True, transpose=True, color_jitter={})
+    plain = ClassificationDataset(vocsample_root, [iid], {iid: [1]}, **kw)
+    ds = ClassificationDataset(vocsample_root, [iid], {iid: [1]}, base_view=True, **kw)
+    resized = np.asarray(Image.fromarray(image).resize((S, S), Image.BILINEAR))
+    codes = set()
+    for epoch in range(12):
+        ds.set_epoch(epoch)
+        plain.set_epoch(epoch)
+        x, y, i, base, code = ds[0]
+        torch.testing.assert_close(x, plain[0][0], rtol=0, atol=0)
+        rng = np.random.default_rng((0, epoch, 0))
+        rng.uniform(1.0, 1.0)
+        hf = rng.random() < 0.5
+        _jitter_by_hand(resized, rng)                           # view 1's colour draws
+        vf, tr = rng.random() < 0.5, rng.random() < 0.5
+        assert code.tolist() == [hf, vf, tr]
+        ref = _jitter_by_hand(resized, rng)
+        torch.testing.assert_close(base, to_tensor(np.ascontiguousarray(ref.astype(np.float32)), *HALF),
+                                   rtol=1e-5, atol=1e-4)
+        codes.add((hf, vf, tr))
+    assert len(codes) > 3
+    with pytest.raises(ValueError, match="eq_view_source: view1"):
+        ClassificationDataset(vocsample_root, [iid], {iid: [1]}, base_view=True,
+                              **{**kw, "crop": 16})

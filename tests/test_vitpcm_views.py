@@ -167,3 +167,57 @@ def test_official_equivariance_loss_is_ce_to_the_merged_transformed_target(monke
     q = merge_class_labels(ref_t, with_background(y))
     ref = -(q * z2.clamp(1e-7, 1).log()).sum(-1).mean()
     assert parts["eq"] == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_undo_dihedral_inverts_every_code():
+    from pipeline.methods.vitpcm.losses import dihedral, undo_dihedral
+    a = torch.arange(2 * 3 * 3 * 4).reshape(2, 3, 3, 4)
+    for code in [(h, v, t) for h in (0, 1) for v in (0, 1) for t in (0, 1)]:
+        assert torch.equal(undo_dihedral(dihedral(a, code, (1, 2)), code, (1, 2)), a)
+    assert not torch.equal(undo_dihedral(a, (1, 0, 1), (1, 2)), dihedral(a, (1, 0, 1), (1, 2)))
+
+
+def test_views_come_from_the_base_image_with_view1_target_unflipped(monkeypatch):
+    """``eq_view_source: base`` (official ``compute_cce_loss``: ``revert_affine_transform`` of
+    view 1's predictions, then view 2's transform): official_views gets the base image and a
+    target whose token (r, c) is view 1's prediction at the position view 1's flips send
+    (r, c) to - computed here from index arithmetic, token by token."""
+    import pipeline.methods.vitpcm as vp
+    seen, real = [], vp.official_views
+
+    def spy(src, target, *a):
+        seen.append((src, target))
+        return real(src, target, *a)
+    monkeypatch.setattr(vp, "official_views", spy)
+    torch.manual_seed(0)
+    m = ViTPCM()
+    p = {**TINY, "eq_crop": 16, "eq_scale": 16}
+    assert m.wants_base_view(p) and not m.wants_base_view({**p, "eq_view_source": "view1"})
+    assert not m.wants_base_view({**p, "eq_views": "batch"})
+    model = m.build_model(p, 5).train()
+    x, base = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    codes = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]])
+    y = torch.zeros(4, 5)
+    y[:, 1] = 1
+    m.loss(model, x, y, p, torch.Generator().manual_seed(0), base=base, base_code=codes)
+    src, target = seen[-1]
+    assert src is base
+    model.eval()
+    with torch.no_grad():
+        t1 = pcm_scores(model(x))[0]                        # (4, 4, 4, 6) in view 1's frame
+    n = t1.shape[1]
+    for b, (hf, vf, tr) in enumerate(codes.tolist()):
+        for r in range(n):
+            for c in range(n):
+                rr, cc = r, c
+                if hf:
+                    cc = n - 1 - cc
+                if vf:
+                    rr = n - 1 - rr
+                if tr:
+                    rr, cc = cc, rr
+                torch.testing.assert_close(target[b, r, c], t1[b, rr, cc])
+    m.loss(model.train(), x, y, {**p, "eq_view_source": "view1"}, torch.Generator().manual_seed(0))
+    assert seen[-1][0] is x
+    with pytest.raises(ValueError, match="eq_view_source"):
+        m.wants_base_view({**p, "eq_view_source": "raw"})

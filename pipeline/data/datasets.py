@@ -97,6 +97,14 @@ class ClassificationDataset(Dataset):
     These draws come after the rescale / flip / crop draws, so a dataset without them
     reproduces the earlier items exactly.
 
+    ``base_view`` (ViT-PCM's independent second view, official ``_preprocess_image``: both
+    views are made from the resized image, each with its own ``color_transform`` and
+    ``affine_transform``; :meth:`pipeline.methods.base.Method.wants_base_view`): the item gains
+    ``base`` ``float32 (3, S, S)`` - the square-resized image with a colour jitter of its own
+    (drawn after every view-1 draw, so view 1 is unchanged), no flip - and ``code`` ``int64
+    (3,)``: view 1's (left-right flip, up-down flip, transpose), applied in that order to the
+    base. Needs ``resize_square``, ``crop=None``, no rescale (ValueError otherwise).
+
     ``background_absent`` (ids whose mask has no background pixel, the manifest's
     ``no_background``): when given, ``y`` is ``(C,)`` with ``y[0]`` the background label
     (0 for those ids, else 1) before the foreground multi-hot — for methods that classify the
@@ -110,7 +118,7 @@ class ClassificationDataset(Dataset):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  resize_square: int | None = None, vflip: bool = False, transpose: bool = False,
                  color_jitter: Mapping | None = None,
-                 background_absent: Collection[str] | None = None):
+                 background_absent: Collection[str] | None = None, base_view: bool = False):
         self.root, self.ids, self.labels = Path(root), list(ids), labels
         self.crop, self.hflip = (None if crop is None else int(crop)), hflip
         self.scale_range = tuple(scale_range) if scale_range else (1.0, 1.0)
@@ -127,6 +135,15 @@ class ClassificationDataset(Dataset):
                 raise ValueError(f"train_cls.color_jitter: unknown keys {bad}; allowed: {allowed} "
                                  "(pipeline.data.transforms.color_jitter)")
         self.background_absent = None if background_absent is None else set(background_absent)
+        self.base_view = bool(base_view)
+        if self.base_view and (not self.resize_square or self.crop is not None
+                               or self.resize_long or tuple(self.scale_range) != (1.0, 1.0)):
+            raise ValueError(
+                "train_cls: an independent second view (methods.vitpcm.eq_view_source: base, the "
+                "official form) is made from the square-resized image: it needs resize_square, "
+                f"crop: null and scale_range [1, 1] (got resize_square {self.resize_square}, "
+                f"crop {self.crop}, scale_range {list(self.scale_range)}, resize_long "
+                f"{self.resize_long}); set eq_view_source: view1 for a cropping profile.")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -145,14 +162,27 @@ class ClassificationDataset(Dataset):
         if self.resize_long:
             target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
             sr = (target / max(image.shape[:2]),) * 2
-        img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean)
+        if self.base_view:   # the same draws as below, the flip drawn here (base kept unflipped)
+            base, _, _ = random_scale_crop(image, rng, None, sr, False)
+            code = [bool(self.hflip and rng.random() < 0.5)]
+            img = base[:, ::-1] if code[0] else base
+        else:
+            img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean)
         if self.color_jitter is not None:
             img = transforms.color_jitter(img, rng, **self.color_jitter)
-        if self.vflip and rng.random() < 0.5:
+        vf = bool(self.vflip and rng.random() < 0.5)
+        if vf:
             img = img[::-1]
-        if self.transpose and rng.random() < 0.5:
+        tr = bool(self.transpose and rng.random() < 0.5)
+        if tr:
             img = img.transpose(1, 0, 2)
         y = labels_to_multihot(self.labels[iid], self.num_classes)
         if self.background_absent is not None:
             y = np.concatenate([[0.0 if iid in self.background_absent else 1.0], y]).astype(np.float32)
-        return to_tensor(img, self.mean, self.std), torch.from_numpy(y), i
+        x = to_tensor(img, self.mean, self.std)
+        if not self.base_view:
+            return x, torch.from_numpy(y), i
+        if self.color_jitter is not None:
+            base = transforms.color_jitter(base, rng, **self.color_jitter)
+        return (x, torch.from_numpy(y), i, to_tensor(base, self.mean, self.std),
+                torch.tensor(code + [vf, tr], dtype=torch.int64))

@@ -62,6 +62,14 @@ class Method(ABC):
         multi-hot)."""
         return False
 
+    def wants_base_view(self, p: dict) -> bool:
+        """True if :meth:`loss` should also get ``base`` ``(B, 3, S, S)`` (the resized image
+        with a colour jitter of its own, no flip) and ``base_code`` ``(B, 3)`` int64 (view 1's
+        left-right flip, up-down flip, transpose, applied in that order to the base) as keyword
+        arguments (:class:`pipeline.data.datasets.ClassificationDataset` ``base_view``); default
+        False."""
+        return False
+
     def after_step(self, model: nn.Module, it: int, p: dict) -> None:
         """Called by the trainer after each optimiser step (e.g. EMA updates); default no-op."""
 
@@ -113,6 +121,7 @@ class Method(ABC):
                 first, when :meth:`wants_background_label`).
             p: ``train_cls`` params (method section merged in).
             generator: torch Generator for the method's own randomness (views, masks).
+            (``base``, ``base_code``: only for a method whose :meth:`wants_base_view` is True.)
         Returns:
             ``(scalar loss, {name: float})`` — the dict is logged.
         """

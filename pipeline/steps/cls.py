@@ -117,7 +117,8 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
                                resize_long=s.resize_long, mean=mean, std=std,
                                resize_square=s.resize_square, vflip=s.vflip, transpose=s.transpose,
                                color_jitter=s.color_jitter,
-                               background_absent=background_absent)
+                               background_absent=background_absent,
+                               base_view=method.wants_base_view(p))
     bs = min(s.batch_size, len(ds))
     dd.per_rank(bs, "train_cls")
     iters = train_iterations(s, len(ds), bs)
@@ -152,9 +153,11 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
             pos["epoch"], pos["skip"] = pos["epoch"] + 1, 0
 
     def step(batch, it):
-        x, y, _ = batch
+        x, y = batch[0], batch[1]
         method.iteration = it          # for methods whose loss follows the schedule
-        return method.loss(model, acc.input(x.to(device)), y.to(device), p, gen)
+        extra = {} if len(batch) == 3 else {"base": acc.input(batch[3].to(device)),
+                                            "base_code": batch[4].to(device)}
+        return method.loss(model, acc.input(x.to(device)), y.to(device), p, gen, **extra)
 
     curve = trainer.run(batches(), step, after_step=lambda it: method.after_step(model, it, p),
                         batch_ids=lambda batch: [ds.ids[i] for i in batch[2].tolist()],

@@ -51,7 +51,7 @@ def read_distribution(reader: MapReader, iid: str, source: str, key: str) -> tup
     return np.concatenate([bg[:1], fg]), np.concatenate([[0], cids])
 
 
-def _require_shares(reader: MapReader, ids: Sequence[str]) -> None:
+def _require_distribution(reader: MapReader, ids: Sequence[str]) -> None:
     """``source: seeds`` needs ``bpm_bg`` and ``bpm_fg`` in every image (export_seeds writes
     the method's ``aux_keys`` for images without a foreground class too, as empty maps)."""
     for iid in ids:
@@ -100,20 +100,22 @@ def make_pseudo_labels(h5_path: str | Path, key: str, root: str | Path, ids: Seq
     parallel. ``h5_path``: ``refined.h5`` (``source: refined``, map ``key``) or ``seeds.h5``
     (``source: seeds``: :func:`read_distribution`).
 
-    Raises:
-        StorageError: the file is for other images, or (``source: seeds``) lacks ``bpm_bg``
-            (names the file and both fixes); nothing is written then.
-
     The PNGs are written into ``<out_dir>.tmp`` and the folder is renamed when complete
     (:func:`pipeline.io.storage.atomic_directory`: on a failure the temporary folder is removed
     and ``out_dir`` left as it was).
+
+    Returns:
+        ``{"images", "seconds", "workers", "source"}``.
+    Raises:
+        StorageError: the file is for other images, or (``source: seeds``) lacks ``bpm_bg`` /
+            ``bpm_fg`` (names the file and both fixes); nothing is written then.
     """
     s = MakePseudoLabels.of(p)
     crf = None if s.crf is None else dict(s.crf)     # plain dict: pickled to the workers
     with MapReader(h5_path) as r:  # refuse maps made for another image list / dataset
         r.require(ids, root)
         if s.source == "seeds":
-            _require_shares(r, ids)
+            _require_distribution(r, ids)
     t0 = time.time()
     with atomic_directory(out_dir) as tmp:
         args = (str(h5_path), str(root), key, crf, str(tmp), s.source)

@@ -76,7 +76,7 @@ from pipeline.methods.common.tokens import SPATIAL_TRANSFORMS, transform_image
 from pipeline.methods.base import Method
 from pipeline.methods.vitpcm.losses import (EQ_VIEWS, equivariance_loss, mce_loss, merge_class_labels,
                                             merged_cross_entropy, mosaic_tiles, official_views,
-                                            with_background)
+                                            undo_dihedral, with_background)
 from pipeline.methods.vitpcm.model import PCMClassifier, pcm_scores
 
 
@@ -138,7 +138,23 @@ class ViTPCM(Method):
             raise ValueError(f"methods.vitpcm.bg_label must be gt or always, got {form!r}")
         return form == "gt"
 
-    def loss(self, model, x, y, p, generator):
+    def wants_base_view(self, p):
+        """``eq_views: official`` with ``eq_view_source: base`` (default; official
+        ``dataloader.py: _preprocess_image``: view 2 from the resized image with its own
+        ``color_transform``): True. ``view1`` (view 2 made from view 1; profiles that crop
+        view 1, where the resized image is not view 1's frame), or ``eq_views: batch``, or no
+        equivariance: False.
+
+        Raises:
+            ValueError: another ``eq_view_source``.
+        """
+        form = p.get("eq_view_source", "base")
+        if form not in ("base", "view1"):
+            raise ValueError(f"methods.vitpcm.eq_view_source must be base or view1, got {form!r}")
+        return (form == "base" and p.get("eq_views", "official") == "official"
+                and bool(p.get("equivariance", True)) and float(p.get("eq_weight", 1.0)) > 0)
+
+    def loss(self, model, x, y, p, generator, base=None, base_code=None):
         """``L_MCE`` (Eq. 1) + ``eq_weight * L_eq`` (+ ``classifier_l2 * ||W||^2``).
 
         ``y``: ``(B, K+1)`` labels with the background first (``bg_label: gt``, from the
@@ -151,6 +167,9 @@ class ViTPCM(Method):
         2 x 2 mosaic, CE towards the target put through the same transforms
         (:func:`official_views`; ``eq_crop`` / ``eq_scale`` null: a third / a half of the
         input side, down to a multiple of the token stride = the code's 128 / 192 at 384).
+        With ``base`` / ``base_code`` (:meth:`wants_base_view`) the views are made from
+        ``base`` and the target is view 1's, un-flipped to ``base`` per image
+        (:func:`undo_dihedral`, official ``revert_affine_transform``); else from ``x``.
         ``eq_views: batch`` (this project's earlier form): one of ``eq_transforms`` for the
         whole batch (generator), exact token permutation back. During the first
         ``freeze_warmup_iters`` iterations (:attr:`iteration`) the ViT runs under no_grad
@@ -175,8 +194,13 @@ class ViTPCM(Method):
                 stride, S = input_stride(model), x.shape[-1]
                 crop = int(p.get("eq_crop") or max(stride, S // 3 // stride * stride))
                 scale = int(p.get("eq_scale") or max(stride, S // 2 // stride * stride))
-                mosaics, target, _ = official_views(x, self._eq_target(model, x, z1, p).detach(), stride,
-                                                    crop, float(p.get("eq_crop_p", 0.3)), scale, generator)
+                src, target = x, self._eq_target(model, x, z1, p).detach()
+                if base is not None:
+                    src = base
+                    target = torch.stack([undo_dihedral(t, tuple(bool(v) for v in c.tolist()), (0, 1))
+                                          for t, c in zip(target, base_code)])
+                mosaics, target, _ = official_views(src, target, stride, crop,
+                                                    float(p.get("eq_crop_p", 0.3)), scale, generator)
                 z2 = mosaic_tiles(pcm_scores(model(mosaics))[0])
                 l_eq = merged_cross_entropy(target, z2, t_lab[:len(z2)], spatial_norm)
             else:

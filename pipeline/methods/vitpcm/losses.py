@@ -116,6 +116,19 @@ def dihedral(a: torch.Tensor, code: tuple[bool, bool, bool], dims: tuple[int, in
     return a
 
 
+def undo_dihedral(a: torch.Tensor, code: tuple[bool, bool, bool], dims: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`dihedral` (official ``revert_affine_transform``): transpose, then
+    up-down flip, then left-right flip, each if its flag is set."""
+    r, c = dims
+    if code[2]:
+        a = a.transpose(r, c)
+    if code[1]:
+        a = a.flip(r)
+    if code[0]:
+        a = a.flip(c)
+    return a
+
+
 def official_views(x: torch.Tensor, target: torch.Tensor, stride: int, crop: int, crop_p: float,
                    scale: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list]:
     """ViT-PCM's second view and its target (official ``dataloader.py``: ``affine_transform``
@@ -131,15 +144,16 @@ def official_views(x: torch.Tensor, target: torch.Tensor, stride: int, crop: int
     (to ``scale / stride`` patches, bilinear, ``align_corners=True``) and dihedral.
 
     The code draws view 2 from the un-augmented image with its own colour jitter and
-    dihedral, and un-flips view 1's predictions before mapping them; here view 2 is drawn
-    from view 1 (so it carries view 1's colour jitter) with a fresh dihedral, which gives
-    view 2 the same geometry distribution relative to view 1 (a uniform dihedral of a uniform
-    dihedral is uniform and independent of the first); the crop corner's bias towards the
-    last position lies along view 1's axes rather than the original image's.
+    dihedral, and un-flips view 1's predictions before mapping them: give ``x`` = that image
+    (the dataset's ``base``) and ``target`` = view 1's distribution un-flipped to it
+    (:func:`undo_dihedral`) - ``eq_view_source: base``, :meth:`pipeline.methods.vitpcm.ViTPCM.loss`.
+    With ``x`` = view 1 itself (``eq_view_source: view1``, for profiles that crop view 1)
+    view 2 carries view 1's colour jitter, and the crop corner's bias towards the last
+    position lies along view 1's axes; the dihedral relative to view 1 is uniform either way.
 
     Args:
-        x: ``(B, 3, S, S)`` view-1 images, ``S`` a multiple of ``stride``.
-        target: ``(B, S/stride, S/stride, C)`` view-1 patch distributions (detached).
+        x: ``(B, 3, S, S)`` images view 2 is made from, ``S`` a multiple of ``stride``.
+        target: ``(B, S/stride, S/stride, C)`` patch distributions in ``x``'s frame (detached).
         crop, scale: pixels, multiples of ``stride``, ``crop <= S``.
         generator: draws of every coin, corner and flag (on ``x``'s device or CPU).
     Returns:
