@@ -157,8 +157,8 @@ def export_seeds(model_path: str | Path, root: str | Path, ids: Sequence[str],
             fg = torch.as_tensor(cids - 1, dtype=torch.long)
             if len(fg):
                 maps = multiscale_maps(method, model, img, fg, s, device, acc)
-                arrays = {k: maps[k].cpu().numpy() for k in method.seed_keys + method.aux_keys
-                          if k in maps}
+                arrays = {k: maps[k].cpu().numpy() for k in method.seed_keys}
+                arrays.update({k: maps[k].cpu().numpy() for k in method.aux_keys if k in maps})
             else:
                 arrays = {k: np.zeros((0,) + img.shape[:2], np.float32)
                           for k in method.seed_keys + method.aux_keys}
