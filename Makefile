@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 CORES  ?= 2
 
 LOCK   := requirements/lock.txt
-EXPECTED := tests/expected/demo-acr.json
+EXPECTED := tests/expected/demo-acr
 
 .PHONY: install demo check-demo expected lock test test-fast vocsample clean-results
 
@@ -37,11 +37,11 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m pipeline.steps.summary results/demo/acr/miou.json
 	$(BIN)/snakemake --cores $(CORES) --report report.html results/demo/acr/report/iou.html
 
-## compare the demo chain's *miou.json with the committed expected values (exact; CI runs it)
+## compare the demo chain's *miou.json with this CPU type's committed record (exact; CI runs it)
 check-demo: $(BIN)/.installed
 	$(BIN)/python -m pipeline.steps.summary --check $(EXPECTED) results/demo/acr
 
-## record the demo chain's values as the expected ones (commit with the README's demo row)
+## record the demo chain's values as this CPU type's expected ones (commit with the README's demo row)
 expected: $(BIN)/.installed
 	$(BIN)/python -m pipeline.steps.summary --write $(EXPECTED) results/demo/acr
 
