@@ -97,7 +97,10 @@ def test_cam_to_label_hand_values():
     cams = torch.tensor([[[[0.9, 0.5, 0.2, 0.55]], [[0.1, 0.45, 0.3, 0.35]], [[0.95, 0.9, 0.9, 0.9]]]])
     y = torch.tensor([[1., 1., 0.]])           # class 2 absent: masked out
     lab = cam_to_label(cams, y, bg_high=0.55, bg_low=0.35)
-    assert lab.tolist() == [[[1, 255, 0, 1]]]  # 0.9->1; 0.5 between; 0.3 <= 0.35; 0.55 >= β_h
+    # 0.9 -> 1; 0.5 between; 0.3 <= 0.35; 0.55 == β_h is uncertain (official `<=high_thre`)
+    assert lab.tolist() == [[[1, 255, 0, 255]]]
+    assert cam_to_label(cams, y, 0.5499, 0.35).tolist() == [[[1, 255, 0, 1]]]
+    assert cam_to_label(cams, y, 0.55, 0.3).tolist() == [[[1, 255, 0, 255]]]   # 0.3 <= β_l
     lab2 = cam_to_label(cams, torch.ones(1, 3), 0.7, 0.25)
     assert lab2.tolist() == [[[3, 3, 3, 3]]]
     with pytest.raises(ValueError):

@@ -23,8 +23,11 @@ def cam_to_label(cams: torch.Tensor, labels: torch.Tensor, bg_high: float = 0.55
                  bg_low: float = 0.35, ignore: int = 255) -> torch.Tensor:
     """Pseudo label with an uncertain band (AFA Eq. 4; ToCo/MCC use (0.7, 0.25)).
 
-    ``v = max_c (y_c M_c)``: ``argmax + 1`` where ``v >= bg_high``, 0 where ``v <= bg_low``
-    (background wins when the two overlap), ``ignore`` otherwise.
+    ``v = max_c (y_c M_c)``: ``argmax + 1`` where ``v > bg_high``, 0 where ``v <= bg_low``,
+    ``ignore`` otherwise. The tie ``v == bg_high`` is uncertain, as in the official
+    ``cam_to_label`` of AFA (``utils/camutils.py``) and ToCo / MCC (``utils/camutils.py``:
+    ``_pseudo_label[cam_value<=high_thre] = ignore_index``, then ``<=low_thre`` → 0); AFA
+    Eq. 4 reads ``v >= β_h`` as foreground, which only differs at that exact tie.
 
     Args:
         cams: ``(B, C, h, w)`` float maps in [0, 1] (normalised CAMs).
@@ -41,7 +44,7 @@ def cam_to_label(cams: torch.Tensor, labels: torch.Tensor, bg_high: float = 0.55
         raise ValueError(f"cam_to_label: cams {tuple(cams.shape)} vs labels {tuple(labels.shape)}")
     v, idx = (cams * labels[:, :, None, None].to(cams.dtype)).max(1)
     out = torch.full_like(idx, ignore)
-    out[v >= bg_high] = idx[v >= bg_high] + 1
+    out[v > bg_high] = idx[v > bg_high] + 1
     out[v <= bg_low] = 0
     return out
 

@@ -31,14 +31,21 @@ def ema_update(teacher: nn.Module, student: nn.Module, m: float) -> None:
 
 class Projector(nn.Module):
     """Projection head for the contrast: MLP (``layers`` linear layers, GELU between,
-    ``hidden`` wide, ending at ``bottleneck``), L2 normalisation, bias-free linear to ``out``
-    (the shape of the official DINO-style head, without weight normalisation).
+    ``hidden`` wide, ending at ``bottleneck``), L2 normalisation, bias-free linear to ``out``.
 
-    ``(..., in_dim) -> (..., out)`` float32.
+    ``weight_norm: true`` (default) is the official head (``model/model_seg_neg.py:
+    Projector``, DINO's with ``norm_last_layer=True``): the last linear layer is weight-
+    normalised (torch's ``parametrizations.weight_norm``, ``dim=0``) with its gain fixed at 1
+    and not trained, so each output unit's weight row has unit L2 norm and every output lies
+    in [-1, 1]; it is built after the MLP's truncated-normal init, so its direction ``v`` keeps
+    ``nn.Linear``'s default init, as there. ``false`` (previous form, not the code's): a plain
+    linear layer, truncated-normal init like the MLP. The paper (Sec. III-C) says only "MLP".
+
+    ``(..., in_dim) -> (..., out)`` float32. Raises ValueError for ``layers < 1``.
     """
 
     def __init__(self, in_dim: int, hidden: int = 2048, bottleneck: int = 256, out: int = 1024,
-                 layers: int = 3):
+                 layers: int = 3, weight_norm: bool = True):
         super().__init__()
         if layers < 1:
             raise ValueError("methods.mcc proj_layers must be >= 1")
@@ -49,12 +56,20 @@ class Projector(nn.Module):
             d = hidden
         mods.append(nn.Linear(d, bottleneck))
         self.mlp = nn.Sequential(*mods)
-        self.last = nn.Linear(bottleneck, out, bias=False)
+        if not weight_norm:
+            self.last = nn.Linear(bottleneck, out, bias=False)
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.trunc_normal_(mod.weight, std=0.02)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
+        if weight_norm:
+            self.last = torch.nn.utils.parametrizations.weight_norm(
+                nn.Linear(bottleneck, out, bias=False), dim=0)
+            gain = self.last.parametrizations.weight.original0
+            with torch.no_grad():
+                gain.fill_(1.0)
+            gain.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(F.normalize(self.mlp(x), dim=-1))
@@ -101,7 +116,8 @@ class MCCNet(nn.Module):
         self.decoder = LargeFOV(d, num_classes + 1, int(p.get("decoder_channels", 512)),
                                 int(p.get("decoder_dilation", 5)))
         pk = dict(hidden=int(p.get("proj_hidden", 2048)), bottleneck=int(p.get("proj_bottleneck", 256)),
-                  out=int(p.get("proj_dim", 1024)), layers=int(p.get("proj_layers", 3)))
+                  out=int(p.get("proj_dim", 1024)), layers=int(p.get("proj_layers", 3)),
+                  weight_norm=bool(p.get("proj_weight_norm", True)))
         self.proj = Projector(d, **pk)
         self.proj_ema = Projector(d, **pk)
         self.proj_ema.load_state_dict(self.proj.state_dict())
