@@ -82,11 +82,15 @@ def _leaves(d, prefix=""):
         yield prefix, d
 
 
+def _compared_leaves(values: dict) -> dict:
+    """``{dotted key: leaf}`` of a :func:`chain_values` result, timing leaves left out."""
+    return {k: v for k, v in _leaves(values) if not _is_timing(k)}
+
+
 def compare(expected: dict, actual: dict) -> list[str]:
     """Every difference between two :func:`chain_values` results, one line each (empty when
     they are identical). Floats are compared exactly: the locked demo chain is deterministic."""
-    e = {k: v for k, v in _leaves(expected) if not _is_timing(k)}
-    a = {k: v for k, v in _leaves(actual) if not _is_timing(k)}
+    e, a = _compared_leaves(expected), _compared_leaves(actual)
     lines = []
     for key in sorted(set(e) | set(a)):
         if key not in a:
@@ -133,8 +137,7 @@ def compare_structure(expected: dict, actual: dict) -> list[str]:
     Returns:
         One line per difference (empty when the structure holds).
     """
-    e = {k: v for k, v in _leaves(expected) if not _is_timing(k)}
-    a = {k: v for k, v in _leaves(actual) if not _is_timing(k)}
+    e, a = _compared_leaves(expected), _compared_leaves(actual)
     lines = [f"{k}: missing" for k in sorted(set(e) - set(a))]
     lines += [f"{k}: not in the expected file" for k in sorted(set(a) - set(e))]
     for key in sorted(set(e) & set(a)):
@@ -149,13 +152,10 @@ def compare_structure(expected: dict, actual: dict) -> list[str]:
     return lines
 
 
-def _record(expected: str | Path) -> tuple[Path, bool]:
-    """``(record file, whether it exists)``: ``expected`` itself, or for a folder its
-    ``{cpu_signature()}.json``."""
+def _record(expected: str | Path) -> Path:
+    """The record file: ``expected`` itself, or for a folder its ``{cpu_signature()}.json``."""
     p = Path(expected)
-    if p.is_dir() or not p.suffix:
-        p = p / f"{cpu_signature()}.json"
-    return p, p.is_file()
+    return p / f"{cpu_signature()}.json" if p.is_dir() or not p.suffix else p
 
 
 def _print_diffs(diffs: list[str], shown: int = 40) -> None:
@@ -186,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     actual = chain_values(args.paths[0])
     if args.write:
         from pipeline.io.storage import atomic_write
-        target, _ = _record(args.write)
+        target = _record(args.write)
         target.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(actual, indent=2, sort_keys=True) + "\n"
         atomic_write(target, lambda tmp: tmp.write_text(text))
         print(f"wrote {target} from {args.paths[0]}")
         return 0
-    record, exists = _record(args.check)
-    if not exists:
+    record = _record(args.check)
+    if not record.is_file():
         others = sorted(record.parent.glob("*.json")) if record.parent.is_dir() else []
         if not others:
             raise FileNotFoundError(f"no expected record {record}; record one with `make "

@@ -56,14 +56,14 @@ class Projector(nn.Module):
             d = hidden
         mods.append(nn.Linear(d, bottleneck))
         self.mlp = nn.Sequential(*mods)
-        if not weight_norm:
+        if not weight_norm:   # previous form: built before the init loop, which re-inits it
             self.last = nn.Linear(bottleneck, out, bias=False)
         for mod in self.modules():
             if isinstance(mod, nn.Linear):
                 nn.init.trunc_normal_(mod.weight, std=0.02)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
-        if weight_norm:
+        if weight_norm:       # official order: after the init loop, nn.Linear default init
             self.last = torch.nn.utils.parametrizations.weight_norm(
                 nn.Linear(bottleneck, out, bias=False), dim=0)
             gain = self.last.parametrizations.weight.original0
