@@ -1,5 +1,6 @@
 """Diagnostics of real-image quality (not results): how much the PSA random walk can add to a built
-chain's seeds (``rw_ceiling``), and how the CNN CAM's head training moves its seeds (``cam_probe``).
+chain's seeds (``rw_ceiling``), how the CNN CAM's head training moves its seeds (``cam_probe``),
+and whether a chain's seed maps separate objects from background at all (``cam_in_out``).
 
 ``rw_ceiling``: for every chain of ``dataset`` whose seeds exist (``results/<dataset>/<method>/seeds.h5``), on
 its ``refine_seeds`` split, with the profile's ``refine_seeds`` settings (background power,
@@ -212,3 +213,80 @@ def cam_probe(dataset: str, params_path: str = "params.yaml", thresholds=(0.35, 
     summary = "; ".join(f"{r['recipe']}: " + " / ".join(str(r[f"tau_{t}"]) for t in thresholds)
                         for r in rows) + f" (seeds mIoU % at tau {' / '.join(map(str, thresholds))})"
     return {"rows": rows, "summary": summary}
+
+
+def in_out_means(cams: np.ndarray, class_ids, gt: np.ndarray) -> list[tuple[int, float, float]]:
+    """Per image-label class: the mean of its map over its own ground-truth pixels and over the
+    background pixels (``gt == 0``; void 255 and other classes count in neither).
+
+    Args:
+        cams: ``(K, H, W)`` float maps (any range; the chain's stored seeds are min-max
+            normalised to [0, 1]), one per entry of ``class_ids``, at the mask's size.
+        class_ids: ``K`` class ids (1..C) of the maps.
+        gt: ``(H, W)`` uint8 mask (0 background, 255 void).
+    Returns:
+        ``[(class_id, mean inside, mean on background)]`` for the classes with ground-truth
+        pixels; the background mean is nan for an image without background pixels.
+    Raises:
+        ValueError: ``cams`` and ``gt`` differ in size or ``cams`` and ``class_ids`` in length.
+    """
+    cams = np.asarray(cams, np.float64)
+    if cams.shape[1:] != gt.shape or len(cams) != len(class_ids):
+        raise ValueError(f"cams {cams.shape} do not match mask {gt.shape} / {len(class_ids)} class ids")
+    bg = gt == 0
+    rows = []
+    for cam, cid in zip(cams, class_ids):
+        inside = gt == cid
+        if inside.any():
+            rows.append((int(cid), float(cam[inside].mean()),
+                         float(cam[bg].mean()) if bg.any() else float("nan")))
+    return rows
+
+
+def cam_in_out(dataset: str, params_path: str = "params.yaml") -> dict:
+    """For every chain of ``dataset`` whose seeds exist: the mean of each image-label class's
+    seed map (the method's first seed key, resized to the image) over that class's
+    ground-truth pixels and over the background pixels (:func:`in_out_means`), averaged over
+    the (image, class) pairs of the ``eval_seeds`` split. Maps that localise score higher
+    inside than outside; about equal means no background threshold can separate them (issue
+    15: the hybrid ViT on 46 images). Reads the ground truth; a diagnostic, never a setting.
+
+    Returns:
+        ``{"rows": [{method, seed_key, pairs, inside, background}], "summary"}``.
+    Raises:
+        FileNotFoundError: no manifest or no chain with seeds under ``results/<dataset>/``.
+    """
+    from pipeline.data.voc import load_mask
+    from pipeline.io.config import load_params, stage_params
+    from pipeline.io.settings import EvalSeeds
+    from pipeline.io.storage import MapReader
+    from pipeline.methods import get_method
+    from pipeline.steps.refine.affinity_labels import resize_maps
+
+    man_path = Path(manifest(dataset))
+    if not man_path.is_file():
+        raise FileNotFoundError(f"{man_path} missing: build a {dataset} chain first")
+    man = json.loads(man_path.read_text())
+    cfg = load_params(params_path)
+    rows = []
+    for method_dir in sorted(Path(f"results/{dataset}").iterdir()):
+        seeds = Path(artifacts(dataset, method_dir.name)["seeds"])
+        if not seeds.is_file():
+            continue
+        method = method_dir.name
+        es = EvalSeeds.of(stage_params(cfg, dataset, method, "eval_seeds"), partial=True)
+        key = get_method(method).seed_keys[0]
+        pairs = []
+        with MapReader(seeds) as reader:
+            for image_id in man["splits"][es.split]:
+                cams, cids, _ = reader.read(image_id, key)
+                gt = load_mask(man["root"], image_id, man["label_dir"])
+                pairs += in_out_means(resize_maps(np.asarray(cams, np.float32), gt.shape), cids, gt)
+        arr = np.array([p[1:] for p in pairs], np.float64).reshape(-1, 2)
+        rows.append({"method": method, "seed_key": key, "pairs": len(pairs),
+                     "inside": round(float(np.nanmean(arr[:, 0])), 3) if len(arr) else None,
+                     "background": round(float(np.nanmean(arr[:, 1])), 3) if len(arr) else None})
+    if not rows:
+        raise FileNotFoundError(f"no results/{dataset}/<method>/seeds.h5: build a chain first")
+    return {"rows": rows, "summary": "; ".join(f"{r['method']}: {r['seed_key']} in {r['inside']} / "
+                                               f"background {r['background']}" for r in rows)}
