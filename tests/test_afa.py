@@ -299,6 +299,38 @@ def test_propagation_uses_largest_scale_affinity_on_its_grid(monkeypatch):
         afa.pseudo_labels(m, x, y, out["aff"], out["grid"], {**p, "prop_affinity": "x"}, True)
 
 
+def test_propagation_affinity_comes_from_the_cam_pass(monkeypatch):
+    """Official multi_scale_cam_with_aff_mat: the largest scale's affinity is taken from that
+    scale's image + flip forward, so pseudo_labels runs one forward per CAM scale and no more
+    (the extra no-grad forward of the unflipped images is gone); the affinity is the unflipped
+    half's, equal to a forward of the unflipped images alone up to float rounding."""
+    afa = get_method("afa")
+    torch.manual_seed(2)
+    p = {**TINY, "cam_scales": [1.0, 1.5, 0.5], "aff_radius": 2,
+         "warmup_cls_iters": 0, "warmup_aff_iters": 0}
+    m = afa.build_model(p, 4).eval()
+    with torch.no_grad():
+        m.aff_proj.weight.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+    sizes, real_run = [], m.run
+
+    def run_spy(inp, with_heads=True):
+        sizes.append((inp.shape[0], *inp.shape[-2:]))
+        return real_run(inp, with_heads=with_heads)
+    monkeypatch.setattr(m, "run", run_spy)
+    afa.pseudo_labels(m, x, y, None, (8, 8), p, propagate=True)
+    assert sizes == [(4, 32, 32), (4, 48, 48), (4, 16, 16)]        # one batched pass per scale
+    cams, aff, grid = train_time_cams(m, x, p["cam_scales"], True, with_affinity=True)
+    assert grid == (12, 12) and aff.shape == (2, 144, 144)
+    torch.testing.assert_close(cams, train_time_cams(m, x, p["cam_scales"], True))
+    with torch.no_grad():
+        real_run(F.interpolate(x, size=(48, 48), mode="bilinear", align_corners=False))
+        torch.testing.assert_close(aff, m.affinity(1))
+    with pytest.raises(ValueError, match="cam_scales must be > 0"):
+        train_time_cams(m, x, [1.0, 0.0], True)
+
+
 def test_lreg_off_by_default_and_aff_loss_option():
     afa, m, x, y = _afa_batch()
     p = {**TINY, "warmup_cls_iters": 0, "warmup_aff_iters": 5}

@@ -83,7 +83,7 @@ paper's literal reading an option; table: ``docs/methods/afa.md``.
 
 Layout: this file is the plug-in (:class:`AFA`: Eq. 12 with the warm-ups, training targets,
 seeds, own segmentation); :mod:`pipeline.methods.afa.model` the network (:class:`AFANet`,
-MLP decoder, training CAMs, :func:`scale_affinity`); :mod:`pipeline.methods.afa.losses`
+MLP decoder, training CAMs with the largest scale's affinity); :mod:`pipeline.methods.afa.losses`
 L_aff, L_reg and the segmentation loss. Shared pieces (PAR, CAM labels, token affinity) live
 in :mod:`pipeline.methods.common`.
 """
@@ -102,7 +102,7 @@ from pipeline.methods.common.par import PAR, maps_to_par_label, par_input
 from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,
                                     propagate_cams_with_bkg, radius_mask)
 from pipeline.methods.afa.losses import AFF_LOSS_FORMS, affinity_loss_afa, seg_loss
-from pipeline.methods.afa.model import AFANet, minmax, scale_affinity, train_time_cams
+from pipeline.methods.afa.model import AFANet, minmax, train_time_cams
 
 PROP_AFFINITY = ("largest_scale", "train_forward")
 #: default ``prop_eps``: official ``propagte_aff_cam_with_bkg`` adds 1e-1 to the sums (Eq. 6: 0)
@@ -147,7 +147,8 @@ class AFA(Method):
             ``propagated`` (B, H, W), only with ``propagate``: Eq. 6-7 + PAR, high/low,
             ``D`` + ``prop_eps`` (default 0.1 = official ``propagte_aff_cam_with_bkg``).
             The affinity is ``prop_affinity``'s: ``largest_scale`` (official, default) = the
-            forward at ``max(cam_scales)`` on its own grid (:func:`scale_affinity`);
+            forward at ``max(cam_scales)`` on its own grid, taken from the training-CAM
+            pass itself (:func:`~pipeline.methods.afa.model.train_time_cams`);
             ``train_forward`` = ``aff_logits`` at ``grid``.
         Raises:
             ValueError: unknown ``prop_affinity``.
@@ -159,8 +160,9 @@ class AFA(Method):
         down = int(p.get("par_down_scale", 2))
         with torch.no_grad():
             scales = p.get("cam_scales", [1.0, 0.5, 1.5])
-            cams = train_time_cams(model, x, scales,
-                                   bool(p.get("cam_flip", True))) * y[:, :, None, None]
+            big = propagate and mode == "largest_scale"
+            got = train_time_cams(model, x, scales, bool(p.get("cam_flip", True)), with_affinity=big)
+            cams = (got[0] if big else got) * y[:, :, None, None]
             img = denormalise(x, *model_normalisation(model))
             par = self._par(p, x.device)
             kern = par.kernel(par_input(img, down))          # Eq. 9 once per image
@@ -172,8 +174,8 @@ class AFA(Method):
                    "aff_label": affinity_label_from_seg(small, radius, 255,
                                                         bool(p.get("aff_ignore_diagonal", False)))}
             if propagate:
-                if mode == "largest_scale":
-                    aff_p, (hp, wp) = scale_affinity(model, x, float(max(scales)))
+                if big:
+                    aff_p, (hp, wp) = got[1], got[2]
                 else:
                     aff_p, (hp, wp) = aff_logits.detach(), (h, w)
                 cg = F.interpolate(cams, size=(hp, wp), mode="bilinear", align_corners=False)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from pipeline.models.vit import num_prefix_tokens, patch_grid, vit_from_params
 
@@ -149,44 +148,44 @@ def minmax(m: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 
 @torch.no_grad()
-def train_time_cams(model: AFANet, x: torch.Tensor, scales=(1.0,), flip: bool = True) -> torch.Tensor:
+def train_time_cams(model: AFANet, x: torch.Tensor, scales=(1.0,), flip: bool = True,
+                    with_affinity: bool = False):
     """Multi-scale training CAMs (official ``multi_scale_cam``): per scale the image and its
     flip, upsampled to ``(H, W)``, flip merged by max, ReLU; summed over scales; min-max.
 
+    With ``with_affinity``, also the affinity logits of the largest scale's forward for the
+    unflipped images, as official ``utils/camutils.py: multi_scale_cam_with_aff_mat`` keeps
+    them (``aff_mat[np.argmax(scales)]``, the first largest scale): taken from that scale's
+    concatenated image + flip forward itself, so no extra forward runs. (Until 2026-12-02 an
+    extra no-grad forward of the unflipped images gave them: the same values up to float
+    rounding, since attention never mixes the images of a batch.)
+
+    Args:
+        x: ``(B, 3, H, W)`` normalised images; scales: > 0, in order; flip: add the mirror.
     Returns:
-        ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the labels).
+        ``(B, C, H, W)`` float32 in [0, 1] (all classes; mask by the labels); with
+        ``with_affinity``: ``(cams, aff (B, n, n) float logits Â (symmetric), (h, w) the token
+        grid of that forward)``.
+    Raises:
+        ValueError: a scale ``<= 0`` or no scales.
     """
     from pipeline.engine.inference import OFFICIAL_MS_CAM, multiscale_flip
 
+    scales = [float(s) for s in scales]
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"methods.afa cam_scales must be > 0, got {scales}")
+    largest = scales.index(max(scales))          # np.argmax: the first largest
+    npre, B = num_prefix_tokens(model.vit), x.shape[0]
+    calls, got = [0], {}
+
     def forward(inp: torch.Tensor) -> torch.Tensor:
+        # one call per scale, in order (flip_batch, or no flip)
         out = model.run(inp, with_heads=False)
+        if with_affinity and calls[0] == largest:
+            got["aff"], got["grid"] = model.affinity(npre)[:B], out["grid"]   # unflipped first
+        calls[0] += 1
         h, w = out["grid"]
         return (out["feat"] @ model.classifier.weight.t()).transpose(1, 2).reshape(inp.shape[0], -1, h, w)
-    return multiscale_flip(forward, x, scales, flips=(False, True) if flip else (False,),
+    cams = multiscale_flip(forward, x, scales, flips=(False, True) if flip else (False,),
                            flip_batch=True, **OFFICIAL_MS_CAM)
-
-
-@torch.no_grad()
-def scale_affinity(model: AFANet, x: torch.Tensor, scale: float
-                   ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Affinity logits of the forward of ``x`` resized by ``scale`` (no gradients).
-
-    Official ``utils/camutils.py: multi_scale_cam_with_aff_mat`` keeps the affinity of the
-    largest scale's forward (``aff_mat[np.argmax(scales)]``) and uses it for the unflipped
-    images; this runs that forward (image only, no flip: the flipped half is never used).
-    The resize is the one of the training CAMs: bilinear to ``(int(s*H), int(s*W))``.
-
-    Args:
-        x: ``(B, 3, H, W)`` normalised images; scale: > 0.
-    Returns:
-        ``(aff (B, n, n) float logits Â, symmetric; (h, w) the token grid of that forward)``.
-    Raises:
-        ValueError: ``scale <= 0``.
-    """
-    if scale <= 0:
-        raise ValueError(f"methods.afa cam_scales must be > 0, got {scale}")
-    H, W = x.shape[-2:]
-    xs = x if scale == 1.0 else F.interpolate(x, size=(int(scale * H), int(scale * W)),
-                                              mode="bilinear", align_corners=False)
-    out = model.run(xs, with_heads=False)
-    return model.affinity(num_prefix_tokens(model.vit)), out["grid"]
+    return (cams, got["aff"], got["grid"]) if with_affinity else cams
