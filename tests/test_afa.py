@@ -248,21 +248,26 @@ def brute_prop_official(cams, labels, aff_sig, radius, h, w, bg, eps):
     return out.reshape(B, C + 1, h, w)
 
 
+def _propagation_setup(seed: int, scales: list[float]):
+    """The AFA plug-in, params with ``scales`` as ``cam_scales`` (radius 2, no warm-ups), a tiny
+    4-class network in eval mode with a random affinity projection, 2 random 32 x 32 images
+    and their labels, all drawn after ``torch.manual_seed(seed)``."""
+    afa = get_method("afa")
+    torch.manual_seed(seed)
+    p = {**TINY, "cam_scales": scales, "aff_radius": 2, "warmup_cls_iters": 0, "warmup_aff_iters": 0}
+    m = afa.build_model(p, 4).eval()
+    with torch.no_grad():
+        m.aff_proj.weight.normal_()
+    return afa, p, m, torch.randn(2, 3, 32, 32), torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+
+
 def test_propagation_uses_largest_scale_affinity_on_its_grid(monkeypatch):
     """Default prop_affinity: largest_scale = official multi_scale_cam_with_aff_mat: the
     affinity of the max(cam_scales) forward (unflipped image), the CAM resized to that grid,
     the radius mask of that grid; then the official propagation (loops)."""
     import pipeline.methods.afa as afa_mod
     from pipeline.methods.common.token_affinity import propagate_cams_with_bkg
-    afa = get_method("afa")
-    torch.manual_seed(1)
-    p = {**TINY, "cam_scales": [1.0, 1.5], "aff_radius": 2,         # prop_eps: default
-         "warmup_cls_iters": 0, "warmup_aff_iters": 0}
-    m = afa.build_model(p, 4).eval()
-    with torch.no_grad():
-        m.aff_proj.weight.normal_()
-    x = torch.randn(2, 3, 32, 32)
-    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+    afa, p, m, x, y = _propagation_setup(1, [1.0, 1.5])                  # prop_eps: default
     calls = []
     real = afa_mod.propagate_cams_with_bkg
 
@@ -304,15 +309,7 @@ def test_propagation_affinity_comes_from_the_cam_pass(monkeypatch):
     scale's image + flip forward, so pseudo_labels runs one forward per CAM scale and no more
     (the extra no-grad forward of the unflipped images is gone); the affinity is the unflipped
     half's, equal to a forward of the unflipped images alone up to float rounding."""
-    afa = get_method("afa")
-    torch.manual_seed(2)
-    p = {**TINY, "cam_scales": [1.0, 1.5, 0.5], "aff_radius": 2,
-         "warmup_cls_iters": 0, "warmup_aff_iters": 0}
-    m = afa.build_model(p, 4).eval()
-    with torch.no_grad():
-        m.aff_proj.weight.normal_()
-    x = torch.randn(2, 3, 32, 32)
-    y = torch.tensor([[1.0, 0, 1, 0], [0, 1, 0, 0]])
+    afa, p, m, x, y = _propagation_setup(2, [1.0, 1.5, 0.5])
     sizes, real_run = [], m.run
 
     def run_spy(inp, with_heads=True):

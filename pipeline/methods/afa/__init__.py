@@ -160,9 +160,13 @@ class AFA(Method):
         down = int(p.get("par_down_scale", 2))
         with torch.no_grad():
             scales = p.get("cam_scales", [1.0, 0.5, 1.5])
+            flip = bool(p.get("cam_flip", True))
             big = propagate and mode == "largest_scale"
-            got = train_time_cams(model, x, scales, bool(p.get("cam_flip", True)), with_affinity=big)
-            cams = (got[0] if big else got) * y[:, :, None, None]
+            if big:     # the largest scale's affinity from the same pass
+                cams, aff_big, grid_big = train_time_cams(model, x, scales, flip, with_affinity=True)
+            else:
+                cams = train_time_cams(model, x, scales, flip)
+            cams = cams * y[:, :, None, None]
             img = denormalise(x, *model_normalisation(model))
             par = self._par(p, x.device)
             kern = par.kernel(par_input(img, down))          # Eq. 9 once per image
@@ -175,7 +179,7 @@ class AFA(Method):
                                                         bool(p.get("aff_ignore_diagonal", False)))}
             if propagate:
                 if big:
-                    aff_p, (hp, wp) = got[1], got[2]
+                    aff_p, (hp, wp) = aff_big, grid_big
                 else:
                     aff_p, (hp, wp) = aff_logits.detach(), (h, w)
                 cg = F.interpolate(cams, size=(hp, wp), mode="bilinear", align_corners=False)
