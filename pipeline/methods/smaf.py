@@ -46,9 +46,22 @@ to ``F'``.
 
 Ablations (paper Tables 3-5): ``teacher_scales`` (e.g. ``[1.0]`` single scale, ``[0.5, 1.0]``
 small-scale fusion), ``teacher_flip``, ``reactivate: false`` (target = denoised ``F``).
-Seeds are the student's CAMs (:meth:`SMAF.maps`). Paper-silent choices: targets are computed
-on the student's augmented crop (not on the original image), the teacher is kept frozen (the
-official code's EMA teacher is not used; the paper states "frozen").
+Seeds are the student's CAMs (:meth:`SMAF.maps`).
+
+Teacher: frozen, as the paper states and as the official code does in effect. Its student
+targets are the fused maps that ``smaf/gen_fused_cam.py`` computes once, offline, with the
+pre-trained EPS checkpoint (``script/gen_fusion.sh --weights .../checkpoint_cls_finally.pth``)
+and ``smaf/train.py`` reads back (``--path_soft``; ``data/VOC_dataset.py``: ``lpsoft``). The
+EMA copy kept under ``train_fusion.sh --ema`` (0.999, ``models/adaptation_modelv2.py:
+CustomModel.step``) only feeds the moving class prototypes, whose one consumer
+(``get_prototype_weight``) is commented out, so it never reaches the loss or the student.
+
+Departure from the code (where it computes the targets): ``gen_fused_cam.py`` fuses the
+teacher's maps on the whole original image (scales of the full image, flip, sum, max over the
+whole image) and ``transform_with_mask`` crops / flips them with the image; here the teacher
+runs on the student's augmented crop, per batch (the max is the crop's). Nothing stores
+full-image teacher maps for train_aug (the official ``.npy`` dump per image), and the fusion
+on the crop costs 8 teacher passes per sample instead of 8 per image once.
 """
 from __future__ import annotations
 
