@@ -162,7 +162,7 @@ def test_voc_profile_training_recipe_runs_at_toy_size(vocsample_root, tmp_path):
 
 
 def test_base_view_items_are_view1_plus_an_independently_jittered_resized_image(vocsample_root):
-    """``base_view`` (official ``_preprocess_image``: both views from the resized image, each
+    """``extra_views: base`` (official ``_preprocess_image``: both views from the resized image, each
     with its own ``color_transform`` / ``affine_transform``): view 1 is the item without it,
     ``base`` the S x S resize with a colour jitter of its own (replayed after view 1's draws),
     unflipped, and ``code`` view 1's (lr, ud, transpose) flags."""
@@ -172,13 +172,14 @@ def test_base_view_items_are_view1_plus_an_independently_jittered_resized_image(
     kw = dict(crop=None, scale_range=(1.0, 1.0), hflip=True, mean=HALF[0], std=HALF[1],
               resize_square=S, vflip=True, transpose=True, color_jitter={})
     plain = ClassificationDataset(vocsample_root, [iid], {iid: [1]}, **kw)
-    ds = ClassificationDataset(vocsample_root, [iid], {iid: [1]}, base_view=True, **kw)
+    ds = ClassificationDataset(vocsample_root, [iid], {iid: [1]}, extra_views="base", **kw)
     resized = np.asarray(Image.fromarray(image).resize((S, S), Image.BILINEAR))
     codes = set()
     for epoch in range(12):
         ds.set_epoch(epoch)
         plain.set_epoch(epoch)
-        x, y, i, base, code = ds[0]
+        x, y, i, extra = ds[0]
+        base, code = extra["base"], extra["base_code"]
         torch.testing.assert_close(x, plain[0][0], rtol=0, atol=0)
         rng = np.random.default_rng((0, epoch, 0))
         rng.uniform(1.0, 1.0)
@@ -192,5 +193,5 @@ def test_base_view_items_are_view1_plus_an_independently_jittered_resized_image(
         codes.add((hf, vf, tr))
     assert len(codes) > 3
     with pytest.raises(ValueError, match="eq_view_source: view1"):
-        ClassificationDataset(vocsample_root, [iid], {iid: [1]}, base_view=True,
+        ClassificationDataset(vocsample_root, [iid], {iid: [1]}, extra_views="base",
                               **{**kw, "crop": 16})

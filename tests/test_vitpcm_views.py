@@ -192,8 +192,8 @@ def test_views_come_from_the_base_image_with_view1_target_unflipped(monkeypatch)
     torch.manual_seed(0)
     m = ViTPCM()
     p = {**TINY, "eq_crop": 16, "eq_scale": 16}
-    assert m.wants_base_view(p) and not m.wants_base_view({**p, "eq_view_source": "view1"})
-    assert not m.wants_base_view({**p, "eq_views": "batch"})
+    assert m.extra_views(p) == "base" and m.extra_views({**p, "eq_view_source": "view1"}) is None
+    assert m.extra_views({**p, "eq_views": "batch"}) is None
     model = m.build_model(p, 5).train()
     x, base = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     codes = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 1, 1], [1, 1, 1]])
@@ -220,4 +220,4 @@ def test_views_come_from_the_base_image_with_view1_target_unflipped(monkeypatch)
     m.loss(model.train(), x, y, {**p, "eq_view_source": "view1"}, torch.Generator().manual_seed(0))
     assert seen[-1][0] is x
     with pytest.raises(ValueError, match="eq_view_source"):
-        m.wants_base_view({**p, "eq_view_source": "raw"})
+        m.extra_views({**p, "eq_view_source": "raw"})

@@ -62,6 +62,10 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int | N
     return canvas[sl].copy(), (lcanvas[sl].copy() if lab is not None else None), valid[sl].copy()
 
 
+#: :class:`ClassificationDataset`'s ``extra_views`` (None: none)
+EXTRA_VIEWS = (None, "base", "mcc")
+
+
 class ClassificationDataset(Dataset):
     """Images with multi-hot image-level labels for classifier training.
 
@@ -97,13 +101,23 @@ class ClassificationDataset(Dataset):
     These draws come after the rescale / flip / crop draws, so a dataset without them
     reproduces the earlier items exactly.
 
-    ``base_view`` (ViT-PCM's independent second view, official ``_preprocess_image``: both
-    views are made from the resized image, each with its own ``color_transform`` and
-    ``affine_transform``; :meth:`pipeline.methods.base.Method.wants_base_view`): the item gains
-    ``base`` ``float32 (3, S, S)`` - the square-resized image with a colour jitter of its own
-    (drawn after every view-1 draw, so view 1 is unchanged), no flip - and ``code`` ``int64
-    (3,)``: view 1's (left-right flip, up-down flip, transpose), applied in that order to the
-    base. Needs ``resize_square``, ``crop=None``, no rescale (ValueError otherwise).
+    ``extra_views`` (:meth:`pipeline.methods.base.Method.extra_views`): the item gains a fourth
+    element, a dict of tensors that the trainer passes to the method's loss as keywords:
+
+    * ``"base"`` (ViT-PCM's independent second view, official ``_preprocess_image``: both
+      views are made from the resized image, each with its own ``color_transform`` and
+      ``affine_transform``): ``base`` ``float32 (3, S, S)`` - the square-resized image with a
+      colour jitter of its own (drawn after every view-1 draw, so view 1 is unchanged), no
+      flip - and ``base_code`` ``int64 (3,)``: view 1's (left-right flip, up-down flip,
+      transpose), applied in that order to the base. Needs ``resize_square``, ``crop=None``,
+      no rescale (ValueError otherwise).
+    * ``"mcc"`` (MCC's views, official fwu11/MCC ``datasets/voc.py: VOC12ClsDataset``): ``x``
+      becomes global view 1 = the rescaled / flipped / cropped image under
+      :func:`~pipeline.data.transforms.mcc_view` (blur p 1.0); ``global2`` ``float32 (3, crop,
+      crop)`` = global view 2, a random resized crop of the whole image (before the rescale;
+      blur p 0.1, solarize p 0.2); ``local`` ``float32 (3, crop, crop)`` = the same crop as
+      view 1 before its augmentation, under its own (blur p 0.5). Their seeds are drawn after
+      every other draw. Needs ``crop`` (ValueError otherwise).
 
     ``background_absent`` (ids whose mask has no background pixel, the manifest's
     ``no_background``): when given, ``y`` is ``(C,)`` with ``y[0]`` the background label
@@ -118,7 +132,8 @@ class ClassificationDataset(Dataset):
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  resize_square: int | None = None, vflip: bool = False, transpose: bool = False,
                  color_jitter: Mapping | None = None,
-                 background_absent: Collection[str] | None = None, base_view: bool = False):
+                 background_absent: Collection[str] | None = None,
+                 extra_views: str | None = None):
         self.root, self.ids, self.labels = Path(root), list(ids), labels
         self.crop, self.hflip = (None if crop is None else int(crop)), hflip
         self.scale_range = tuple(scale_range) if scale_range else (1.0, 1.0)
@@ -135,7 +150,15 @@ class ClassificationDataset(Dataset):
                 raise ValueError(f"train_cls.color_jitter: unknown keys {bad}; allowed: {allowed} "
                                  "(pipeline.data.transforms.color_jitter)")
         self.background_absent = None if background_absent is None else set(background_absent)
-        self.base_view = bool(base_view)
+        if extra_views not in EXTRA_VIEWS:
+            raise ValueError(f"ClassificationDataset: extra_views must be one of {EXTRA_VIEWS}, "
+                             f"got {extra_views!r}")
+        self.extra_views = extra_views
+        self.base_view = extra_views == "base"
+        if extra_views == "mcc" and self.crop is None:
+            raise ValueError("train_cls: MCC's official views (methods.mcc.train_cls.views: "
+                             "official) crop global view 2 to the training crop: set train_cls.crop, "
+                             "or views: crop")
         if self.base_view and (not self.resize_square or self.crop is not None
                                or self.resize_long or tuple(self.scale_range) != (1.0, 1.0)):
             raise ValueError(
@@ -168,6 +191,13 @@ class ClassificationDataset(Dataset):
             img = base[:, ::-1] if code[0] else base
         else:
             img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean)
+        extra = {}
+        if self.extra_views == "mcc":
+            s1, s2, s3 = (int(v) for v in rng.integers(0, 2 ** 62, size=3))
+            extra["global2"] = to_tensor(transforms.mcc_view(image, s2, 0.1, 0.2, self.crop),
+                                         self.mean, self.std)
+            extra["local"] = to_tensor(transforms.mcc_view(img, s3, 0.5), self.mean, self.std)
+            img = transforms.mcc_view(img, s1, 1.0)
         if self.color_jitter is not None:
             img = transforms.color_jitter(img, rng, **self.color_jitter)
         vf = bool(self.vflip and rng.random() < 0.5)
@@ -180,9 +210,11 @@ class ClassificationDataset(Dataset):
         if self.background_absent is not None:
             y = np.concatenate([[0.0 if iid in self.background_absent else 1.0], y]).astype(np.float32)
         x = to_tensor(img, self.mean, self.std)
-        if not self.base_view:
+        if self.base_view:
+            if self.color_jitter is not None:
+                base = transforms.color_jitter(base, rng, **self.color_jitter)
+            extra = {"base": to_tensor(base, self.mean, self.std),
+                     "base_code": torch.tensor(code + [vf, tr], dtype=torch.int64)}
+        if self.extra_views is None:
             return x, torch.from_numpy(y), i
-        if self.color_jitter is not None:
-            base = transforms.color_jitter(base, rng, **self.color_jitter)
-        return (x, torch.from_numpy(y), i, to_tensor(base, self.mean, self.std),
-                torch.tensor(code + [vf, tr], dtype=torch.int64))
+        return x, torch.from_numpy(y), i, extra

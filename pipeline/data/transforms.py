@@ -81,3 +81,54 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, brightness: float 
     if grey:
         x = np.repeat((x @ np.asarray(GREY_WEIGHTS))[..., None], 3, axis=-1)
     return x.astype(np.float32)
+
+
+def mcc_view(image: np.ndarray, seed: int, blur_p: float, solarize_p: float = 0.0,
+             resized_crop: int | None = None) -> np.ndarray:
+    """One of MCC's DINO-style view augmentations (official fwu11/MCC ``datasets/voc.py``:
+    ``flip_and_color_jitter``, ``global_view1`` / ``global_view2`` / ``local_view``;
+    ``datasets/transforms.py``: ``GaussianBlur``, ``Solarization``), with torchvision's
+    transforms, in the code's order:
+
+    1. ``resized_crop = S`` (global view 2 only): ``RandomResizedCrop(S, scale=(0.4, 1),
+       bicubic)``;
+    2. horizontal flip p 0.5; ``ColorJitter(0.4, 0.4, 0.2, 0.1)`` with p 0.8; grey p 0.2;
+    3. PIL ``GaussianBlur(radius ~ U(0.1, 2))`` with probability ``blur_p`` (1.0 for global
+       view 1, 0.1 for view 2, 0.5 for the local view);
+    4. ``solarize_p`` > 0 (view 2: 0.2): ``ImageOps.solarize`` (threshold 128).
+
+    The draws come from torch's generator seeded with ``seed`` inside
+    :func:`torch.random.fork_rng`, so the caller's RNG state is untouched and an item is the
+    same for any worker count.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        seed: int in [0, 2**63).
+        blur_p, solarize_p: probabilities in [0, 1].
+        resized_crop: output side of the random resized crop, pixels; None keeps the size.
+    Returns:
+        ``(S, S, 3)`` or ``(H, W, 3)`` uint8 RGB.
+    """
+    import torchvision.transforms as T
+    from PIL import Image, ImageFilter
+
+    def blur(img):
+        if float(torch.rand(())) < blur_p:
+            radius = float(torch.empty(()).uniform_(0.1, 2.0))
+            img = img.filter(ImageFilter.GaussianBlur(radius=radius))
+        return img
+
+    ops = []
+    if resized_crop:
+        ops.append(T.RandomResizedCrop(int(resized_crop), scale=(0.4, 1.0),
+                                       interpolation=T.InterpolationMode.BICUBIC))
+    ops += [T.RandomHorizontalFlip(0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
+                          p=0.8),
+            T.RandomGrayscale(p=0.2), blur]
+    if solarize_p > 0:
+        ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        out = T.Compose(ops)(Image.fromarray(np.ascontiguousarray(image)))
+    return np.array(out.convert("RGB"))

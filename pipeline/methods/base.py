@@ -62,13 +62,17 @@ class Method(ABC):
         multi-hot)."""
         return False
 
-    def wants_base_view(self, p: dict) -> bool:
-        """True if :meth:`loss` should also get ``base`` ``(B, 3, S, S)`` (the resized image
-        with a colour jitter of its own, no flip) and ``base_code`` ``(B, 3)`` int64 (view 1's
-        left-right flip, up-down flip, transpose, applied in that order to the base) as keyword
-        arguments (:class:`pipeline.data.datasets.ClassificationDataset` ``base_view``); default
-        False."""
-        return False
+    def extra_views(self, p: dict) -> str | None:
+        """Which extra training views :meth:`loss` gets as keyword arguments
+        (:class:`pipeline.data.datasets.ClassificationDataset` ``extra_views``); default None.
+
+        * ``"base"``: ``base`` ``(B, 3, S, S)`` (the resized image with a colour jitter of its
+          own, no flip) and ``base_code`` ``(B, 3)`` int64 (view 1's left-right flip, up-down
+          flip, transpose, applied in that order to the base) - ViT-PCM;
+        * ``"mcc"``: ``global2`` and ``local`` ``(B, 3, S, S)`` (a second global view and the
+          local view's image; ``x`` is then global view 1) - MCC.
+        """
+        return None
 
     def after_step(self, model: nn.Module, it: int, p: dict) -> None:
         """Called by the trainer after each optimiser step (e.g. EMA updates); default no-op."""
@@ -121,7 +125,8 @@ class Method(ABC):
                 first, when :meth:`wants_background_label`).
             p: ``train_cls`` params (method section merged in).
             generator: torch Generator for the method's own randomness (views, masks).
-            (``base``, ``base_code``: only for a method whose :meth:`wants_base_view` is True.)
+            (the views of :meth:`extra_views`, e.g. ``base``, ``base_code``, when it is not
+            None.)
         Returns:
             ``(scalar loss, {name: float})`` — the dict is logged.
         """

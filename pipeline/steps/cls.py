@@ -118,7 +118,7 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
                                resize_square=s.resize_square, vflip=s.vflip, transpose=s.transpose,
                                color_jitter=s.color_jitter,
                                background_absent=background_absent,
-                               base_view=method.wants_base_view(p))
+                               extra_views=method.extra_views(p))
     bs = min(s.batch_size, len(ds))
     dd.per_rank(bs, "train_cls")
     iters = train_iterations(s, len(ds), bs)
@@ -155,8 +155,8 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
     def step(batch, it):
         x, y = batch[0], batch[1]
         method.iteration = it          # for methods whose loss follows the schedule
-        extra = {} if len(batch) == 3 else {"base": acc.input(batch[3].to(device)),
-                                            "base_code": batch[4].to(device)}
+        extra = {k: (acc.input(v.to(device)) if v.is_floating_point() else v.to(device))
+                 for k, v in (batch[3].items() if len(batch) > 3 else ())}
         return method.loss(model, acc.input(x.to(device)), y.to(device), p, gen, **extra)
 
     curve = trainer.run(batches(), step, after_step=lambda it: method.after_step(model, it, p),

@@ -35,8 +35,7 @@ code's behaviour is the default, the paper's literal reading an option; table:
   loop's ``else`` branch, run once after the loop), summed over the teacher's global views,
   divided by (#global views x (#positives + 1e-4)), averaged over ALL images; the student's
   projections of the global view(s) count as positives (``flags[:, :2] = 1`` in
-  ``utils/camutils.py: cam_to_attn_mask``; the official data feeds two augmented global
-  views, here the one training view); the projector outputs are used raw (the DINO head's
+  ``utils/camutils.py: cam_to_attn_mask``); the projector outputs are used raw (the DINO head's
   own bottleneck L2 norm stays). See :func:`info_nce_code`. Paper reading (old default):
   ``info_nce: paper``, ``global_positive: false``, ``normalize: true`` (:func:`info_nce`).
 
@@ -47,8 +46,19 @@ code's behaviour is the default, the paper's literal reading an option; table:
   the positive rule counts the ``1 - mask`` tokens as the remaining ones); the released
   ``logs/mcc_deit-b_voc_20k.log`` records ``mask_rate=0.95``. ``0.75`` = the paper (text and
   Fig. 7; old default).
-* Local views are the training image itself under different key masks (paper, Fig. 1); the
-  official code feeds a separately colour-jittered crop of it.
+* Views (``views``; :meth:`MCC.extra_views`, the dataset's ``extra_views: mcc``,
+  :func:`pipeline.data.transforms.mcc_view`). ``official`` (default; fwu11/MCC
+  ``datasets/voc.py: VOC12ClsDataset``, ``model/model_seg_neg.py: forward_proj``): two global
+  views - view 1 is the training input itself (rescaled, flipped, cropped, then DINO's flip /
+  colour jitter / grey and a Gaussian blur with p 1.0: the classifier, the CAMs, PAR and the
+  segmentation labels all see it), view 2 a random resized crop (scale 0.4-1) of the whole
+  image with its own jitter, blur p 0.1 and solarisation p 0.2; the teacher (EMA projector
+  on the detached class token) projects both, the student projects both as positives and the
+  ``n_local`` masked copies of the local view - the same crop as view 1 before its
+  augmentation, jittered on its own with blur p 0.5 (its own flip too, so the key masks'
+  positives, read from view 1's CAM, may fall on the mirrored image, as in the code).
+  ``crop`` (this project's earlier form, the paper's Fig. 1 reading): one global view, the
+  un-jittered training crop, whose masked copies are the local views.
 * The global class token is detached before the EMA ("global") projector (official code,
   MoCo's key branch); gradients reach the encoder through the local class tokens.
 * ``normalize: true`` (option): projected q and k are L2-normalised, so ``q k / τ`` is a
@@ -108,6 +118,9 @@ from pipeline.methods.mcc.losses import (INFO_NCE_FORMS, affinity_loss, discreti
                      info_nce_code, key_mask_bias, positive_flags, seg_loss_balanced)
 from pipeline.methods.mcc.model import MCCNet, ema_update, train_time_cams
 
+#: ``methods.mcc.train_cls.views`` (see the package docstring)
+VIEWS = ("official", "crop")
+
 
 class MCC(Method):
     """MCC plug-in: :class:`MCCNet`, the loss of Eq. 7, final + auxiliary CAM seeds and the
@@ -122,6 +135,18 @@ class MCC(Method):
 
     def __init__(self):
         self._hooked = False    # True once the trainer calls after_step (EMA done there)
+
+    def extra_views(self, p: dict) -> str | None:
+        """``views: official`` (default): ``"mcc"`` - the dataset adds global view 2 and the
+        local view (see the package docstring); ``crop``: None.
+
+        Raises:
+            ValueError: another ``views``.
+        """
+        form = p.get("views", "official")
+        if form not in VIEWS:
+            raise ValueError(f"methods.mcc.train_cls.views must be one of {VIEWS}, got {form!r}")
+        return "mcc" if form == "official" else None
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
         return MCCNet(p, num_classes)
@@ -147,11 +172,17 @@ class MCC(Method):
 
     # -- training --------------------------------------------------------------------------
     def loss(self, model: MCCNet, x: torch.Tensor, y: torch.Tensor, p: dict,
-             generator: torch.Generator, it: int | None = None) -> tuple[torch.Tensor, dict]:
+             generator: torch.Generator, it: int | None = None,
+             global2: torch.Tensor | None = None, local: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict]:
         """Eq. 7 on one batch.
 
         Args:
-            x: ``(B, 3, S, S)`` normalised images; y: ``(B, C)`` multi-hot foreground labels.
+            x: ``(B, 3, S, S)`` normalised images (global view 1); y: ``(B, C)`` multi-hot
+                foreground labels.
+            global2, local: ``(B, 3, S, S)`` normalised global view 2 and the local views'
+                image (``views: official``, :meth:`extra_views`); None: the contrast has the
+                one global view ``x`` and masks copies of ``x`` (``views: crop``).
             p: ``train_cls`` params with the ``methods.mcc.train_cls`` keys.
             generator: CPU torch Generator for the key masks.
             Contrast settings: ``info_nce`` (``code`` = :func:`info_nce_code`, official
@@ -195,20 +226,26 @@ class MCC(Method):
                                int(p.get("mask_scale", 4)), generator).to(x.device)
         flags = positive_flags(levels, masks.view(B, n_local, h, w), float(p.get("mu", 0.2)))
         bias = key_mask_bias(masks, num_prefix_tokens(model.vit))
-        local_cls, _, _ = model.tokens(x.repeat_interleave(n_local, 0), bias)
+        if (global2 is None) != (local is None):
+            raise ValueError("MCC.loss: give both global2 and local (views: official) or neither")
+        src_local = x if local is None else local
+        local_cls, _, _ = model.tokens(src_local.repeat_interleave(n_local, 0), bias)
         k = model.proj(local_cls).view(B, n_local, -1)
-        with torch.no_grad():
-            q = model.proj_ema(out["cls"].detach())
+        g_cls = [out["cls"]] if global2 is None else [out["cls"], model.tokens(global2)[0]]
+        with torch.no_grad():                   # teacher: EMA projector, detached class tokens
+            q = torch.stack([model.proj_ema(c.detach()) for c in g_cls], 1)     # (B, G, d)
         if p.get("global_positive", True):      # official: student global views are positives
-            k = torch.cat([model.proj(out["cls"])[:, None], k], 1)
-            flags = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device), flags], 1)
+            k = torch.cat([model.proj(c)[:, None] for c in g_cls] + [k], 1)
+            flags = torch.cat([torch.ones(B, len(g_cls), dtype=torch.bool, device=x.device),
+                               flags], 1)
         if p.get("normalize", False):           # paper reading (MoCo); official: raw outputs
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         form = p.get("info_nce", "code")
         if form == "code":
             l_mcc = info_nce_code(q, k, flags, float(p.get("tau", 0.5)))
-        elif form == "paper":
-            l_mcc = info_nce(q, k, flags, float(p.get("tau", 0.5)))
+        elif form == "paper":                   # Eq. 10 per global view, averaged over them
+            l_mcc = torch.stack([info_nce(q[:, g], k, flags, float(p.get("tau", 0.5)))
+                                 for g in range(q.shape[1])]).mean()
         else:
             raise ValueError(f"methods.mcc info_nce must be one of {INFO_NCE_FORMS}, got {form!r}")
 

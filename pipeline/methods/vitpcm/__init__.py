@@ -138,12 +138,12 @@ class ViTPCM(Method):
             raise ValueError(f"methods.vitpcm.bg_label must be gt or always, got {form!r}")
         return form == "gt"
 
-    def wants_base_view(self, p):
+    def extra_views(self, p):
         """``eq_views: official`` with ``eq_view_source: base`` (default; official
         ``dataloader.py: _preprocess_image``: view 2 from the resized image with its own
-        ``color_transform``): True. ``view1`` (view 2 made from view 1; profiles that crop
+        ``color_transform``): ``"base"``. ``view1`` (view 2 made from view 1; profiles that crop
         view 1, where the resized image is not view 1's frame), or ``eq_views: batch``, or no
-        equivariance: False.
+        equivariance: None.
 
         Raises:
             ValueError: another ``eq_view_source``.
@@ -151,8 +151,9 @@ class ViTPCM(Method):
         form = p.get("eq_view_source", "base")
         if form not in ("base", "view1"):
             raise ValueError(f"methods.vitpcm.eq_view_source must be base or view1, got {form!r}")
-        return (form == "base" and p.get("eq_views", "official") == "official"
-                and bool(p.get("equivariance", True)) and float(p.get("eq_weight", 1.0)) > 0)
+        on = (form == "base" and p.get("eq_views", "official") == "official"
+              and bool(p.get("equivariance", True)) and float(p.get("eq_weight", 1.0)) > 0)
+        return "base" if on else None
 
     def loss(self, model, x, y, p, generator, base=None, base_code=None):
         """``L_MCE`` (Eq. 1) + ``eq_weight * L_eq`` (+ ``classifier_l2 * ||W||^2``).
@@ -167,7 +168,7 @@ class ViTPCM(Method):
         2 x 2 mosaic, CE towards the target put through the same transforms
         (:func:`official_views`; ``eq_crop`` / ``eq_scale`` null: a third / a half of the
         input side, down to a multiple of the token stride = the code's 128 / 192 at 384).
-        With ``base`` / ``base_code`` (:meth:`wants_base_view`) the views are made from
+        With ``base`` / ``base_code`` (:meth:`extra_views`) the views are made from
         ``base`` and the target is view 1's, un-flipped to ``base`` per image
         (:func:`undo_dihedral`, official ``revert_affine_transform``); else from ``x``.
         ``eq_views: batch`` (this project's earlier form): one of ``eq_transforms`` for the
