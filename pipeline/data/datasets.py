@@ -116,8 +116,8 @@ class ClassificationDataset(Dataset):
       :func:`~pipeline.data.transforms.mcc_view` (blur p 1.0); ``global2`` ``float32 (3, crop,
       crop)`` = global view 2, a random resized crop of the whole image (before the rescale;
       blur p 0.1, solarize p 0.2); ``local`` ``float32 (3, crop, crop)`` = the same crop as
-      view 1 before its augmentation, under its own (blur p 0.5). Their seeds are drawn after
-      every other draw. Needs ``crop`` (ValueError otherwise).
+      view 1 before its augmentation, under its own (blur p 0.5). Their three seeds are drawn
+      right after the rescale / flip / crop draws. Needs ``crop`` (ValueError otherwise).
 
     ``background_absent`` (ids whose mask has no background pixel, the manifest's
     ``no_background``): when given, ``y`` is ``(C,)`` with ``y[0]`` the background label
