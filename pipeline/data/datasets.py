@@ -154,12 +154,11 @@ class ClassificationDataset(Dataset):
             raise ValueError(f"ClassificationDataset: extra_views must be one of {EXTRA_VIEWS}, "
                              f"got {extra_views!r}")
         self.extra_views = extra_views
-        self.base_view = extra_views == "base"
         if extra_views == "mcc" and self.crop is None:
             raise ValueError("train_cls: MCC's official views (methods.mcc.train_cls.views: "
                              "official) crop global view 2 to the training crop: set train_cls.crop, "
                              "or views: crop")
-        if self.base_view and (not self.resize_square or self.crop is not None
+        if extra_views == "base" and (not self.resize_square or self.crop is not None
                                or self.resize_long or tuple(self.scale_range) != (1.0, 1.0)):
             raise ValueError(
                 "train_cls: an independent second view (methods.vitpcm.eq_view_source: base, the "
@@ -185,7 +184,7 @@ class ClassificationDataset(Dataset):
         if self.resize_long:
             target = int(rng.integers(self.resize_long[0], self.resize_long[1] + 1))
             sr = (target / max(image.shape[:2]),) * 2
-        if self.base_view:   # the same draws as below, the flip drawn here (base kept unflipped)
+        if self.extra_views == "base":   # the same draws as below, the flip drawn here (base kept unflipped)
             base, _, _ = random_scale_crop(image, rng, None, sr, False)
             code = [bool(self.hflip and rng.random() < 0.5)]
             img = base[:, ::-1] if code[0] else base
@@ -210,7 +209,7 @@ class ClassificationDataset(Dataset):
         if self.background_absent is not None:
             y = np.concatenate([[0.0 if iid in self.background_absent else 1.0], y]).astype(np.float32)
         x = to_tensor(img, self.mean, self.std)
-        if self.base_view:
+        if self.extra_views == "base":
             if self.color_jitter is not None:
                 base = transforms.color_jitter(base, rng, **self.color_jitter)
             extra = {"base": to_tensor(base, self.mean, self.std),

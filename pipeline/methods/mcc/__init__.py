@@ -194,6 +194,8 @@ class MCC(Method):
         Returns:
             ``(loss, {"cls", "cls_aux", "aff", "mcc", "seg", "pos_frac"})``.
         """
+        if (global2 is None) != (local is None):
+            raise ValueError("MCC.loss: give both global2 and local (views: official) or neither")
         if it is None:
             it = int(self.iteration)
         self._ema = float(p.get("ema", 0.9))
@@ -226,8 +228,6 @@ class MCC(Method):
                                int(p.get("mask_scale", 4)), generator).to(x.device)
         flags = positive_flags(levels, masks.view(B, n_local, h, w), float(p.get("mu", 0.2)))
         bias = key_mask_bias(masks, num_prefix_tokens(model.vit))
-        if (global2 is None) != (local is None):
-            raise ValueError("MCC.loss: give both global2 and local (views: official) or neither")
         src_local = x if local is None else local
         local_cls, _, _ = model.tokens(src_local.repeat_interleave(n_local, 0), bias)
         k = model.proj(local_cls).view(B, n_local, -1)
