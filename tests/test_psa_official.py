@@ -385,3 +385,19 @@ def test_profiles_follow_the_official_code():
     v = stage_params(cfg, "voc", "cam", "train_affinity")
     assert v["resize_long"] is None and v["scale_range"] is None and v["crop"] == 448
     assert stage_params(cfg, "demo", "cam", "train_affinity")["scale_range"] is None
+    assert RefineSeeds.of(stage_params(cfg, "voc", "cam", "refine_seeds")).border == "pad"
+
+
+def test_voc_affinity_net_trains_only_the_official_groups():
+    """train_aff.py's groups 1 / 3 (biases: lr x2 / x20, no decay) are empty for the official
+    AffinityNet (bias-free convs, BatchNorm frozen); voc's network trains likewise only
+    bias-free conv weights, so one decay and lr x1 / x10 are the code's optimiser."""
+    from pipeline.steps.refine.affinity_net import build_affinity_net
+    v = stage_params(load_params(), "voc", "cam", "train_affinity")
+    net = build_affinity_net(v, pretrained=None).train()
+    trained = {n: q for n, q in net.named_parameters() if q.requires_grad}
+    assert trained and all(q.dim() == 4 for q in trained.values()), \
+        [n for n, q in trained.items() if q.dim() != 4]
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.bias is not None for m in net.modules())
+    demo = build_affinity_net(stage_params(load_params(), "demo", "cam", "train_affinity"))
+    assert any(q.dim() == 1 for q in demo.parameters() if q.requires_grad)   # BN trains there

@@ -340,7 +340,7 @@ class TrainAffinity(StageSettings):
 class RefineSeeds(StageSettings):
     """``refine_seeds`` (:func:`pipeline.steps.refine.random_walk.refine_seeds`; PSA values)."""
     STAGE: ClassVar[str] = "refine_seeds"
-    RECORD: ClassVar[tuple[str, ...]] = ("radius", "beta", "logt", "bg_alpha", "pairs")
+    RECORD: ClassVar[tuple[str, ...]] = ("radius", "beta", "logt", "bg_alpha", "pairs", "border")
     device: str = "auto"
     split: str = "train"
     eval_split: str = "eval_train"
@@ -350,6 +350,9 @@ class RefineSeeds(StageSettings):
     logt: int = _f(8, int)
     bg_alpha: float = 16
     pairs: str = "official"              # keep equal to train_affinity.pairs
+    #: pad: image and maps zero-padded to a multiple of 8 (official ``infer_aff.py``; partial
+    #: border cells divided by 64) | valid: no padding, partial cells averaged over their pixels
+    border: str = _f("pad", _one_of("pad", "valid"))
 
 
 @dataclass(frozen=True, kw_only=True)

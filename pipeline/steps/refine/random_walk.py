@@ -172,6 +172,12 @@ def random_walk(f: torch.Tensor, maps: torch.Tensor, radius: int = 5, beta: floa
 
 
 @torch.no_grad()
+def _pad_to_stride(height: int, width: int) -> tuple[int, int, int, int]:
+    """``F.pad`` widths (left, right, top, bottom) that zero-pad an ``(H, W)`` map at the bottom
+    / right to the next multiple of 8 (official ``infer_aff.py``: ``p2d``)."""
+    return (0, -width % STRIDE, 0, -height % STRIDE)
+
+
 def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
                 params: RefineSeeds | Mapping[str, Any] | None = None) -> np.ndarray:
     """PSA refinement of one image's CAMs with a trained AffinityNet: the affinity features
@@ -183,13 +189,16 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
         image: ``(H, W, 3)`` uint8 RGB.
         cams: ``(k, H, W)`` float in [0, 1] (other sizes are bilinearly resized to ``(H, W)``).
         params: :class:`pipeline.io.settings.RefineSeeds` or a mapping of its keys: ``radius``,
-            ``beta``, ``logt``, ``bg_alpha``, ``pairs`` (defaults: the dataclass, PSA's).
+            ``beta``, ``logt``, ``bg_alpha``, ``pairs``, ``border`` (defaults: the dataclass,
+            PSA's code). ``border="pad"`` (default, official ``infer_aff.py``: ``F.pad(img,
+            p2d)`` of the normalised image) zero-pads the image at the bottom / right to a
+            multiple of 8 before the forward; ``"valid"`` (the former form) feeds it as is.
 
     Returns:
         ``(k+1, H, W)`` float32 in [0, 1], channel 0 background, each pixel sums to 1.
 
     Raises:
-        ValueError: bad image / cams shapes.
+        ValueError: bad image / cams shapes, unknown ``border`` / ``pairs``.
 
     Source: PSA Sec. 3.4-3.5; official code ``infer_aff.py``.
     """
@@ -199,10 +208,14 @@ def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
     cams = np.asarray(cams, dtype=np.float32)
     if cams.ndim == 3 and cams.shape[0] == 0:     # no foreground class: all background, no forward
         return np.ones((1, *image.shape[:2]), np.float32)
+    s = RefineSeeds.of(params)
     device = next(model.parameters()).device
+    x = to_tensor(image, *model_normalisation(model))
+    if s.border == "pad":
+        x = F.pad(x, _pad_to_stride(*image.shape[:2]))    # zeros after normalisation, as F.pad
     with eval_mode(model):
-        f = model(to_tensor(image, *model_normalisation(model))[None].to(device))[0]
-    return refine_with_features(f, cams, image.shape[:2], params)
+        f = model(x[None].to(device))[0]
+    return refine_with_features(f, cams, image.shape[:2], s)
 
 
 @torch.no_grad()
@@ -211,10 +224,12 @@ def refine_with_features(f: torch.Tensor, cams: np.ndarray, size: tuple[int, int
     """PSA refinement of one image's CAMs given its affinity features.
 
     1. ``background_from_cams(cams, bg_alpha)`` at full resolution -> ``(k+1, H, W)``;
-    2. 8x8 average pooling (``ceil_mode``, partial border cells averaged over their valid
-       pixels) to the ``ceil(H/8) x ceil(W/8)`` grid of ``f`` (official ``infer_aff.py``
-       zero-pads to a multiple of 8 and divides partial cells by 64: a remaining difference,
-       ``docs/methods/psa.md``);
+    2. 8x8 average pooling to the ``ceil(H/8) x ceil(W/8)`` grid of ``f``: ``border="pad"``
+       (default, official ``infer_aff.py``: ``np.pad(cam_full_arr, mode='constant')`` then
+       ``F.avg_pool2d(8, 8)``) zero-pads every channel, the background included, at the
+       bottom / right to a multiple of 8, so a partial border cell is its pixels' sum / 64;
+       ``border="valid"`` (the former form) averages a partial cell over its valid pixels
+       (``ceil_mode``);
     3. :func:`random_walk` with ``radius``, ``beta``, ``logt``, ``pairs``;
     4. bilinear upsampling to ``(8h, 8w)`` (``align_corners=False``) cropped to ``(H, W)``;
     5. per-pixel normalisation: negatives (none in exact arithmetic) clipped to 0, each pixel
@@ -234,7 +249,8 @@ def refine_with_features(f: torch.Tensor, cams: np.ndarray, size: tuple[int, int
         ``(k+1, H, W)`` float32 in [0, 1], channel 0 background, each pixel sums to 1.
 
     Raises:
-        ValueError: ``cams`` not 3-D, or ``f`` not ``(D, h, w)``.
+        ValueError: ``cams`` not 3-D, ``f`` not ``(D, h, w)``, unknown ``pairs`` / ``border``
+            (the latter from :class:`~pipeline.io.settings.RefineSeeds`).
 
     Source: PSA Sec. 3.4-3.5; official code ``infer_aff.py``.
     """
@@ -250,7 +266,10 @@ def refine_with_features(f: torch.Tensor, cams: np.ndarray, size: tuple[int, int
         return np.ones((1, H, W), np.float32)
     h, w = f.shape[1:]
     maps = torch.from_numpy(background_from_cams(cams, s.bg_alpha))[None].to(f.device)
-    maps = F.avg_pool2d(maps, STRIDE, STRIDE, ceil_mode=True)[0]
+    if s.border == "pad":
+        maps = F.avg_pool2d(F.pad(maps, _pad_to_stride(H, W)), STRIDE, STRIDE)[0]
+    else:
+        maps = F.avg_pool2d(maps, STRIDE, STRIDE, ceil_mode=True)[0]
     if maps.shape[1:] != (h, w):  # only for exotic backbones; keep the grids aligned
         maps = F.interpolate(maps[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     rw = random_walk(f.float(), maps.float(), s.radius, s.beta, s.logt,
