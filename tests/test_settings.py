@@ -205,7 +205,7 @@ def test_records_keep_the_values_as_given():
     # refine_seeds' HDF5 params: the RECORD keys (defaults filled) then the params as given
     q = RefineSeeds.from_params({"data": {"root": "x"}, "beta": 9})
     assert list({**q.record(), **q.as_dict()}) == ["radius", "beta", "logt", "bg_alpha",
-                                                   "pairs", "data"]
+                                                   "pairs", "border", "data"]
     e = ExportSeeds(scales=[1, 0.5])     # direct construction converts too
     assert e.scales == (1.0, 0.5) and e.as_dict()["scales"] == [1.0, 0.5]
 

@@ -18,7 +18,7 @@ from pipeline.data.voc import NUM_CLASSES, labels_to_multihot, load_image
 def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int | None,
                       scale_range: Sequence[float], hflip: bool = True,
                       label: np.ndarray | None = None, ignore: int = 255,
-                      fill: Sequence[float] = IMAGENET_MEAN):
+                      fill: Sequence[float] = IMAGENET_MEAN, geometry: dict | None = None):
     """Random rescale, horizontal flip and ``crop x crop`` crop (pad where smaller).
 
     The image is padded with the colour ``fill * 255`` (``fill``: the normalisation mean, so
@@ -33,6 +33,11 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int | N
         crop: output side in pixels, or None (whole image).
         scale_range: ``(lo, hi)`` factor applied to the image size.
         label: optional ``(H, W)`` uint8.
+        geometry: a dict to fill (the draws are the same with or without it) with
+            ``scaled`` ``(h', w')``, the rescaled size; ``flip``, the horizontal flip; and
+            ``offset`` ``(dy, dx)``: output pixel ``(r, c)`` is pixel ``(r + dy, c + dx)`` of the
+            rescaled, flipped image (outside ``[0, h') x [0, w')``: padding). For maps of the
+            original image that must follow the crop (SMAF's offline teacher maps).
     Returns:
         ``(image (crop, crop, 3) uint8, label (crop, crop) uint8 or None, valid (crop, crop) bool)``;
         with ``crop=None`` the rescaled size ``(h', w')`` instead of ``(crop, crop)``, all valid.
@@ -42,9 +47,12 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int | N
     nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
     img = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
     lab = None if label is None else np.asarray(Image.fromarray(label).resize((nw, nh), Image.NEAREST))
-    if hflip and rng.random() < 0.5:
+    flip = bool(hflip and rng.random() < 0.5)
+    if flip:
         img = img[:, ::-1]
         lab = None if lab is None else lab[:, ::-1]
+    if geometry is not None:
+        geometry.update(scaled=(nh, nw), flip=flip, offset=(0, 0))
     if crop is None:
         return (img.copy(), None if lab is None else lab.copy(), np.ones((nh, nw), bool))
     ph, pw = max(crop, nh), max(crop, nw)
@@ -58,12 +66,14 @@ def random_scale_crop(image: np.ndarray, rng: np.random.Generator, crop: int | N
     if lab is not None:
         lcanvas[oy:oy + nh, ox:ox + nw] = lab
     cy, cx = int(rng.integers(0, ph - crop + 1)), int(rng.integers(0, pw - crop + 1))
+    if geometry is not None:
+        geometry["offset"] = (cy - oy, cx - ox)
     sl = (slice(cy, cy + crop), slice(cx, cx + crop))
     return canvas[sl].copy(), (lcanvas[sl].copy() if lab is not None else None), valid[sl].copy()
 
 
 #: :class:`ClassificationDataset`'s ``extra_views`` (None: none)
-EXTRA_VIEWS = (None, "base", "mcc")
+EXTRA_VIEWS = (None, "base", "mcc", "geometry")
 
 
 class ClassificationDataset(Dataset):
@@ -118,6 +128,12 @@ class ClassificationDataset(Dataset):
       blur p 0.1, solarize p 0.2); ``local`` ``float32 (3, crop, crop)`` = the same crop as
       view 1 before its augmentation, under its own (blur p 0.5). Their three seeds are drawn
       right after the rescale / flip / crop draws. Needs ``crop`` (ValueError otherwise).
+    * ``"geometry"`` (SMAF's offline teacher maps, official bupt-ai-cz/SMAF
+      ``data/VOC_dataset.py: transform_with_mask``, which crops / flips the stored map with the
+      image): ``geometry`` ``int64 (6,)`` = ``(index, h', w', flip, dy, dx)`` of
+      :func:`random_scale_crop` (output pixel ``(r, c)`` = pixel ``(r + dy, c + dx)`` of the
+      image rescaled to ``h' x w'`` and then flipped); ``x`` is unchanged. Needs no ``vflip``
+      / ``transpose`` (ValueError otherwise: the map would not follow them).
 
     ``background_absent`` (ids whose mask has no background pixel, the manifest's
     ``no_background``): when given, ``y`` is ``(C,)`` with ``y[0]`` the background label
@@ -158,6 +174,10 @@ class ClassificationDataset(Dataset):
             raise ValueError("train_cls: MCC's official views (methods.mcc.train_cls.views: "
                              "official) crop global view 2 to the training crop: set train_cls.crop, "
                              "or views: crop")
+        if extra_views == "geometry" and (self.vflip or self.transpose):
+            raise ValueError("train_cls: maps that follow the crop (extra_views geometry, SMAF's "
+                             "teacher_targets: image) do not follow vflip / transpose: set both "
+                             "false, or teacher_targets: crop")
         if extra_views == "base" and (not self.resize_square or self.crop is not None
                                or self.resize_long or tuple(self.scale_range) != (1.0, 1.0)):
             raise ValueError(
@@ -189,8 +209,13 @@ class ClassificationDataset(Dataset):
             code = [bool(self.hflip and rng.random() < 0.5)]
             img = base[:, ::-1] if code[0] else base
         else:
-            img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean)
+            geo = {} if self.extra_views == "geometry" else None
+            img, _, _ = random_scale_crop(image, rng, self.crop, sr, self.hflip, fill=self.mean,
+                                          geometry=geo)
         extra = {}
+        if self.extra_views == "geometry":
+            extra["geometry"] = torch.tensor([i, *geo["scaled"], int(geo["flip"]), *geo["offset"]],
+                                             dtype=torch.int64)
         if self.extra_views == "mcc":
             s1, s2, s3 = (int(v) for v in rng.integers(0, 2 ** 62, size=3))
             extra["global2"] = to_tensor(transforms.mcc_view(image, s2, 0.1, 0.2, self.crop),

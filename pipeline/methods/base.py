@@ -70,7 +70,9 @@ class Method(ABC):
           own, no flip) and ``base_code`` ``(B, 3)`` int64 (view 1's left-right flip, up-down
           flip, transpose, applied in that order to the base) - ViT-PCM;
         * ``"mcc"``: ``global2`` and ``local`` ``(B, 3, S, S)`` (a second global view and the
-          local view's image; ``x`` is then global view 1) - MCC.
+          local view's image; ``x`` is then global view 1) - MCC;
+        * ``"geometry"``: ``geometry`` ``(B, 6)`` int64 (dataset index, rescaled size, flip,
+          crop offset: where each crop came from, for maps of the whole image) - SMAF.
         """
         return None
 
@@ -111,6 +113,19 @@ class Method(ABC):
                 :func:`pipeline.steps.cls.load_classifier` onto ``device`` as a :data:`Classifier`
                 ``(method, model, params)`` (model in eval mode), e.g. ``{"teacher": ...}``;
                 empty when the stage has none.
+            device: the training device.
+        """
+
+    def setup_data(self, p: dict, dataset, device: torch.device | str = "cpu") -> None:
+        """Optional hook run once by :func:`pipeline.steps.cls.train_classifier` after
+        :meth:`setup` and the training set are built, before the first :meth:`loss` (no-op by
+        default); e.g. SMAF's teacher maps of every training image, computed once.
+
+        Args:
+            p: ``train_cls`` params.
+            dataset: the :class:`pipeline.data.datasets.ClassificationDataset` of training
+                (``root``, ``ids``, ``labels``, ``num_classes``, ``mean``, ``std``; item ``i``
+                of a batch is ``dataset.ids[i]``).
             device: the training device.
         """
 

