@@ -13,14 +13,19 @@ from vit_reference import tiny_vit
 TINY = {"backbone": tiny_vit(patch=8, dim=24, depth=2), "teacher_targets": "crop"}
 
 
-def bilinear(img, oh, ow):
-    """Reference bilinear resize (half-pixel centres, edge clamp) of a 2-D numpy array."""
+def bilinear(img, oh, ow, align_corners=False):
+    """Reference bilinear resize of a 2-D numpy array: half-pixel centres with edge clamp, or
+    (``align_corners``) the corner pixels aligned."""
     ih, iw = img.shape
     out = np.zeros((oh, ow))
     for i in range(oh):
         for j in range(ow):
-            y = max((i + 0.5) * ih / oh - 0.5, 0.0)
-            x = max((j + 0.5) * iw / ow - 0.5, 0.0)
+            if align_corners:
+                y = i * (ih - 1) / (oh - 1) if oh > 1 else 0.0
+                x = j * (iw - 1) / (ow - 1) if ow > 1 else 0.0
+            else:
+                y = max((i + 0.5) * ih / oh - 0.5, 0.0)
+                x = max((j + 0.5) * iw / ow - 0.5, 0.0)
             y0, x0 = min(int(y), ih - 1), min(int(x), iw - 1)
             y1, x1 = min(y0 + 1, ih - 1), min(x0 + 1, iw - 1)
             dy, dx = y - y0, x - x0

@@ -24,18 +24,7 @@ IMAGE = {**TINY, "teacher_targets": "image"}
 
 def resize_corners(img, oh, ow):
     """Reference bilinear resize with ``align_corners=True`` (corner pixels aligned)."""
-    ih, iw = img.shape
-    out = np.zeros((oh, ow))
-    for i in range(oh):
-        for j in range(ow):
-            y = i * (ih - 1) / (oh - 1) if oh > 1 else 0.0
-            x = j * (iw - 1) / (ow - 1) if ow > 1 else 0.0
-            y0, x0 = min(int(y), ih - 1), min(int(x), iw - 1)
-            y1, x1 = min(y0 + 1, ih - 1), min(x0 + 1, iw - 1)
-            dy, dx = y - y0, x - x0
-            out[i, j] = ((1 - dy) * (1 - dx) * img[y0, x0] + (1 - dy) * dx * img[y0, x1]
-                         + dy * (1 - dx) * img[y1, x0] + dy * dx * img[y1, x1])
-    return out
+    return bilinear(img, oh, ow, align_corners=True)
 
 
 def ref_crop(m, geo, crop):
