@@ -9,7 +9,8 @@ A frozen teacher — the trained classifier of another method of this pipeline
 * Eq. 2: class-aware maps ``M = ReLU(f(I))`` of the teacher (its own ``maps``: CAM
   ``ReLU(W F)`` for ``cam``, Eq. 7/8 maps for ``acr``);
 * Eq. 6: ``M_k = sum_s M_s^k`` over the teacher scales (0.5, 1, 1.5, 2) and their flips,
-  each resized (bilinear) to the original-scale map (the student's token grid);
+  each resized (bilinear) to one grid (``teacher_targets: image``: 1/4 of the whole image;
+  ``crop``: the student's token grid), see "Where the targets are made" below;
 * Eq. 5: ``F^k = M_k / max(M_k)`` (per image and class, ``+1e-5``);
 * denoise (Sec. 3.3): ``F^k = 0`` for classes absent from the image labels;
 * reactivate (Eq. 8): a background channel set to ``thr`` (0.2) is stacked and every pixel is
