@@ -67,12 +67,19 @@ def test_refine_maps_pads_the_normalised_image():
     torch.manual_seed(0)
     net = AffinityNet("resnet10t", None, feature_dim=14).eval()
     seen = []
-    net.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    grad = []
+
+    def record(module, args):            # returns None: the forward's inputs stay as given
+        seen.append(args[0].clone())
+        grad.append(torch.is_grad_enabled())
+
+    net.register_forward_pre_hook(record)
     rng = np.random.default_rng(3)
     img = rng.integers(0, 256, (37, 45, 3), dtype=np.uint8)
     cams = rng.random((1, 37, 45)).astype(np.float32)
     out = refine_maps(net, img, cams, dict(WALK))           # default: the official padding
     x = seen[-1]
+    assert grad == [False]                                  # the walk builds no autograd graph
     assert x.shape == (1, 3, 40, 48)
     torch.testing.assert_close(x[0, :, :37, :45], to_tensor(img))
     assert (x[0, :, 37:] == 0).all() and (x[0, :, :, 45:] == 0).all()

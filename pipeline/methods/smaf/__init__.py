@@ -182,7 +182,9 @@ class SMAF(Method):
         """``geometry`` with ``teacher_targets: image`` (each crop's place in its image)."""
         return "geometry" if self.teacher_targets_mode(p) == "image" else None
 
-    def _fusion(self, p: dict) -> dict:
+    def _fusion(self, p: dict) -> tuple[dict, float | None]:
+        """The params' fusion keywords of :func:`fused_teacher_targets` and the reactivation
+        threshold (None: ``reactivate: false``)."""
         thr = float(p.get("reactivate_thr", 0.2)) if p.get("reactivate", True) else None
         return dict(scales=p.get("teacher_scales", [0.5, 1.0, 1.5, 2.0]),
                     flip=bool(p.get("teacher_flip", True)), map_params=p.get("teacher_maps", {}),

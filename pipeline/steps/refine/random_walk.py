@@ -171,13 +171,13 @@ def random_walk(f: torch.Tensor, maps: torch.Tensor, radius: int = 5, beta: floa
     return x.t().reshape(c, h, w)
 
 
-@torch.no_grad()
 def _pad_to_stride(height: int, width: int) -> tuple[int, int, int, int]:
     """``F.pad`` widths (left, right, top, bottom) that zero-pad an ``(H, W)`` map at the bottom
     / right to the next multiple of 8 (official ``infer_aff.py``: ``p2d``)."""
     return (0, -width % STRIDE, 0, -height % STRIDE)
 
 
+@torch.no_grad()
 def refine_maps(model: AffinityNet, image: np.ndarray, cams: np.ndarray,
                 params: RefineSeeds | Mapping[str, Any] | None = None) -> np.ndarray:
     """PSA refinement of one image's CAMs with a trained AffinityNet: the affinity features
