@@ -4,7 +4,12 @@ as a reference only).
 
 One network trained end to end on image-level labels:
 
-* encoder: a timm ViT/DeiT (:func:`pipeline.models.vit.create_vit`; paper MiT-B1, optional);
+* encoder: MiT-B1 as the official code (``backbone.name: mit_b1``,
+  :func:`pipeline.models.mit.create_mit`, strides (4, 2, 2, 1), SegFormer head on its four
+  stages: :class:`~pipeline.methods.afa.model.AFAMiTNet`; the ``voc`` / ``coco`` profiles) or a
+  timm ViT/DeiT (:func:`pipeline.models.vit.create_vit`: the CPU profiles); ``freeze_norm:
+  true`` (default) keeps the encoder's norm layers at their initial / pretrained values, as
+  ``scripts/dist_train_voc.py`` gives them lr 0 (``param_groups[1]``, "freeze norm layers");
 * classifier: global max pooling (GMP, Table 1) of the final patch tokens + a bias-free 1x1
   conv (linear layer); multi-label soft-margin loss (Eq. 11); CAM = ReLU(W^T F) (Eq. 2);
 * AFA module (Eq. 3): ``Â = MLP(S + S^T)`` over the multi-head attention logits (unscaled
@@ -102,7 +107,7 @@ from pipeline.methods.common.par import PAR, maps_to_par_label, par_input
 from pipeline.methods.common.token_affinity import (affinity_label_from_seg, propagate_affinity,
                                     propagate_cams_with_bkg, radius_mask)
 from pipeline.methods.afa.losses import AFF_LOSS_FORMS, affinity_loss_afa, seg_loss
-from pipeline.methods.afa.model import AFANet, minmax, train_time_cams
+from pipeline.methods.afa.model import AFANet, build_afa_net, minmax, train_time_cams
 
 PROP_AFFINITY = ("largest_scale", "train_forward")
 #: default ``prop_eps``: official ``propagte_aff_cam_with_bkg`` adds 1e-1 to the sums (Eq. 6: 0)
@@ -121,14 +126,30 @@ class AFA(Method):
     has_seg_head = True
 
     def build_model(self, p: dict, num_classes: int) -> nn.Module:
-        return AFANet(p, num_classes)
+        """:func:`~pipeline.methods.afa.model.build_afa_net`; with ``freeze_norm`` (default
+        true, official) the encoder's parameters named ``*norm*`` get no gradient: the
+        official ``WeTr.get_param_groups`` puts every encoder parameter whose name contains
+        "norm" into a group that ``scripts/dist_train_voc.py`` trains at lr 0 (AdamW at lr 0
+        leaves a parameter unchanged, weight decay included)."""
+        model = build_afa_net(p, num_classes)
+        if p.get("freeze_norm", True):
+            for name, q in self.encoder(model).named_parameters():
+                if "norm" in name:
+                    q.requires_grad_(False)
+        return model
+
+    @staticmethod
+    def encoder(model: nn.Module) -> nn.Module:
+        """The network's encoder: ``model.mit`` (MiT) or ``model.vit``."""
+        return model.mit if hasattr(model, "mit") else model.vit
 
     def param_groups(self, model: AFANet, p: dict) -> list[dict]:
-        """Backbone at the scheduled lr; classifier, AFA projection and decoder at
-        ``head_lr_mult`` x (paper: 10x)."""
+        """Encoder at the scheduled lr; classifier, AFA projection and decoder at
+        ``head_lr_mult`` x (paper and code: 10x). Frozen parameters are left out by the
+        optimiser (:func:`pipeline.steps.cls.make_optimizer`)."""
         heads = [*model.classifier.parameters(), *model.aff_proj.parameters(),
                  *model.decoder.parameters()]
-        return [{"params": list(model.vit.parameters()), "lr_mult": 1.0},
+        return [{"params": list(self.encoder(model).parameters()), "lr_mult": 1.0},
                 {"params": heads, "lr_mult": float(p.get("head_lr_mult", 10.0))}]
 
     def _par(self, p: dict, device) -> PAR:
