@@ -227,6 +227,27 @@ def test_hybrid_vit_on_the_pretrained_efficientnet_lite_stem(use_cache):
     assert m.vit.patch_embed.proj.kernel_size == (1, 1)
 
 
+def test_hybrid_stem_output_stride_takes_the_whole_trunk_at_stride_16(use_cache):
+    """``stem.output_stride: 16``: the stem is Lite0 up to its last stage (``blocks.6``, 320
+    channels) with that stage dilated, its features those of the whole pretrained trunk
+    (``forward_intermediates`` of timm's own dilated network), the tokens still at 1/16."""
+    bb = {"name": "vit_tiny_patch16_224", "pretrained": None,
+          "overrides": {"img_size": 64, "depth": 1},
+          "stem": {"name": "tf_efficientnet_lite0", "pretrained": LITE0, "stride": 16,
+                   "output_stride": 16, "freeze": True}}
+    m = ViTClassifier({"backbone": bb, "head": "cls_token"}, 20).eval()
+    assert m.vit.patch_embed.proj.in_channels == 320
+    assert token_stride(m.vit) == 16 and patch_grid(m.vit, 64, 96) == (4, 6)
+    ref = create_backbone("tf_efficientnet_lite0", LITE0, output_stride=16).eval()
+    x = torch.randn(1, 3, 64, 96)
+    want = ref.forward_intermediates(x, indices=[4], intermediates_only=True)[-1]
+    assert want.shape == (1, 320, 4, 6)
+    torch.testing.assert_close(m.vit.patch_embed.backbone(x), want)
+    # without output_stride the same stride names the stride-16 intermediate (112 channels)
+    bb["stem"] = {k: v for k, v in bb["stem"].items() if k != "output_stride"}
+    assert ViTClassifier({"backbone": bb, "head": "cls_token"}, 20).vit.patch_embed.proj.in_channels == 112
+
+
 def _hybrid_backbone(freeze: bool) -> dict:
     return {"name": "vit_tiny_patch16_224", "pretrained": None,
             "overrides": {"img_size": 64, "embed_dim": 32, "depth": 2, "num_heads": 2},

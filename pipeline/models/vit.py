@@ -134,12 +134,18 @@ def hybrid_stem(stem: dict) -> nn.Module:
     channels); later stages and the head are pruned (timm ``prune_intermediate_layers``).
     ``stem["freeze"]`` (default false): keep the stem fixed (no gradients, BatchNorm
     statistics of the weights; see :class:`_StemTo`), as the ``cam`` CNN's ``freeze``.
+    ``stem["output_stride"]`` (default none): timm's ``output_stride`` — the stages past it
+    dilated instead of strided — so that the *whole* trunk ends at ``stride``: with
+    ``output_stride: 16`` and ``stride: 16``, EfficientNet-Lite0's last stage (``blocks.6``,
+    320 channels) at 1/16 instead of its stride-16 intermediate ``blocks.4`` (112 channels).
+    The last feature map of that reduction is taken.
 
     Raises:
         ValueError: no feature map of the network has that reduction.
     """
     stride = int(stem.get("stride", 16))
-    net = create_backbone(stem["name"], stem.get("pretrained"), num_classes=0)
+    kw = {"output_stride": int(stem["output_stride"])} if stem.get("output_stride") else {}
+    net = create_backbone(stem["name"], stem.get("pretrained"), num_classes=0, **kw)
     red = [int(f["reduction"]) for f in net.feature_info]
     if stride not in red:
         raise ValueError(f"hybrid stem {stem['name']!r} has no feature map at stride {stride} "
