@@ -371,7 +371,7 @@ def stem_probe(dataset: str, params_path: str = "params.yaml", threshold: float 
                 ev.run(ids, predict, desc=f"stem_probe {cut} {norm} {pool}")
                 sc = ev.scores("s")
                 rows.append({"cut": cut, "channels": int(raw[0].shape[0]), "norm": norm,
-                             "pool": pool, "final_loss": round(float(loss), 4),
+                             "pool": pool, "final_loss": round(loss.item(), 4),
                              "miou": round(100 * sc["miou"], 1),
                              "background_iou": round(float(sc["iou"]["background"]), 2)})
     summary = "; ".join(f"{r['cut']} {r['norm']} {r['pool']}: {r['miou']}" for r in rows) + \
