@@ -24,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+import timm
 import torch
 import torch.nn as nn
 
@@ -161,14 +162,8 @@ def load_mit_weights(model: nn.Module, path: str | Path) -> None:
             f"MiT weights file {p} does not exist. MiT has no timm hub weights: download "
             f"SegFormer's ImageNet-1k `{getattr(model, 'mit_name', 'mit_b1')}.pth` ({MIT_WEIGHTS_URL}), "
             f"place it at {p} (e.g. data/weights/mit_b1.pth), or set `pretrained: none`.")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(p))
-    else:
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
+    # timm reads .pth / .safetensors and unwraps a `state_dict` / `model` entry
+    sd = timm.models.load_state_dict(str(p), use_ema=False, weights_only=True)
     sd = {k: v for k, v in checkpoint_filter_fn(dict(sd), model).items() if not k.startswith("head.")}
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
